@@ -1,0 +1,80 @@
+"""The `fastvlm` command line. Thin: each subcommand lives in the module that does the work.
+
+A command module exposes `add_arguments(parser)` and `run(args) -> int`, and imports
+torch only inside `run`, so `fastvlm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Nested groups (e.g. `data synth`) are "group:sub".
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("fastvlm.commands.generate", "answer a prompt about one or more images"),
+    "chat": ("fastvlm.commands.chat", "interactive multi-turn chat in the terminal"),
+    "info": ("fastvlm.commands.info", "show a model's config, parameter counts and visual tokens"),
+    "init": ("fastvlm.commands.init", "write a model of a preset size with random weights (no download)"),
+    "convert": ("fastvlm.commands.convert", "convert a checkpoint between the Apple, transformers and fastvlm layouts"),
+    "bench": ("fastvlm.bench.cli", "measure encoding, prefill, TTFT and decode speed"),
+    "train": ("fastvlm.train.cli", "train or fine-tune from a recipe file"),
+    "eval": ("fastvlm.eval.cli", "evaluate on a benchmark or a LLaVA-format file"),
+    "serve": ("fastvlm.serve.cli", "serve an OpenAI-compatible chat API and a web page"),
+    "data:synth": ("fastvlm.data.cli", "generate the synthetic text-rich visual QA dataset"),
+    "data:tokenizer": ("fastvlm.data.tokenizer_cli", "train a byte-level BPE tokenizer on a dataset's text"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fastvlm",
+        description="FastVLM: fast vision-language inference, training, evaluation, serving and benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastvlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("fastvlm"):
+                continue  # command not built yet in this checkout
+            raise
+        if ":" in name:
+            group, leaf = name.split(":", 1)
+            if group not in groups:
+                gp = sub.add_parser(group, help=f"{group} commands")
+                groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND", required=True)
+            p = groups[group].add_parser(leaf, help=help_text, description=module.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        else:
+            p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import FastVLMError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except FastVLMError as e:
+        print(f"fastvlm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
