@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 IMAGE_TOKEN = "<image>"
 # The reference's sentinel for an image slot in input_ids. It is never a real token id,
@@ -219,9 +219,9 @@ def get_preset(name: str) -> FastVLMConfig:
 
 def load_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise ConfigError(f"no config.json at {path}")
+        raise CheckpointError(f"no config.json at {path}")
     try:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None

@@ -1,0 +1,50 @@
+"""Answer a prompt about one or more images and print the answer and its timings.
+
+Examples:
+  fastvlm generate --image examples/shapes.png --prompt "How many circles are there?"
+  fastvlm generate --model apple-fastvlm-0.5b --image a.jpg --image b.jpg --prompt "Compare the two images." --stream
+Each --image becomes one <image> placeholder before the prompt, in order (as the reference does).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .common import add_model_args, add_sampling_args, load_model, sampling_kwargs
+
+
+def add_arguments(p):
+    add_model_args(p)
+    p.add_argument("--image", "-i", action="append", default=[], help="image file (repeat for several images)")
+    p.add_argument("--prompt", "-p", default="Describe the image.", help="the question or instruction")
+    p.add_argument("--system", default=None, help="system prompt (default: the reference's 'You are a helpful assistant.')")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")
+    p.add_argument("--no-timings", action="store_true", help="do not print timings")
+    add_sampling_args(p)
+
+
+def run(args) -> int:
+    from ..processing import load_image
+
+    images = [load_image(path) for path in args.image]  # fail on a bad image before loading the model
+    model = load_model(args)
+    kwargs = sampling_kwargs(args)
+    if args.stream and not args.json:
+        for piece in model.chat(images, args.prompt, stream=True, system_prompt=args.system, **kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        answer = None
+    else:
+        answer = model.chat(images, args.prompt, system_prompt=args.system, **kwargs)
+    timings = model.last_timings
+    if args.json:
+        print(json.dumps({"answer": answer, "timings": timings.to_dict() if timings else None}))
+        return 0
+    if answer is not None:
+        print(answer)
+    if timings is not None and not args.no_timings:
+        print(f"[{timings.summary()}]", file=sys.stderr)
+    return 0

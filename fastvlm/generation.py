@@ -1,0 +1,323 @@
+"""Autoregressive generation with a KV cache: greedy and sampled decoding, streaming, batching, timings.
+
+The loop is our own rather than transformers' `generate` so that each phase can be
+timed (image encoding, prefill, time to first token, decode rate), prefill computes
+logits only for the last position, and text can be streamed as it is produced.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from .config import IMAGE_TOKEN_INDEX
+from .errors import ConfigError, PromptError
+
+
+@dataclass
+class Timings:
+    """Seconds per phase of one generate call (batch as a whole)."""
+
+    encode_s: float = 0.0  # vision encoder + projector
+    prefill_s: float = 0.0  # LLM over the prompt, up to the first token's logits
+    ttft_s: float = 0.0  # encode + splice + prefill + choosing the first token
+    decode_s: float = 0.0  # every token after the first
+    prompt_tokens: int = 0  # per sequence, image tokens included (longest in the batch)
+    new_tokens: int = 0  # generated tokens, summed over the batch
+    batch_size: int = 1
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # tokens after the first, per second, per sequence
+        steps = max(self.new_tokens / max(self.batch_size, 1) - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return d
+
+    def summary(self) -> str:
+        return (f"encode {self.encode_s * 1000:.0f} ms | prefill {self.prefill_s * 1000:.0f} ms "
+                f"({self.prompt_tokens} tokens) | TTFT {self.ttft_s * 1000:.0f} ms | "
+                f"decode {self.decode_tokens_per_s:.1f} tokens/s ({self.new_tokens} tokens)")
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [batch, new_tokens], pad_token_id after a sequence finished
+    timings: Timings
+    finish_reasons: list[str] = field(default_factory=list)  # "stop" (eos) or "length"
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature == 0:
+            self.do_sample = False  # temperature 0 means greedy, as in the reference's predict.py
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def cache_argument(language_model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.x); use whichever this version takes."""
+    import inspect
+
+    params = inspect.signature(type(language_model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty as in transformers: divide positive, multiply negative logits of seen tokens."""
+    if penalty == 1.0:
+        return logits
+    picked = logits.gather(1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(1, seen, picked)
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Pick the next token per row from float32 logits [batch, vocab]."""
+    if not p.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / max(p.temperature, 1e-5)
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _eos_ids(model, eos_token_id) -> list[int]:
+    if eos_token_id is not None:
+        return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    ids: list[int] = []
+    if model.processor is not None:
+        # the tokenizer is the authority on which ids end a turn (<|im_end|> and its eos)
+        return sorted(set(model.processor.eos_token_ids))
+    cfg_eos = getattr(model.language_model.config, "eos_token_id", None)
+    if cfg_eos is not None:
+        ids += [cfg_eos] if isinstance(cfg_eos, int) else list(cfg_eos)
+    return sorted(set(ids))
+
+
+def _pad_id(model, pad_token_id) -> int:
+    if pad_token_id is not None:
+        return pad_token_id
+    if model.processor is not None and model.processor.pad_token_id is not None:
+        return model.processor.pad_token_id
+    cfg_pad = getattr(model.language_model.config, "pad_token_id", None)
+    return cfg_pad if cfg_pad is not None else 0
+
+
+def generate_steps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    pixel_values: Optional[torch.Tensor] = None,
+    *,
+    eos_token_id=None,
+    pad_token_id=None,
+    image_features: Optional[torch.Tensor] = None,
+    **sampling,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Timings]]:
+    """Yield (next_tokens [B], finished [B], timings) after each step; timings are filled in as they happen."""
+    from transformers import DynamicCache
+
+    params = SamplingParams(**sampling)
+    device = model.device
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    input_ids = input_ids.to(device)
+    batch = input_ids.shape[0]
+    if input_ids.shape[1] == 0:
+        raise PromptError("the prompt is empty")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    max_pos = getattr(model.language_model.config, "max_position_embeddings", None)
+    if max_pos and input_ids.shape[1] + params.max_new_tokens > max_pos:
+        raise PromptError(
+            f"prompt ({input_ids.shape[1]} tokens, images included) plus max_new_tokens "
+            f"({params.max_new_tokens}) exceeds the model's context of {max_pos} tokens"
+        )
+    eos = torch.tensor(_eos_ids(model, eos_token_id) or [-1], device=device)
+    pad = _pad_id(model, pad_token_id)
+    gen = None
+    if params.do_sample and params.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(params.seed)
+    timings = Timings(prompt_tokens=int(input_ids.shape[1]), batch_size=batch)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    if image_features is None and pixel_values is not None and (input_ids == IMAGE_TOKEN_INDEX).any():
+        image_features = model.get_image_features(pixel_values)
+        _sync(device)
+    t_enc = time.perf_counter()
+    timings.encode_s = t_enc - t0
+    embeds = model.embed_inputs(input_ids, pixel_values if image_features is None else None, image_features)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    cache_kw = cache_argument(model.language_model)
+    cache = DynamicCache()
+    out = model.language_model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kw: cache},
+    )
+    logits = out.logits[:, -1, :].float()
+    # token history for the repetition penalty: the prompt's text ids (images and padding excluded)
+    history = input_ids.masked_fill((input_ids < 0) | (attention_mask == 0), 0) if params.repetition_penalty != 1.0 else None
+    if history is not None:
+        logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    next_tokens = sample_next(logits, params, gen)
+    _sync(device)
+    t_first = time.perf_counter()
+    timings.prefill_s = t_first - t_enc
+    timings.ttft_s = t_first - t0
+
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    next_pos = position_ids[:, -1] + 1
+    for step in range(params.max_new_tokens):
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
+        newly_done = torch.isin(next_tokens, eos) & ~finished
+        timings.new_tokens += int((~finished).sum())
+        finished = finished | newly_done
+        timings.decode_s = time.perf_counter() - t_first
+        yield next_tokens, finished, timings
+        if bool(finished.all()) or step == params.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=attention_mask.dtype, device=device)], 1)
+        out = model.language_model(
+            input_ids=next_tokens.unsqueeze(1),
+            attention_mask=attention_mask,
+            position_ids=next_pos.unsqueeze(1),
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1, :].float()
+        if history is not None:
+            history = torch.cat([history, next_tokens.unsqueeze(1)], 1)
+            logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+        next_tokens = sample_next(logits, params, gen)
+    _sync(device)
+    timings.decode_s = time.perf_counter() - t_first
+
+
+@torch.inference_mode()
+def generate(model, input_ids, attention_mask=None, pixel_values=None, *, streamer=None, **kwargs) -> GenerationOutput:
+    steps: list[torch.Tensor] = []
+    finished = None
+    timings = Timings()
+    for tokens, finished, timings in generate_steps(model, input_ids, attention_mask, pixel_values, **kwargs):
+        steps.append(tokens)
+        if streamer is not None:
+            streamer(tokens)
+    sequences = torch.stack(steps, 1) if steps else torch.empty((input_ids.shape[0], 0), dtype=torch.long)
+    reasons = ["stop" if bool(f) else "length" for f in finished] if finished is not None else []
+    return GenerationOutput(sequences=sequences, timings=timings, finish_reasons=reasons)
+
+
+def stream_text(model, inputs: dict, **sampling) -> Iterator[str]:
+    """Yield decoded text pieces for a single sequence as tokens arrive.
+
+    The whole generated sequence is re-decoded each step and only the new suffix is
+    yielded, so characters split over several tokens come out whole, and whitespace at
+    the ends is held back: the pieces join to exactly the non-streamed answer.
+    """
+    processor = model._require_processor()
+    ids: list[int] = []
+    emitted = ""
+    eos_ids = set(_eos_ids(model, sampling.get("eos_token_id")))
+    with torch.inference_mode():
+        for tokens, finished, timings in generate_steps(model, **inputs, **sampling):
+            model.last_timings = timings
+            tok = int(tokens[0])
+            if tok in eos_ids or bool(finished[0]) and tok == _pad_id(model, sampling.get("pad_token_id")):
+                continue
+            ids.append(tok)
+            text = processor.decode(ids)
+            if text.endswith("\ufffd") or not text.startswith(emitted):
+                continue  # an incomplete UTF-8 sequence: wait for the next token
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+    final = processor.decode(ids)
+    if final.startswith(emitted) and len(final) > len(emitted):
+        yield final[len(emitted):]
+
+
+def _messages_from(images, prompt, system_prompt=None):
+    """Messages and the flat image list for one chat request."""
+    if images is None:
+        images = []
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
+    else:
+        images = list(images)
+    if prompt is None:
+        raise PromptError("a prompt (text or a list of messages) is required")
+    if isinstance(prompt, str):
+        content: list[dict] = [{"type": "image"} for _ in images]
+        if "<image>" in prompt:
+            content = []  # the caller placed the placeholders in the text
+        content.append({"type": "text", "text": prompt})
+        messages = [{"role": "user", "content": content}]
+    elif isinstance(prompt, (list, tuple)):
+        messages = list(prompt)
+    else:
+        raise PromptError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages, images
+
+
+def build_chat_inputs(processor, images, prompt, *, system_prompt=None) -> dict:
+    messages, images = _messages_from(images, prompt, system_prompt)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(images=images or None, text=text))
+
+
+def build_batch_inputs(processor, requests: Sequence[tuple], *, system_prompt=None) -> dict:
+    texts, all_images = [], []
+    for images, prompt in requests:
+        messages, imgs = _messages_from(images, prompt, system_prompt)
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+        all_images += imgs
+    return dict(processor(images=all_images or None, text=texts, padding_side="left"))

@@ -1,0 +1,240 @@
+"""FastViTHD, the image encoder of FastVLM (Apple's `MCi("fastvithd")`).
+
+Module names and the flat `network` list follow Apple's FastViT, so the state dict of
+the fused model is exactly what Apple checkpoints store under
+`model.vision_tower.vision_tower.model.`; `fastvlm.checkpoints.timm_keys` maps it to the
+staged layout of timm / transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import VisionConfig
+from ..errors import ConfigError, ImageError
+from .blocks import (
+    ATTENTION_IMPLEMENTATIONS,
+    MHSA,
+    AttentionBlock,
+    GlobalPoolHead,
+    LayerNormChannel,
+    MobileOneBlock,
+    PatchEmbed,
+    RepCPE,
+    RepMixerBlock,
+)
+
+IN_CHANNELS = 3
+
+
+def network_layout(config: VisionConfig) -> list[tuple[str, int]]:
+    """Role and stage of each entry of `FastViTHD.network`, in order.
+
+    Roles: "pos_emb" (RepCPE before stage i), "stage" (the blocks of stage i) and
+    "downsample" (the PatchEmbed after stage i-1, listed with stage i because that is
+    where timm keeps it). Every stage but the last is followed by a PatchEmbed, as in
+    Apple's code with downsamples all True.
+    """
+    layout: list[tuple[str, int]] = []
+    for i in range(len(config.depths)):
+        if i > 0:
+            layout.append(("downsample", i))
+        if config.pos_embs[i]:
+            layout.append(("pos_emb", i))
+        layout.append(("stage", i))
+    return layout
+
+
+def _check_config(config: VisionConfig) -> None:
+    dims = config.embed_dims
+    for i in range(len(dims) - 1):
+        if dims[i + 1] % dims[i]:
+            raise ConfigError(
+                f"vision.embed_dims[{i + 1}]={dims[i + 1]} is not a multiple of embed_dims[{i}]={dims[i]}: "
+                "the downsampling conv is grouped per input channel"
+            )
+    if config.out_channels % dims[-1]:
+        raise ConfigError(
+            f"vision.expansion_ratio={config.expansion_ratio} must give a multiple of embed_dims[-1]={dims[-1]} "
+            f"(got {config.out_channels}): conv_exp is grouped per input channel"
+        )
+
+
+class FastViTHD(nn.Module):
+    """The FastViTHD encoder: [B, 3, H, W] pixels -> [B, (H/64)*(W/64), 3072] tokens (full model).
+
+    Build with `config.inference_mode=True` (default) for the fused form of the released
+    checkpoints, or False for the multi-branch train form; `reparameterize()` turns the
+    latter into the former in place.
+    """
+
+    def __init__(self, config: Optional[VisionConfig] = None, attn_impl: str = "eager") -> None:
+        super().__init__()
+        config = config if config is not None else VisionConfig()
+        _check_config(config)
+        self.config = config
+        self.grad_checkpointing = False
+        fused = config.inference_mode
+        dims = config.embed_dims
+        c0 = dims[0]
+
+        # Apple's stem has no 1x1 scale branch (stem_scale_branch=False); the other MobileOne
+        # blocks keep theirs.
+        self.patch_embed = nn.Sequential(
+            MobileOneBlock(IN_CHANNELS, c0, 3, stride=2, inference_mode=fused, use_scale_branch=False),
+            MobileOneBlock(c0, c0, 3, stride=2, groups=c0, inference_mode=fused, use_scale_branch=False),
+            MobileOneBlock(c0, c0, 1, inference_mode=fused, use_scale_branch=False),
+        )
+
+        network: list[nn.Module] = []
+        for role, i in network_layout(config):
+            if role == "downsample":
+                network.append(PatchEmbed(dims[i - 1], dims[i], patch_size=config.down_patch_size, stride=2,
+                                          inference_mode=fused))
+            elif role == "pos_emb":
+                network.append(RepCPE(dims[i], config.pos_emb_kernel_size, inference_mode=fused))
+            else:
+                network.append(self._stage(config, i))
+        self.network = nn.ModuleList(network)
+
+        self.conv_exp = MobileOneBlock(dims[-1], config.out_channels, 3, groups=dims[-1], inference_mode=fused,
+                                       use_se=True)
+        if config.projection_dim is not None:
+            self.head = GlobalPoolHead(config.out_channels, config.projection_dim)
+
+        self.set_attention_implementation(attn_impl)
+        self.init_weights()
+
+    @staticmethod
+    def _stage(config: VisionConfig, i: int) -> nn.Sequential:
+        dim = config.embed_dims[i]
+        blocks: list[nn.Module] = []
+        for _ in range(config.depths[i]):
+            if config.token_mixers[i] == "repmixer":
+                blocks.append(RepMixerBlock(dim, config.repmixer_kernel_size, config.mlp_ratios[i],
+                                            config.layer_scale_init_value, inference_mode=config.inference_mode))
+            else:
+                blocks.append(AttentionBlock(dim, config.head_dim, config.mlp_ratios[i],
+                                             config.layer_scale_init_value, config.norm_eps))
+        return nn.Sequential(*blocks)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per output token along each side (the encoder's total stride)."""
+        return self.config.patch_size
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.out_channels
+
+    @property
+    def attn_impl(self) -> str:
+        return self._attn_impl
+
+    def num_tokens(self, height: int, width: Optional[int] = None) -> int:
+        width = height if width is None else width
+        return (height // self.patch_size) * (width // self.patch_size)
+
+    # ------------------------------------------------------------------ set-up
+
+    def set_attention_implementation(self, mode: str) -> None:
+        """"eager": the reference's arithmetic (parity); "sdpa": torch's fused attention (speed)."""
+        if mode not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {mode!r}")
+        self._attn_impl = mode
+        for m in self.modules():
+            if isinstance(m, MHSA):
+                m.attn_impl = mode
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage's activations in backward: ~1 extra forward, far less memory at 1024 px."""
+        self.grad_checkpointing = enable
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation for training from scratch (a no-op on the meta device)."""
+        if any(p.is_meta for p in self.parameters()):
+            return
+        ls = self.config.layer_scale_init_value
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()
+            elif isinstance(m, LayerNormChannel):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Block-level rules last, so they override the generic conv init above.
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_weights"):
+                m.init_weights(ls)
+
+    @torch.no_grad()
+    def reparameterize(self) -> "FastViTHD":
+        """Fuse every train-time branch in place; the state dict becomes the checkpoint layout."""
+
+        def fuse(module: nn.Module) -> None:
+            for child in module.children():
+                # A reparameterisable block fuses its own sub-blocks (RepMixer needs the
+                # unfused mixer/norm branches), so do not descend into it.
+                if hasattr(child, "reparameterize"):
+                    child.reparameterize()
+                else:
+                    fuse(child)
+
+        fuse(self)
+        self.config = dataclasses.replace(self.config, inference_mode=True)
+        return self
+
+    # ------------------------------------------------------------------ forward
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ImageError unless x is float [B, 3, H, W] with H and W multiples of the patch size."""
+        if not isinstance(x, torch.Tensor):
+            raise ImageError(f"expected a pixel tensor of shape [batch, 3, height, width], got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ImageError(f"expected pixel values of shape [batch, 3, height, width], got shape {list(x.shape)}")
+        if x.shape[1] != IN_CHANNELS:
+            hint = "; it looks channels-last (HWC): permute to [B, 3, H, W]" if x.shape[-1] == IN_CHANNELS else ""
+            raise ImageError(f"expected 3 colour channels (RGB) in dim 1, got shape {list(x.shape)}{hint}")
+        if not x.is_floating_point():
+            raise ImageError(f"pixel values must be floating point (scaled to [0, 1]), got dtype {x.dtype}")
+        p = self.patch_size
+        for name, side in (("height", x.shape[2]), ("width", x.shape[3])):
+            if side == 0 or side % p:
+                lower, upper = (side // p) * p, (side // p + 1) * p
+                sizes = f"{lower} or {upper}" if lower else f"{upper}"
+                raise ImageError(
+                    f"image {name} {side} is not a multiple of {p} (the encoder's stride); resize it to {sizes}"
+                )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> conv_exp output [B, out_channels, H/patch, W/patch]."""
+        self.check_input(x)
+        x = self.patch_embed(x)
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for module in self.network:
+            x = checkpoint(module, x, use_reentrant=False) if use_ckpt else module(x)
+        return self.conv_exp(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> tokens [B, (H/patch)*(W/patch), out_channels], row-major, no CLS token."""
+        return self.forward_features(x).flatten(2).transpose(1, 2)
+
+
+def build_encoder(config: Optional[VisionConfig] = None, *, attn_impl: str = "eager",
+                  device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> FastViTHD:
+    """Build a FastViTHD (randomly initialised) and move it to device/dtype."""
+    model = FastViTHD(config, attn_impl=attn_impl)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model

@@ -1,0 +1,279 @@
+"""Checkpoint layouts: Apple's (synthesized independently, every key and config field), transformers', ours."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastvlm import CheckpointError, FastVLM, FastVLMConfig, VisionConfig, get_preset
+from fastvlm.cli import main as cli
+from fastvlm.config import IMAGE_TOKEN_INDEX
+from helpers import perturb_, small_tokenizer
+
+TINY_TEXT = get_preset("fastvlm-tiny").text
+P = "model.vision_tower.vision_tower.model."
+
+# config.json fields of the released checkpoints (reference doc §6), LLaVA part
+APPLE_LLAVA_FIELDS = {
+    "model_type": "llava_qwen2",
+    "architectures": ["LlavaQwen2ForCausalLM"],
+    "mm_vision_tower": "mobileclip_l_1024",
+    "mm_hidden_size": 3072,
+    "mm_projector_type": "mlp2x_gelu",
+    "use_mm_proj": True,
+    "mm_vision_select_layer": -2,
+    "mm_vision_select_feature": "patch",
+    "mm_patch_merge_type": "flat",
+    "mm_use_im_start_end": False,
+    "mm_use_im_patch_token": False,
+    "image_aspect_ratio": "pad",
+    "image_grid_pinpoints": None,
+    "tokenizer_model_max_length": 8192,
+    "tokenizer_padding_side": "right",
+    "tune_mm_mlp_adapter": False,
+    "freeze_mm_mlp_adapter": False,
+    "unfreeze_mm_vision_tower": True,
+    "mm_projector_lr": None,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.39.3",
+}
+
+
+def write_apple_checkpoint(directory, *, seed=0, dtype=torch.bfloat16, drop=(), reshape=None):
+    """Build an Apple-layout checkpoint without the package's save code: the vision tower's own
+    state dict under Apple's prefix, a plain transformers Qwen2ForCausalLM, random projector,
+    two safetensors shards and an index, Qwen2 config fields plus every LLaVA field."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fastvlm.vision import FastViTHD
+
+    torch.manual_seed(seed)
+    tower = FastViTHD(VisionConfig(inference_mode=False))
+    perturb_(tower, seed)
+    tower.reparameterize()
+    text = {k: v for k, v in TINY_TEXT.items() if k != "model_type"}
+    lm = Qwen2ForCausalLM(Qwen2Config(**text))
+    state = {P + k: v for k, v in tower.state_dict().items()}
+    hidden = text["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    state["model.mm_projector.0.weight"] = torch.randn(hidden, 3072, generator=g) / 3072**0.5
+    state["model.mm_projector.0.bias"] = torch.randn(hidden, generator=g) * 0.05
+    state["model.mm_projector.2.weight"] = torch.randn(hidden, hidden, generator=g) / hidden**0.5
+    state["model.mm_projector.2.bias"] = torch.randn(hidden, generator=g) * 0.05
+    for k, v in lm.state_dict().items():
+        state[k] = v  # Qwen2ForCausalLM names already are Apple's: model.* and lm_head.weight
+    for k in drop:
+        state.pop(k)
+    if reshape:
+        state[reshape] = state[reshape][..., :-1]
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    os.makedirs(directory, exist_ok=True)
+    keys = sorted(state)
+    half = len(keys) // 2
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map = {}
+    for name, part in zip(names, (keys[:half], keys[half:])):
+        save_file({k: state[k] for k in part}, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+    cfg = {**text, "rope_theta": 1000000.0, **APPLE_LLAVA_FIELDS}
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+        json.dump({"do_sample": True, "temperature": None, "top_p": None}, f)
+    small_tokenizer().save_pretrained(directory)
+    return state
+
+
+@pytest.fixture(scope="module")
+def apple_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts") / "my-checkpoint"  # no "llava" in the name, on purpose
+    state = write_apple_checkpoint(str(d))
+    return str(d), state
+
+
+def _inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.randint(3, 200, (4,), generator=g), torch.full((model.num_image_tokens,), IMAGE_TOKEN_INDEX),
+                     torch.randint(3, 200, (6,), generator=g)]).unsqueeze(0)
+    return ids, torch.rand(1, 3, model.config.image_size, model.config.image_size, generator=g)
+
+
+def test_apple_layout_loads_strictly_every_key(apple_dir):
+    d, state = apple_dir
+    vision_keys = [k for k in state if k.startswith(P)]
+    assert len(vision_keys) == 629  # reference doc §8.3, head.proj and BN counters included
+    model = FastVLM.from_pretrained(d, device="cpu", dtype=torch.float32, image_size=256)
+    assert model.checkpoint_layout == "apple"
+    assert model.config.image_aspect_ratio == "pad" and model.config.max_length == 8192
+    ours = model.state_dict()
+    for k, v in state.items():
+        name = ("vision_tower." + k[len(P):] if k.startswith(P) else
+                "mm_projector." + k[len("model.mm_projector."):] if k.startswith("model.mm_projector.") else
+                "language_model." + k)
+        assert torch.equal(ours[name].to(v.dtype), v), name
+    assert not getattr(model.language_model.config, "tie_word_embeddings")
+    assert model.language_model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+
+
+def test_apple_and_transformers_layouts_give_the_same_logits(apple_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import timm.layers
+
+    timm.layers.set_fused_attn(False)
+    d, _ = apple_dir
+    assert cli(["convert", d, str(tmp_path / "hf"), "--to", "hf", "--dtype", "fp32"]) == 0
+    apple = FastVLM.from_pretrained(d, device="cpu", dtype=torch.float32, image_size=256)
+    apple.set_attention_implementation("eager")
+    ours_hf = FastVLM.from_pretrained(str(tmp_path / "hf"), device="cpu", dtype=torch.float32, image_size=256)
+    ours_hf.set_attention_implementation("eager")
+    port = transformers.FastVlmForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids, pixels = _inputs(apple)
+    image_token = port.config.image_token_id
+    with torch.no_grad():
+        a = apple(input_ids=ids, pixel_values=pixels).logits
+        b = ours_hf(input_ids=ids, pixel_values=pixels).logits[..., : a.shape[-1]]
+        c = port(input_ids=ids.masked_fill(ids == IMAGE_TOKEN_INDEX, image_token), pixel_values=pixels).logits
+    # same weights; only the padded vocabulary changes the lm_head matmul's blocking
+    assert (a - b).abs().max().item() <= 1e-5
+    assert (a - c[..., : a.shape[-1]]).abs().max().item() <= 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tok.convert_tokens_to_ids("<image>") == image_token and port.config.text_config.vocab_size % 64 == 0
+
+
+def _tensors(d):
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(d, f)))
+    return out
+
+
+def test_convert_round_trips_bit_exactly(apple_dir, tmp_path):
+    d, _ = apple_dir
+    assert cli(["convert", d, str(tmp_path / "own"), "--to", "fastvlm"]) == 0
+    assert cli(["convert", str(tmp_path / "own"), str(tmp_path / "apple"), "--to", "apple", "--max-shard-size", "100MB"]) == 0
+    src, back = _tensors(d), _tensors(tmp_path / "apple")
+    assert src.keys() == back.keys()
+    for k in src:
+        assert src[k].dtype == back[k].dtype and torch.equal(src[k], back[k]), k
+    cfg_src, cfg_back = json.load(open(os.path.join(d, "config.json"))), json.load(open(tmp_path / "apple" / "config.json"))
+    for k, v in APPLE_LLAVA_FIELDS.items():
+        if k != "transformers_version":
+            assert cfg_back[k] == v, k
+    for k in ("hidden_size", "num_hidden_layers", "vocab_size", "num_key_value_heads", "rope_theta"):
+        assert cfg_back[k] == cfg_src[k]
+    assert os.path.isfile(tmp_path / "apple" / "model.safetensors.index.json")
+    # transformers layout round trip
+    assert cli(["convert", str(tmp_path / "own"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert cli(["convert", str(tmp_path / "hf"), str(tmp_path / "own2"), "--to", "fastvlm"]) == 0
+    assert cli(["convert", str(tmp_path / "own2"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    h1, h2 = _tensors(tmp_path / "hf"), _tensors(tmp_path / "hf2")
+    assert h1.keys() == h2.keys() and all(torch.equal(h1[k], h2[k]) for k in h1)
+
+
+def test_own_layout_round_trip_keeps_train_form(tmp_path, tiny_tokenizer):
+    cfg = get_preset("fastvlm-tiny")
+    cfg.vision.inference_mode = False
+    model = FastVLM.from_config(cfg, tokenizer=tiny_tokenizer, device="cpu", dtype=torch.float32)
+    perturb_(model)
+    model.save_pretrained(str(tmp_path / "own"))
+    again = FastVLM.from_pretrained(str(tmp_path / "own"), device="cpu", dtype=torch.float32)
+    assert not again.config.vision.inference_mode
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Apple's layout stores the fused encoder: same outputs, fewer tensors
+    model.save_pretrained(str(tmp_path / "apple"), layout="apple")
+    fused = FastVLM.from_pretrained(str(tmp_path / "apple"), device="cpu", dtype=torch.float32)
+    assert fused.config.vision.inference_mode
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        ref, out = model.encode_images(x), fused.encode_images(x)
+    assert (ref - out).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+def test_missing_and_misshaped_tensors_are_named(tmp_path):
+    missing = P + "network.4.3.convffn.fc1.weight"
+    write_apple_checkpoint(str(tmp_path / "a"), drop=[missing, "model.layers.1.mlp.up_proj.weight"])
+    with pytest.raises(CheckpointError) as e:
+        FastVLM.from_pretrained(str(tmp_path / "a"), device="cpu")
+    assert "vision_tower.network.4.3.convffn.fc1.weight" in str(e.value)
+    assert "missing tensors (2)" in str(e.value)
+    write_apple_checkpoint(str(tmp_path / "b"), reshape="model.mm_projector.2.bias")
+    with pytest.raises(CheckpointError, match=r"mm_projector.2.bias: checkpoint \(63,\) vs model \(64,\)"):
+        FastVLM.from_pretrained(str(tmp_path / "b"), device="cpu")
+
+
+def test_tied_embeddings_when_lm_head_is_absent(tmp_path):
+    write_apple_checkpoint(str(tmp_path / "t"), drop=["lm_head.weight"])
+    model = FastVLM.from_pretrained(str(tmp_path / "t"), device="cpu", dtype=torch.float32)
+    assert model.language_model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="no model directory"):
+        FastVLM.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        FastVLM.from_pretrained(str(tmp_path / "file.txt"))
+    d = tmp_path / "pickle"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**TINY_TEXT, **APPLE_LLAVA_FIELDS}))
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        FastVLM.from_pretrained(str(d))
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        FastVLM.from_pretrained(str(d))
+    (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="'bert' is not a FastVLM checkpoint"):
+        FastVLM.from_pretrained(str(d))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="offline"):
+        FastVLM.from_pretrained("apple/FastVLM-0.5B")
+
+
+def test_code_shipped_with_a_checkpoint_is_never_run(tmp_path, tiny_model):
+    d = tmp_path / "remote"
+    tiny_model.save_pretrained(str(d), layout="apple")
+    marker = tmp_path / "ran"
+    (d / "llava_qwen.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    cfg = json.load(open(d / "config.json"))
+    cfg["auto_map"] = {"AutoConfig": "llava_qwen.LlavaConfig", "AutoModelForCausalLM": "llava_qwen.LlavaQwen2ForCausalLM"}
+    json.dump(cfg, open(d / "config.json", "w"))
+    tok_cfg = json.load(open(d / "tokenizer_config.json"))
+    tok_cfg["auto_map"] = {"AutoTokenizer": ["llava_qwen.Tok", None]}
+    json.dump(tok_cfg, open(d / "tokenizer_config.json", "w"))
+    FastVLM.from_pretrained(str(d), device="cpu", dtype=torch.float32)
+    assert not marker.exists()
+
+
+def test_cli_init_generate_info(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "tiny"
+    assert cli(["init", "--preset", "fastvlm-tiny", "--out", str(out), "--dtype", "fp32"]) == 0
+    Image.new("RGB", (100, 60), (0, 128, 255)).save(tmp_path / "img.png")
+    capsys.readouterr()
+    rc = cli(["generate", "--model", str(out), "--image", str(tmp_path / "img.png"), "--prompt", "What?",
+              "--max-new-tokens", "4", "--dtype", "fp32", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["timings"]["ttft_s"] > 0 and result["timings"]["prompt_tokens"] > 16
+    assert cli(["info", "--model", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["image_tokens"] == 4 and info["parameters"]["total"] > 0
+    assert cli(["info", "--preset", "fastvlm-0.5b", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    # reference doc §3.3: 125.11 M with the unused head and the 35,712 ConvFFN BN running statistics
+    # (2 x 17,856 channels), i.e. 125.07 M parameters; 256 tokens at 1024, 16 at 256
+    assert abs((info["parameters"]["vision_tower"] + 35712) / 1e6 - 125.11) < 0.005
+    assert info["visual_tokens_by_resolution"]["1024"] == 256
+    assert info["visual_tokens_by_resolution"]["256"] == 16
+    # a bad image fails before the model loads, with a one-line error
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    assert cli(["generate", "--model", str(out), "--image", str(tmp_path / "bad.png")]) == 1
+    assert "error" in capsys.readouterr().err

@@ -1,0 +1,180 @@
+"""The model against transformers' FastVlmForConditionalGeneration, and generation behaviour."""
+
+import os
+
+import pytest
+import torch
+
+from fastvlm import FastVLM, FastVLMConfig, PromptError, VisionConfig, get_preset
+from fastvlm.config import IMAGE_TOKEN_INDEX
+from fastvlm.generation import SamplingParams, apply_repetition_penalty, sample_next
+from helpers import perturb_
+
+
+@pytest.fixture(scope="module")
+def parity_pair(tmp_path_factory):
+    """Our model (full-size FastViTHD at 256 px, tiny Qwen2, non-trivial weights) and transformers' port of it."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "FastVlmForConditionalGeneration"):
+        pytest.skip("this transformers has no FastVLM port")
+    import timm.layers
+
+    timm.layers.set_fused_attn(False)  # the reference's unfused attention arithmetic
+    cfg = FastVLMConfig(vision=VisionConfig(image_size=256, inference_mode=False), text=get_preset("fastvlm-tiny").text)
+    ours = FastVLM.from_config(cfg, device="cpu", dtype=torch.float32, seed=0)
+    perturb_(ours, seed=1)
+    ours.reparameterize()
+    ours.set_attention_implementation("eager")
+    d = tmp_path_factory.mktemp("hf")
+    ours.save_pretrained(str(d), layout="hf")
+    theirs, info = transformers.FastVlmForConditionalGeneration.from_pretrained(
+        str(d), dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    return ours, theirs.eval(), int(theirs.config.image_token_id)
+
+
+def _ids_with_images(n_images, tokens_per_image, seed=0, vocab=400):
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for _ in range(n_images):
+        parts += [torch.randint(3, vocab, (5,), generator=g), torch.full((tokens_per_image,), IMAGE_TOKEN_INDEX)]
+    parts.append(torch.randint(3, vocab, (7,), generator=g))
+    return torch.cat(parts).unsqueeze(0)
+
+
+def test_logits_match_transformers_port(parity_pair):
+    ours, theirs, image_token_id = parity_pair
+    ids = _ids_with_images(2, ours.num_image_tokens)
+    pixels = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = ours(input_ids=ids, pixel_values=pixels).logits
+        b = theirs(input_ids=ids.masked_fill(ids == IMAGE_TOKEN_INDEX, image_token_id), pixel_values=pixels).logits
+    # the port's vocabulary is padded to a multiple of 64 (+1 for <image>); compare the real rows
+    assert b.shape[-1] % 64 == 0 and b.shape[-1] > a.shape[-1]
+    b = b[..., : a.shape[-1]]
+    diff = (a - b).abs().max().item()
+    assert diff <= 1e-4, f"max |logit difference| {diff}"
+    # the images must actually influence the logits, or the comparison proves little
+    with torch.no_grad():
+        c = ours(input_ids=ids, pixel_values=torch.rand(2, 3, 256, 256)).logits
+    assert (a - c).abs().max().item() > 1e-2
+
+
+def test_image_features_match_transformers_port(parity_pair):
+    ours, theirs, _ = parity_pair
+    pixels = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        feats = ours.encode_images(pixels)
+        assert feats.shape == (1, 16, 3072)
+        a = ours.get_image_features(pixels)
+        out = theirs.get_image_features(pixel_values=pixels)
+        b = out if torch.is_tensor(out) else out.pooler_output
+    b = b.reshape(a.shape)
+    assert (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
+
+
+def test_greedy_tokens_match_transformers_generate(parity_pair):
+    ours, theirs, image_token_id = parity_pair
+    ids = _ids_with_images(1, ours.num_image_tokens, seed=5)
+    pixels = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(6))
+    mine = ours.generate(ids, pixel_values=pixels, max_new_tokens=8, eos_token_id=[])
+    hf_ids = ids.masked_fill(ids == IMAGE_TOKEN_INDEX, image_token_id)
+    with torch.no_grad():
+        ref = theirs.generate(input_ids=hf_ids, pixel_values=pixels, max_new_tokens=8, min_new_tokens=8,
+                              do_sample=False)
+    assert mine.tolist() == ref[:, ids.shape[1]:].tolist()
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_chat_streamed_equals_non_streamed(tiny_model):
+    from PIL import Image
+
+    img = Image.new("RGB", (160, 90), (200, 30, 30))
+    text = tiny_model.chat(img, "What is this?", max_new_tokens=12, eos_token_id=[])
+    pieces = list(tiny_model.chat(img, "What is this?", max_new_tokens=12, stream=True, eos_token_id=[]))
+    assert len(pieces) >= 1
+    assert "".join(pieces) == text
+    t = tiny_model.last_timings
+    assert t.ttft_s > 0 and t.prompt_tokens > tiny_model.num_image_tokens
+
+
+def test_batched_greedy_equals_unbatched(tiny_model):
+    from PIL import Image
+
+    imgs = [Image.new("RGB", (64, 64), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    requests = [
+        (imgs[0], "What colour?"),
+        ([imgs[1], imgs[2]], "Compare these two pictures carefully, please."),
+        (None, "Hello"),
+    ]
+    batched = tiny_model.chat_batch(requests, max_new_tokens=10, eos_token_id=[])
+    alone = [tiny_model.chat(im, p, max_new_tokens=10, eos_token_id=[]) for im, p in requests]
+    assert batched == alone
+
+
+def test_generate_returns_only_new_tokens_and_stops_at_eos(tiny_model):
+    inputs = tiny_model.processor(text=tiny_model.processor.apply_chat_template(
+        [{"role": "user", "content": "Hello"}]))
+    free = tiny_model.generate(**inputs, max_new_tokens=6, eos_token_id=[])
+    assert free.shape == (1, 6)
+    stop_at = int(free[0, 2])
+    out = tiny_model.generate(**inputs, max_new_tokens=6, eos_token_id=stop_at, return_dict=True)
+    first = free[0].tolist().index(stop_at)
+    assert out.sequences.shape[1] == first + 1 and out.finish_reasons == ["stop"]
+
+
+def test_sampling_is_seeded_and_respects_top_k_1(tiny_model):
+    inputs = tiny_model.processor(text=tiny_model.processor.apply_chat_template([{"role": "user", "content": "Hi"}]))
+    a = tiny_model.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.5, seed=7, eos_token_id=[])
+    b = tiny_model.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.5, seed=7, eos_token_id=[])
+    assert torch.equal(a, b)
+    greedy = tiny_model.generate(**inputs, max_new_tokens=8, eos_token_id=[])
+    k1 = tiny_model.generate(**inputs, max_new_tokens=8, do_sample=True, top_k=1, seed=3, eos_token_id=[])
+    assert torch.equal(greedy, k1)
+
+
+def test_sample_next_top_p_and_penalty():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    p = SamplingParams(do_sample=True, top_p=0.5)
+    g = torch.Generator().manual_seed(0)
+    # softmax mass of token 0 is 0.61 >= 0.5, so nucleus sampling can only return token 0
+    assert all(int(sample_next(logits, p, g)) == 0 for _ in range(20))
+    pen = apply_repetition_penalty(logits.clone(), torch.tensor([[0, 3]]), 2.0)
+    assert pen.tolist() == [[1.0, 1.0, 0.5, -2.0]]  # positive divided, negative multiplied
+
+
+def test_bad_sampling_params():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_placeholder_and_image_mismatch_errors(tiny_model):
+    from PIL import Image
+
+    img = Image.new("RGB", (32, 32))
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(PromptError, match="no image positions"):
+        tiny_model(input_ids=ids, pixel_values=torch.rand(1, 3, 128, 128))
+    slots = torch.tensor([[5] + [IMAGE_TOKEN_INDEX] * tiny_model.num_image_tokens])
+    with pytest.raises(PromptError, match="no images were given"):
+        tiny_model(input_ids=slots)
+    with pytest.raises(PromptError):
+        tiny_model.chat([img, img], "Only one <image> here")
+    with pytest.raises(PromptError):
+        tiny_model.chat(None, "An <image> without a picture")
+    # an image at another resolution gives another token count: named in the error
+    with pytest.raises(PromptError, match="image positions"):
+        tiny_model(input_ids=slots, pixel_values=torch.rand(1, 3, 192, 192))
+
+
+def test_encode_images_any_multiple_of_64(tiny_model):
+    from fastvlm.errors import ImageError
+
+    assert tiny_model.encode_images(torch.rand(2, 3, 128, 192)).shape == (2, 6, 256)
+    with pytest.raises(ImageError, match="64"):
+        tiny_model.encode_images(torch.rand(1, 3, 100, 128))
