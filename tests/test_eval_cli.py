@@ -1,0 +1,175 @@
+"""`fastvlm eval` end to end on a tiny random model and a LLaVA-format file: summary,
+scores, TTFT, resuming after --limit and after an interruption."""
+
+import json
+
+import pytest
+
+from fastvlm.cli import main
+from fastvlm.eval.glue import TimingLog, stats
+from fastvlm.eval.tasks import TASKS
+
+N_SAMPLES = 7
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    assert main(["init", "--preset", "fastvlm-tiny", "--out", str(out), "--dtype", "fp32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    for k, color in enumerate(("red", "blue", "green")):
+        img = Image.new("RGB", (96, 64), "white")
+        ImageDraw.Draw(img).ellipse([10 + 10 * k, 10, 50 + 10 * k, 50], fill=color)
+        img.save(root / "images" / f"{k}.png")
+    records = []
+    for i in range(N_SAMPLES):
+        rec = {"id": f"q{i}", "image": f"images/{i % 3}.png", "question_type": ["count", "color"][i % 2],
+               "text_size": 8 + 4 * i}
+        if i % 2:
+            rec.update(question="What color is the circle?", answer=["red", "blue", "green"][i % 3])
+        else:
+            rec["conversations"] = [{"from": "human", "value": "<image>\nHow many circles are there?"},
+                                    {"from": "gpt", "value": "1"}]
+        records.append(rec)
+    path = root / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def run_eval(tiny_dir, data_file, out, *extra):
+    return main(["eval", "--model", str(tiny_dir), "--task", "synth", "--data", str(data_file), "--out", str(out),
+                 "--device", "cpu", "--dtype", "fp32", "--no-progress", "--ttft-samples", "2",
+                 "--max-new-tokens", "4", *extra])
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture
+def count_requests(monkeypatch):
+    """Counts the requests that reach FastVLM.chat_batch (the batched eval path)."""
+    from fastvlm.model import FastVLM
+
+    seen = []
+    original = FastVLM.chat_batch
+
+    def counting(self, requests, **kw):
+        seen.append(len(requests))
+        return original(self, requests, **kw)
+
+    monkeypatch.setattr(FastVLM, "chat_batch", counting)
+    return seen
+
+
+def test_eval_end_to_end_then_resume_after_limit(tiny_dir, data_file, tmp_path, capsys, count_requests):
+    out = tmp_path / "run"
+    assert run_eval(tiny_dir, data_file, out, "--limit", "2", "--batch-size", "2") == 0
+    assert len(read_lines(out / "predictions.jsonl")) == 2
+    assert sum(count_requests) == 2
+    first = json.loads((out / "summary.json").read_text())
+    assert first["n"] == 2 and first["limit"] == 2 and first["n_predicted_this_run"] == 2
+
+    count_requests.clear()
+    assert run_eval(tiny_dir, data_file, out, "--batch-size", "3") == 0
+    preds = read_lines(out / "predictions.jsonl")
+    assert len(preds) == N_SAMPLES and [p["id"] for p in preds] == [f"q{i}" for i in range(N_SAMPLES)]
+    assert sum(count_requests) == N_SAMPLES - 2 and count_requests == [3, 2]  # only the rest was predicted
+
+    s = json.loads((out / "summary.json").read_text())
+    assert s["task"] == "synth" and s["n"] == N_SAMPLES
+    assert s["n_resumed"] == 2 and s["n_predicted_this_run"] == N_SAMPLES - 2
+    assert set(s["scores"]) == {"accuracy", "anls"} and all(0.0 <= v <= 1.0 for v in s["scores"].values())
+    assert "question_type" in s["breakdown"] and "text_size" in s["breakdown"]
+    assert s["model"] == str(tiny_dir)
+    assert s["resolution"] == 128 and s["num_image_tokens"] > 0
+    assert s["device"] == "cpu" and s["dtype"] == "float32"
+    assert s["decoding"] == {"greedy": True, "max_new_tokens": 4}
+    # TTFT: batch 1 on the first samples, and per request of this run's batches
+    t1 = s["ttft_batch1"]
+    assert t1["batch_size"] == 1 and t1["ttft_s"]["n"] == 2 and t1["ttft_s"]["median"] > 0
+    assert t1["sample_ids"] == ["q0", "q1"]
+    tb = s["ttft"]
+    assert tb["batch_size"] == 3 and tb["n_requests"] == N_SAMPLES - 2 and tb["n_batches"] == 2
+    assert tb["ttft_s"]["n"] == N_SAMPLES - 2 and tb["ttft_s"]["median"] > 0
+    # scores.jsonl agrees with the predictions
+    scores = read_lines(out / "scores.jsonl")
+    assert [r["prediction"] for r in scores] == [p["prediction"] for p in preds]
+    printed = capsys.readouterr().out
+    assert "synth: n=7" in printed and "accuracy" in printed and "TTFT batch 1" in printed
+
+
+def test_resume_after_interruption(tiny_dir, data_file, tmp_path, monkeypatch):
+    from fastvlm.model import FastVLM
+
+    out = tmp_path / "run"
+    original = FastVLM.chat_batch
+    calls = []
+
+    def interrupted(self, requests, **kw):
+        calls.append(len(requests))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, requests, **kw)
+
+    monkeypatch.setattr(FastVLM, "chat_batch", interrupted)
+    assert run_eval(tiny_dir, data_file, out, "--batch-size", "3", "--ttft-samples", "0") == 130
+    assert len(read_lines(out / "predictions.jsonl")) == 3  # the first batch was kept
+    assert not (out / "summary.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(FastVLM, "chat_batch", lambda self, requests, **kw: (calls.append(len(requests)),
+                                                                              original(self, requests, **kw))[1])
+    assert run_eval(tiny_dir, data_file, out, "--batch-size", "3", "--ttft-samples", "0") == 0
+    assert calls == [3, 1]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n"] == N_SAMPLES and s["n_resumed"] == 3 and s["ttft_batch1"] is None
+    assert len(read_lines(out / "predictions.jsonl")) == N_SAMPLES
+
+
+def test_missing_image_fails_before_loading(data_file, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "a", "image": "nope.png", "question": "q?", "answer": "x"}]))
+    rc = main(["eval", "--model", str(tmp_path / "no-model"), "--task", "llava", "--data", str(bad),
+               "--out", str(tmp_path / "o")])
+    assert rc == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_help_lists_tasks_and_formats(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name in TASKS:
+        assert name in text
+    for words in ("predictions.jsonl", "summary.json", "conversations", "TextVQA_0.5.1_val.json", "--image-root"):
+        assert words in text
+
+
+def test_timing_helpers():
+    s = stats([0.3, 0.1, 0.2, 0.4])
+    assert s["n"] == 4 and s["median"] == pytest.approx(0.25) and s["mean"] == pytest.approx(0.25)
+    assert s["min"] == 0.1 and s["max"] == 0.4 and s["p90"] == 0.4
+    assert stats([]) is None
+
+    class T:
+        ttft_s, encode_s, prefill_s, decode_s, new_tokens, prompt_tokens, decode_tokens_per_s = 0.5, 0.2, 0.3, 1, 8, 9, 7.0
+
+    log = TimingLog()
+    log.add(T(), 4)
+    T.ttft_s = 0.1
+    log.add(T(), 1)
+    summary = log.summary(4)
+    assert summary["n_requests"] == 5 and summary["n_batches"] == 2
+    assert summary["ttft_s"]["median"] == pytest.approx(0.5)  # four requests waited 0.5 s, one 0.1 s
+    assert summary["ttft_s_per_batch"]["mean"] == pytest.approx(0.3)
+    assert TimingLog().summary(8) is None
