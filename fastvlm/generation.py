@@ -121,7 +121,7 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: Optional[tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _eos_ids(model, eos_token_id) -> list[int]:
+def eos_token_ids(model, eos_token_id) -> list[int]:
     if eos_token_id is not None:
         return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     ids: list[int] = []
@@ -134,7 +134,7 @@ def _eos_ids(model, eos_token_id) -> list[int]:
     return sorted(set(ids))
 
 
-def _pad_id(model, pad_token_id) -> int:
+def pad_token_id_for(model, pad_token_id) -> int:
     if pad_token_id is not None:
         return pad_token_id
     if model.processor is not None and model.processor.pad_token_id is not None:
@@ -174,8 +174,8 @@ def generate_steps(
             f"prompt ({input_ids.shape[1]} tokens, images included) plus max_new_tokens "
             f"({params.max_new_tokens}) exceeds the model's context of {max_pos} tokens"
         )
-    eos = torch.tensor(_eos_ids(model, eos_token_id) or [-1], device=device)
-    pad = _pad_id(model, pad_token_id)
+    eos = torch.tensor(eos_token_ids(model, eos_token_id) or [-1], device=device)
+    pad = pad_token_id_for(model, pad_token_id)
     gen = None
     if params.do_sample and params.seed is not None:
         gen = torch.Generator(device=device).manual_seed(params.seed)
@@ -264,12 +264,12 @@ def stream_text(model, inputs: dict, **sampling) -> Iterator[str]:
     processor = model._require_processor()
     ids: list[int] = []
     emitted = ""
-    eos_ids = set(_eos_ids(model, sampling.get("eos_token_id")))
+    eos_ids = set(eos_token_ids(model, sampling.get("eos_token_id")))
     with torch.inference_mode():
         for tokens, finished, timings in generate_steps(model, **inputs, **sampling):
             model.last_timings = timings
             tok = int(tokens[0])
-            if tok in eos_ids or bool(finished[0]) and tok == _pad_id(model, sampling.get("pad_token_id")):
+            if tok in eos_ids or bool(finished[0]) and tok == pad_token_id_for(model, sampling.get("pad_token_id")):
                 continue
             ids.append(tok)
             text = processor.decode(ids)
