@@ -396,7 +396,7 @@ class FastVLMLmms(_LmmsBase):
         the end-of-turn token or as soon as its text holds a stop string (cut there)."""
         import torch
 
-        from ...generation import _eos_ids, build_batch_inputs, generate_steps
+        from ...generation import eos_token_ids, build_batch_inputs, generate_steps
 
         model, processor = self._model, self.processor
         inputs = build_batch_inputs(processor, requests, system_prompt=self.system_prompt)
@@ -408,7 +408,7 @@ class FastVLMLmms(_LmmsBase):
                               f"{self.max_length}")
         sampling["max_new_tokens"] = min(sampling["max_new_tokens"], room)
         tok = processor.tokenizer
-        eos = set(_eos_ids(model, None))
+        eos = set(eos_token_ids(model, None))
         n = len(requests)
         ids: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
