@@ -1,0 +1,375 @@
+"""LLaVA-format conversation datasets.
+
+A record is ``{"id": ..., "image": PATH | [PATH, ...] | absent, "conversations":
+[{"from": "human", "value": "<image>\\nQuestion"}, {"from": "gpt", "value": "Answer"}, ...]}``.
+Files are a JSON list of records (``.json``) or one record per line (``.jsonl``; read
+lazily: only the byte offset of each line stays in memory and records are read on
+demand). Image paths are relative to the image folder given with the file (absolute
+paths are used as they are).
+
+Roles: ``human`` (or ``user``) and ``gpt`` (or ``assistant``) must alternate, starting
+with a human turn and ending with a gpt turn; one leading ``system`` turn may replace the
+model's system prompt. ``<image>`` may appear only in human turns, once per image, in the
+order of the record's image list.
+
+**Placeholder rule.** When a record has exactly one image and no ``<image>`` anywhere in
+its conversation, ``<image>\\n`` is prepended to the first human turn, as LLaVA's loader
+does. In every other case the placeholders must match the images one to one: nothing is
+moved (the reference also moves a lone ``<image>`` to the front of its turn; records with
+it elsewhere keep it where it is here) and nothing is guessed for multi-image records.
+
+**Validation.** Every record is checked once when the dataset is built, before training
+starts: structure, roles and alternation, placeholder count against images, that each
+image file exists (and, with ``check_images="open"``, that PIL can read its header), and
+the token length after image expansion against ``max_length``. A failure raises
+:class:`DataError` naming the file, the record's index and its id. With
+``skip_bad=True`` the record is logged, counted (``bad_counts``) and left out instead;
+another sample is never substituted for it. An image that exists but cannot be decoded
+is only found when the sample is loaded: it then raises, or with ``skip_bad`` the sample
+is dropped from its batch and reported through the batch's ``skipped`` list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ..config import IMAGE_TOKEN
+from ..errors import FastVLMError
+from .collate import ASSISTANT, USER, tokenize_conversation
+
+logger = logging.getLogger("fastvlm.train")
+
+_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
+CHECK_IMAGES = ("open", "exists", "none")
+
+
+class DataError(FastVLMError):
+    """A training record is malformed; the message names the file, the record index and its id.
+
+    ``kind`` is a short category (e.g. ``"missing_image"``) used to count skipped records.
+    """
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Conversation:
+    """A validated record: resolved image paths, (role, text) turns, optional system prompt."""
+
+    id: Any
+    images: list[str]
+    turns: list[tuple[str, str]]
+    system: Optional[str] = None
+
+
+def _where(path: str, index: int, record: Any) -> str:
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"{path}: record {index} (id {rid!r})" if rid is not None else f"{path}: record {index} (no id)"
+
+
+def parse_record(record: Any, *, path: str, index: int, image_folder: Optional[str]) -> Conversation:
+    """Check a record's structure and return it as a :class:`Conversation` (images not opened)."""
+    where = _where(path, index, record)
+
+    def bad(msg: str, kind: str) -> DataError:
+        return DataError(f"{where}: {msg}", kind)
+
+    if not isinstance(record, dict):
+        raise bad(f"a record must be a JSON object, got {type(record).__name__}", "not_a_record")
+    conv = record.get("conversations")
+    if conv is None:
+        raise bad("no 'conversations'", "empty_conversation")
+    if not isinstance(conv, list):
+        raise bad(f"'conversations' must be a list, got {type(conv).__name__}", "bad_turn")
+    if not conv:
+        raise bad("empty conversation", "empty_conversation")
+
+    turns: list[tuple[str, str]] = []
+    system = None
+    for k, turn in enumerate(conv):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise bad(f"turn {k} must be an object with 'from' and 'value'", "bad_turn")
+        who, value = turn["from"], turn["value"]
+        if not isinstance(value, str):
+            raise bad(f"turn {k} ({who}): 'value' must be a string, got {type(value).__name__}", "bad_turn")
+        if who == "system":
+            if k != 0:
+                raise bad(f"turn {k}: a system turn is only allowed first", "bad_roles")
+            system = value
+            continue
+        if who not in _ROLES:
+            raise bad(f"turn {k} has unknown role {who!r} (expected 'human' or 'gpt')", "bad_roles")
+        role = _ROLES[who]
+        expected = USER if len(turns) % 2 == 0 else ASSISTANT
+        if role != expected:
+            want = "human" if expected == USER else "gpt"
+            raise bad(f"turn {k} is from {who!r} but a {want!r} turn was expected (turns must alternate human, gpt, "
+                      "human, gpt, ... starting with human)", "bad_roles")
+        if role == ASSISTANT:
+            if not value.strip():
+                raise bad(f"turn {k} (gpt) is empty", "empty_answer")
+            if IMAGE_TOKEN in value:
+                raise bad(f"turn {k} (gpt) contains {IMAGE_TOKEN}; images belong in human turns",
+                          "placeholder_mismatch")
+        turns.append((role, value))
+    if not turns:
+        raise bad("empty conversation (only a system turn)", "empty_conversation")
+    if turns[-1][0] != ASSISTANT:
+        raise bad("the conversation ends with a human turn; it must end with a gpt answer", "bad_roles")
+
+    image = record.get("image")
+    if image is None:
+        images: list[str] = []
+    elif isinstance(image, str):
+        images = [image]
+    elif isinstance(image, list) and all(isinstance(x, str) for x in image):
+        images = list(image)
+    else:
+        raise bad(f"'image' must be a path or a list of paths, got {type(image).__name__}", "bad_image_field")
+    if any(not x for x in images):
+        raise bad("'image' holds an empty path", "bad_image_field")
+
+    n_ph = sum(text.count(IMAGE_TOKEN) for _, text in turns)
+    if len(images) == 1 and n_ph == 0:
+        # LLaVA's loader: a lone image with no placeholder goes before the first question.
+        turns[0] = (USER, IMAGE_TOKEN + "\n" + turns[0][1])
+        n_ph = 1
+    if n_ph != len(images):
+        raise bad(f"{n_ph} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)", "placeholder_mismatch")
+
+    resolved = [p if os.path.isabs(p) or image_folder is None else os.path.join(image_folder, p) for p in images]
+    return Conversation(id=record.get("id", index), images=resolved, turns=turns, system=system)
+
+
+def check_image_file(path: str, how: str) -> Optional[tuple[str, str]]:
+    """None if the image passes the check, else (kind, problem)."""
+    if how == "none":
+        return None
+    if not os.path.exists(path):
+        return "missing_image", f"image not found: {path}"
+    if not os.path.isfile(path):
+        return "missing_image", f"image path is not a file: {path}"
+    if how == "open":
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+            if w <= 0 or h <= 0:
+                return "unreadable_image", f"image {path} has no pixels"
+        except Exception as e:  # noqa: BLE001 - PIL raises many types on bad files
+            return "unreadable_image", f"image {path} is unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+class _Source:
+    """One data file: a JSON list held in memory, or a JSONL file indexed by line offsets."""
+
+    def __init__(self, path: str, image_folder: Optional[str]) -> None:
+        self.path = path
+        self.image_folder = image_folder
+        if not os.path.isfile(path):
+            raise DataError(f"no such data file: {path}")
+        self.records: Optional[list] = None
+        self.offsets: Optional[np.ndarray] = None
+        self._fh = None
+        self._fh_pid = None
+        if path.endswith(".jsonl"):
+            offsets = []
+            with open(path, "rb") as f:
+                pos = 0
+                for line in f:
+                    if line.strip():
+                        offsets.append(pos)
+                    pos += len(line)
+            self.offsets = np.asarray(offsets, dtype=np.int64)
+        else:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} is not valid JSON ({e}); use .jsonl for one record per line") from None
+            if not isinstance(data, list):
+                raise DataError(f"{path} must hold a JSON list of records, got {type(data).__name__}")
+            self.records = data
+
+    def __len__(self) -> int:
+        return len(self.records) if self.records is not None else len(self.offsets)
+
+    def __getstate__(self):
+        # DataLoader workers get their own file handle.
+        state = dict(self.__dict__)
+        state["_fh"] = None
+        state["_fh_pid"] = None
+        return state
+
+    def record(self, index: int) -> Any:
+        if self.records is not None:
+            return self.records[index]
+        if self._fh is None or self._fh_pid != os.getpid():
+            self._fh = open(self.path, "rb")
+            self._fh_pid = os.getpid()
+        self._fh.seek(int(self.offsets[index]))
+        line = self._fh.readline()
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{self.path}: record {index} (line at byte {int(self.offsets[index])}) is not valid "
+                            f"JSON: {e}", "invalid_json") from None
+
+
+class ConversationDataset:
+    """Validated, tokenized LLaVA-format conversations with their images.
+
+    ``files``: one path or a list; ``image_folders``: one folder for all files or one per
+    file. ``__getitem__`` returns ``{"input_ids", "labels", "pixel_values" ([n, 3, S, S] or
+    None), "id", "index"}``, or ``{"skipped": message}`` for an image that fails to load
+    under ``skip_bad``. ``lengths`` (tokens after image expansion), ``num_labels`` and
+    ``has_images`` describe every kept record for batching.
+    """
+
+    def __init__(
+        self,
+        files: Union[str, Sequence[str]],
+        image_folders: Union[None, str, Sequence[Optional[str]]],
+        *,
+        tokenizer: Any,
+        num_image_tokens: int,
+        image_size: int,
+        image_aspect_ratio: str = "pad",
+        system_prompt: Optional[str] = "You are a helpful assistant.",
+        max_length: Optional[int] = None,
+        skip_bad: bool = False,
+        check_images: str = "open",
+        progress: bool = False,
+    ) -> None:
+        files = [files] if isinstance(files, str) else list(files)
+        if not files:
+            raise DataError("no data files given")
+        if image_folders is None or isinstance(image_folders, str):
+            image_folders = [image_folders] * len(files)
+        image_folders = list(image_folders)
+        if len(image_folders) != len(files):
+            raise DataError(f"{len(files)} data files but {len(image_folders)} image folders; give one folder "
+                            "for all files or one per file")
+        if check_images not in CHECK_IMAGES:
+            raise DataError(f"check_images must be one of {CHECK_IMAGES}, got {check_images!r}")
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.image_size = image_size
+        self.image_aspect_ratio = image_aspect_ratio
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.skip_bad = skip_bad
+        self.check_images = check_images
+        self.sources = [_Source(f, d) for f, d in zip(files, image_folders)]
+        self.bad_counts: Counter = Counter()
+        self.bad_examples: list[str] = []
+        self._index(progress)
+
+    # ------------------------------------------------------------------ validation pass
+    def _index(self, progress: bool) -> None:
+        src_ids, rec_ids, lengths, num_labels, has_images = [], [], [], [], []
+        total = sum(len(s) for s in self.sources)
+        bar = None
+        if progress and total > 1000:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="checking data", unit="rec", leave=False)
+        for si, src in enumerate(self.sources):
+            for ri in range(len(src)):
+                try:
+                    conv, tok = self._load(si, ri, check=True)
+                except DataError as e:
+                    if not self.skip_bad:
+                        raise
+                    self._bad(e)
+                    continue
+                finally:
+                    if bar is not None:
+                        bar.update(1)
+                src_ids.append(si)
+                rec_ids.append(ri)
+                lengths.append(len(tok.input_ids))
+                num_labels.append(tok.num_labels)
+                has_images.append(bool(conv.images))
+        if bar is not None:
+            bar.close()
+        self.source_index = np.asarray(src_ids, dtype=np.int32)
+        self.record_index = np.asarray(rec_ids, dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.num_labels = np.asarray(num_labels, dtype=np.int64)
+        self.has_images = np.asarray(has_images, dtype=bool)
+        if len(self.lengths) == 0:
+            raise DataError(f"no usable records in {', '.join(s.path for s in self.sources)}"
+                            + (f" ({self.num_bad} skipped as bad)" if self.num_bad else ""))
+
+    def _bad(self, error: DataError) -> None:
+        self.bad_counts[error.kind] += 1
+        if len(self.bad_examples) < 20:
+            self.bad_examples.append(str(error))
+        logger.warning("skipping bad record: %s", error)
+
+    @property
+    def num_bad(self) -> int:
+        return sum(self.bad_counts.values())
+
+    def _load(self, si: int, ri: int, *, check: bool):
+        src = self.sources[si]
+        record = src.record(ri)
+        conv = parse_record(record, path=src.path, index=ri, image_folder=src.image_folder)
+        where = _where(src.path, ri, record)
+        if check:
+            for p in conv.images:
+                problem = check_image_file(p, self.check_images)
+                if problem:
+                    raise DataError(f"{where}: {problem[1]}", problem[0])
+        system = conv.system if conv.system is not None else self.system_prompt
+        tok = tokenize_conversation(conv.turns, self.tokenizer, self.num_image_tokens, system)
+        if check and self.max_length is not None and len(tok.input_ids) > self.max_length:
+            raise DataError(f"{where}: {len(tok.input_ids)} tokens after expanding {len(conv.images)} image(s) to "
+                            f"{self.num_image_tokens} tokens each, more than max_length={self.max_length} "
+                            "(cutting it could drop image tokens or the answer)", "too_long")
+        return conv, tok
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def describe(self, i: int) -> str:
+        si, ri = int(self.source_index[i]), int(self.record_index[i])
+        return _where(self.sources[si].path, ri, self.sources[si].record(ri))
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        from ..errors import ImageError
+        from ..processing import load_image, preprocess_image
+
+        si, ri = int(self.source_index[i]), int(self.record_index[i])
+        conv, tok = self._load(si, ri, check=False)
+        pixels = None
+        if conv.images:
+            try:
+                pixels = torch.stack([
+                    preprocess_image(load_image(p), self.image_size, self.image_aspect_ratio) for p in conv.images
+                ])
+            except ImageError as e:
+                msg = f"{self.describe(i)}: {e}"
+                if not self.skip_bad:
+                    raise DataError(msg, "unreadable_image") from None
+                logger.warning("skipping sample whose image failed to load: %s", msg)
+                return {"skipped": msg, "index": i}
+        return {"input_ids": tok.input_ids, "labels": tok.labels, "pixel_values": pixels, "id": conv.id, "index": i}
+
+
+__all__ = ["CHECK_IMAGES", "Conversation", "ConversationDataset", "DataError", "check_image_file", "parse_record"]

@@ -1,0 +1,648 @@
+"""The training loop, on accelerate: one CPU/GPU, DDP (``torchrun`` / ``accelerate launch``), FSDP.
+
+What a step is. A step consumes one *global batch* of ``train.global_batch_size``
+samples: ``gradient_accumulation_steps`` micro-batches on each of the processes. The
+loss of the step is the mean cross-entropy over every supervised token of the global
+batch (the token count is summed over micro-batches and processes before the backward
+passes), so the gradient does not depend on how the batch is split: one process with
+per-device batch B and two with B/2 compute the same update (up to float rounding).
+
+Data order. The sampler orders each epoch from (seed, epoch) alone and each process
+takes its share of each global batch (:mod:`fastvlm.train.collate`); a checkpoint
+stores the epoch and the number of steps done in it, so a resumed run continues with
+exactly the batches the interrupted one would have seen and, on a deterministic device,
+ends with bit-identical weights.
+
+Text-only batches. When a micro-batch has no image while the encoder or projector
+train, their parameters enter the loss multiplied by 0 (LLaVA feeds a zero image with
+every text-only sample for the same reason): every trainable parameter then takes part in
+every step, which DDP requires, and the update is the same as without it.
+
+Outputs under ``output.dir``: ``recipe.yaml`` (the effective recipe), ``metrics.jsonl``
+(one JSON object per logged step / evaluation), ``step_N/`` checkpoints
+(:mod:`fastvlm.train.checkpointing`), ``final/`` (the model in the fastvlm layout, LoRA
+merged and the encoder fused, with its tokenizer), ``final_apple/`` if configured,
+``summary.json`` and ``tensorboard/`` when TensorBoard is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from . import build
+from . import checkpointing as ckpt
+from .collate import DataCollator, GlobalBatchSampler, eval_batches
+from .data import ConversationDataset
+from .recipe import Recipe
+
+logger = logging.getLogger("fastvlm.train")
+
+
+class TrainStep(nn.Module):
+    """The module accelerate wraps: FastVLM forward + loss, with the zero-image term for text-only batches.
+
+    Returns the sum of token cross-entropies divided by ``num_items`` (so ``num_items=1``
+    gives the plain sum, used for validation).
+    """
+
+    def __init__(self, vlm: nn.Module) -> None:
+        super().__init__()
+        self.vlm = vlm
+        self.touch_vision = False
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, num_items: float = 1.0):
+        out = self.vlm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels,
+                       use_cache=False, num_items_in_batch=num_items)
+        loss = out.loss
+        if pixel_values is None and self.touch_vision and self.training:
+            # No image in this micro-batch: give every trainable encoder/projector parameter a zero
+            # gradient so DDP/FSDP see it used (a zero image through the encoder would do the same
+            # but would also move BatchNorm statistics).
+            touched = [p.reshape(-1)[:1].sum() for m in (self.vlm.vision_tower, self.vlm.mm_projector)
+                       for p in m.parameters() if p.requires_grad]
+            if touched:
+                loss = loss + 0.0 * torch.stack(touched).sum().float()
+        return loss
+
+
+def _has_gpu() -> bool:
+    if torch.cuda.is_available():
+        return True
+    return bool(getattr(torch, "xpu", None) and torch.xpu.is_available())
+
+
+def resolve_mixed_precision(value: str, cpu: bool) -> str:
+    if value != "auto":
+        return value
+    if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _to(batch: dict, device) -> dict:
+    out = dict(batch)
+    for k in ("input_ids", "attention_mask", "labels", "pixel_values"):
+        if out.get(k) is not None:
+            out[k] = out[k].to(device, non_blocking=True)
+    return out
+
+
+class Trainer:
+    """Runs one recipe. ``Trainer(recipe).train()`` returns the run summary (also written to summary.json)."""
+
+    def __init__(self, recipe: Recipe, *, progress: bool = True) -> None:
+        self.recipe = recipe
+        self.progress = progress
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator, PartialState
+
+        r = self.recipe
+        cpu = r.train.cpu or not _has_gpu()
+        state = PartialState(cpu=cpu)
+        self.world_size = state.num_processes
+        self.rank = state.process_index
+        self.accum = r.accumulation_steps(self.world_size)
+        self.mixed_precision = resolve_mixed_precision(r.train.mixed_precision, cpu)
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=self.mixed_precision,
+                                       gradient_accumulation_steps=self.accum, step_scheduler_with_optimizer=False)
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        from accelerate.utils import DistributedType
+
+        self.is_fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        self.is_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.is_fsdp and self.mixed_precision != "no":
+            # FSDP's own mixed precision would cast the encoder's parameters to bf16 while its
+            # BatchNorm statistics stay fp32, which BatchNorm refuses. Keep FSDP in fp32 and
+            # compute in bf16 through autocast (which keeps BatchNorm in fp32).
+            self.accelerator.state.fsdp_plugin.set_mixed_precision("fp32", override=True)
+        if not self.is_main:
+            logging.getLogger("fastvlm").setLevel(logging.ERROR)
+
+    def _resume_target(self) -> Optional[str]:
+        r, out = self.recipe, self.recipe.output.dir
+        if r.output.resume == "auto":
+            return ckpt.latest_checkpoint(out)
+        if r.output.resume == "never":
+            if ckpt.list_checkpoints(out):
+                raise ConfigError(f"{out} already holds checkpoints of an earlier run; use --resume auto to continue "
+                                  "it, or choose another --output-dir")
+            return None
+        path = r.output.resume
+        ckpt.read_state(path)  # raises if incomplete
+        return path
+
+    def _build_data(self, model) -> None:
+        r = self.recipe
+        processor = model.processor
+        common = dict(tokenizer=processor.tokenizer, num_image_tokens=model.num_image_tokens,
+                      image_size=model.config.image_size, image_aspect_ratio=model.config.image_aspect_ratio,
+                      system_prompt=model.config.system_prompt,
+                      max_length=r.data.max_length or model.config.max_length, skip_bad=r.data.skip_bad,
+                      check_images=r.data.check_images, progress=self.progress and self.is_main)
+        folders = r.data.image_folder or [None]
+        if len(folders) == 1:
+            folders = folders * len(r.data.train)
+        self.train_data = ConversationDataset(r.data.train, folders, **common)
+        self.val_data = None
+        if r.data.val:
+            vfolder = r.data.val_image_folder or (r.data.image_folder[0] if r.data.image_folder else None)
+            self.val_data = ConversationDataset(r.data.val, vfolder, **common)
+        self.collator = DataCollator(processor.pad_token_id)
+        self.sampler = GlobalBatchSampler(
+            self.train_data.lengths, global_batch_size=r.train.global_batch_size, accumulation_steps=self.accum,
+            world_size=self.world_size, rank=self.rank, seed=r.train.seed, group_by_length=r.data.group_by_length,
+            has_images=self.train_data.has_images)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the training data has {len(self.train_data)} usable samples, fewer than one global "
+                              f"batch ({r.train.global_batch_size}); lower train.global_batch_size")
+        self.total_steps = r.train.max_steps or r.train.epochs * self.steps_per_epoch
+
+    def _loader(self, dataset, batch_sampler):
+        from torch.utils.data import DataLoader
+
+        workers = self.recipe.data.num_workers
+        if workers:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=self.collator, num_workers=workers,
+                          pin_memory=self.device.type == "cuda",
+                          # its own generator: iterating never draws from the global RNG, so resuming
+                          # mid-epoch leaves the RNG stream (dropout) exactly as the uninterrupted run has it
+                          generator=torch.Generator().manual_seed(self.recipe.train.seed))
+
+    # ------------------------------------------------------------------ state
+    def _model_state(self) -> dict:
+        """Full state dict of the FastVLM (all processes must call it under FSDP)."""
+        if self.is_fsdp or self.is_deepspeed:
+            state = self.accelerator.get_state_dict(self.model)
+            return {k[len("vlm."):] if k.startswith("vlm.") else k: v for k, v in state.items()}
+        return self.vlm.state_dict()
+
+    def _weights_to_save(self, state: dict) -> dict:
+        if self.recipe.output.checkpoint_weights == "full":
+            return state
+        keep = {n for n, p in self.vlm.named_parameters() if p.requires_grad}
+        keep |= {build.clean_name(n) for n, p in self.vlm.named_parameters() if p.requires_grad}
+        keep |= {n for n, _ in self.vlm.named_buffers()}
+        return {k: v for k, v in state.items() if k in keep}
+
+    def _optimizer_state(self) -> dict:
+        if self.is_fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.model, self.optimizer.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if self.is_fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer.optimizer, optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state)
+
+    def _trainer_state(self) -> dict:
+        epoch, in_epoch = self.epoch, self.step_in_epoch
+        if in_epoch >= self.steps_per_epoch:
+            epoch, in_epoch = epoch + 1, 0
+        from .. import __version__
+
+        return {
+            "step": self.step,
+            "epoch": epoch,
+            "step_in_epoch": in_epoch,
+            "total_steps": self.total_steps,
+            "samples_seen": self.samples_seen,
+            "skipped_at_load": self._skipped_at_load_global(),
+            "train_time_s": round(self.train_time_before + (time.time() - self.t_start), 3),
+            "last_loss": self.last_loss,
+            "world_size": self.world_size,
+            "gradient_accumulation_steps": self.accum,
+            "checkpoint_weights": self.recipe.output.checkpoint_weights,
+            "stage": self.recipe.stage,
+            "sampler": self.sampler.state_dict(),
+            "fastvlm_version": __version__,
+        }
+
+    def _skipped_at_load_global(self) -> int:
+        t = torch.tensor([self.skipped_at_load_local], dtype=torch.long, device=self.device)
+        t = self.accelerator.reduce(t, reduction="sum") if self.world_size > 1 else t
+        return int(t.item()) + self.skipped_at_load_before
+
+    def save_checkpoint(self) -> str:
+        out = self.recipe.output.dir
+        acc = self.accelerator
+        if self.is_main:
+            ckpt.begin(out, self.step)
+        acc.wait_for_everyone()
+        tmp = os.path.join(out, f"step_{self.step}.tmp")
+        model_state = self._model_state()
+        optim_state = self._optimizer_state()
+        state = self._trainer_state()  # collective (skip counts)
+        if self.is_main:
+            from ..checkpoints.io import save_state_dict
+
+            save_state_dict(self._weights_to_save(model_state), tmp)
+            ckpt.save_torch(optim_state, os.path.join(tmp, ckpt.OPTIMIZER_FILE))
+            ckpt.save_torch(self.scheduler.state_dict(), os.path.join(tmp, ckpt.SCHEDULER_FILE))
+            if self.accelerator.scaler is not None:  # fp16 loss scaling
+                ckpt.save_torch(self.accelerator.scaler.state_dict(), os.path.join(tmp, ckpt.SCALER_FILE))
+        del model_state, optim_state
+        ckpt.save_torch(ckpt.capture_rng(), os.path.join(tmp, ckpt.rng_file(self.rank)))
+        acc.wait_for_everyone()
+        path = os.path.join(out, f"step_{self.step}")
+        if self.is_main:
+            path = ckpt.commit(out, self.step, state)
+            ckpt.rotate(out, self.recipe.output.keep_last)
+        acc.wait_for_everyone()
+        self.last_saved_step = self.step
+        return path
+
+    def _load_weights(self, path: str) -> None:
+        from ..checkpoints.io import load_state_dict
+
+        state = load_state_dict(path, progress=False)
+        mode = ckpt.read_state(path).get("checkpoint_weights", "full")
+        missing, unexpected = self.vlm.load_state_dict(state, strict=False)
+        if unexpected:
+            raise CheckpointError(f"{path}: weights do not match the model built from the recipe: unexpected "
+                                  f"{unexpected[:5]} (did the stage or LoRA settings change?)")
+        if mode == "full":
+            missing = [k for k in missing if not (k.endswith("lm_head.weight")
+                                                  and getattr(self.vlm.language_model.config, "tie_word_embeddings",
+                                                              False))]
+        else:
+            trainable = {n for n, p in self.vlm.named_parameters() if p.requires_grad}
+            missing = [k for k in missing if k in trainable]
+        if missing:
+            raise CheckpointError(f"{path}: checkpoint lacks weights {missing[:5]} of the model built from the recipe")
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if self.val_data is None:
+            return None
+        n = len(self.val_data)
+        if self.recipe.data.max_val_samples:
+            n = min(n, self.recipe.data.max_val_samples)
+        batches = eval_batches(n, self.recipe.train.per_device_batch_size, self.world_size, self.rank)
+        loader = self._loader(self.val_data, batches)
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in loader:
+            batch = _to(batch, self.device)
+            loss_sum = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                  batch["pixel_values"], 1.0)
+            total += loss_sum.detach().double()
+            count += batch["num_label_tokens"]
+        build.set_train_mode(self.vlm, self.recipe)
+        if self.world_size > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+            count = self.accelerator.reduce(count, reduction="sum")
+        return float(total / count) if count > 0 else None
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(os.path.join(self.recipe.output.dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+                elif isinstance(v, dict):
+                    for kk, vv in v.items():
+                        self.tb.add_scalar(f"{k}/{kk}", vv, record["step"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop metrics of steps after the checkpoint (the killed run logged them; they rerun)."""
+        path = os.path.join(self.recipe.output.dir, "metrics.jsonl")
+        if not self.is_main or not os.path.isfile(path):
+            return
+        kept = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:
+                    continue
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+    def _open_tensorboard(self):
+        if not (self.is_main and self.recipe.output.tensorboard):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            return None
+        return SummaryWriter(os.path.join(self.recipe.output.dir, "tensorboard"))
+
+    # ------------------------------------------------------------------ export
+    def export(self) -> str:
+        """final/ in the fastvlm layout (LoRA merged, encoder fused) and final_apple/ if configured."""
+        out = self.recipe.output.dir
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.is_fsdp or self.is_deepspeed:
+            state = self._model_state()
+            vlm = None
+            if self.is_main:
+                vlm = self._skeleton_with(state)
+        else:
+            vlm = self.vlm
+        final = os.path.join(out, "final")
+        if self.is_main:
+            vlm = build.merged_for_export(vlm)
+            for layout, name in (("fastvlm", "final"), ("apple", "final_apple")):
+                if layout == "apple" and not self.recipe.output.export_apple:
+                    continue
+                target = os.path.join(out, name)
+                tmp = target + ".tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                vlm.save_pretrained(tmp, layout=layout)
+                ckpt.fsync_tree(tmp)
+                if os.path.exists(target):
+                    shutil.rmtree(target)
+                os.rename(tmp, target)
+                ckpt.fsync_dir(out)
+        acc.wait_for_everyone()
+        return final
+
+    def _skeleton_with(self, state: dict):
+        """A CPU copy of the model holding `state` (for sharded runs, where no process has the whole model)."""
+        import copy
+
+        from ..model import FastVLM
+
+        skel = FastVLM(copy.deepcopy(self.vlm.config), init_weights=False)
+        skel.to_empty(device="cpu")
+        if build.is_lora(self.vlm):
+            build.apply_lora(skel, self.recipe)
+        skel.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
+        skel._restore_nonpersistent_buffers()
+        skel._tie_if_needed()
+        skel.processor = self.vlm.processor
+        return skel
+
+    # ------------------------------------------------------------------ the run
+    def train(self) -> dict:
+        self._setup_accelerator()
+        try:
+            return self._train()
+        finally:
+            if self.world_size == 1:
+                # Forget accelerate's process-wide state so another run in this process (a notebook,
+                # a test) may choose other settings, also after an error.
+                from accelerate.state import AcceleratorState, GradientState
+
+                AcceleratorState._reset_state(reset_partial_state=True)
+                GradientState._reset_state()
+
+    def _train(self) -> dict:
+        from accelerate.utils import set_seed
+
+        t_wall = time.time()
+        r = self.recipe
+        acc = self.accelerator
+        out = r.output.dir
+        if self.is_main:
+            os.makedirs(out, exist_ok=True)
+            ckpt.remove_stale(out)
+        acc.wait_for_everyone()
+        resume_from = self._resume_target()
+        resume_state = ckpt.read_state(resume_from) if resume_from else None
+
+        set_seed(r.train.seed, device_specific=True)
+        vlm = build.build_model(r)
+        build.apply_stage(vlm, r)
+        if resume_from:
+            self.vlm = vlm
+            self._load_weights(resume_from)
+        build.enable_gradient_checkpointing(vlm, r)
+        self.vlm = vlm
+        self._build_data(vlm)
+        if resume_state and resume_state.get("total_steps") != self.total_steps:
+            logger.warning("the checkpoint was written by a run of %s steps, this one has %s: the learning-rate "
+                           "schedule changes from here", resume_state.get("total_steps"), self.total_steps)
+        if self.is_main:
+            import yaml
+
+            with open(os.path.join(out, "recipe.yaml"), "w") as f:
+                yaml.safe_dump(r.to_dict(), f, sort_keys=False)
+
+        step_module = TrainStep(vlm)
+        trainable = r.trainable_modules()
+        step_module.touch_vision = trainable["vision_tower"] or trainable["mm_projector"]
+        build.set_train_mode(vlm, r)
+        if not self.is_deepspeed:
+            vlm.to(self.device)  # so a fused optimizer sees the parameters where they will train
+        optimizer = build.build_optimizer(vlm, r)
+        # Together in one call: DeepSpeed needs that, and FSDP maps the optimizer onto its sharded parameters.
+        self.model, self.optimizer = acc.prepare(step_module, optimizer)
+        self.vlm = acc.unwrap_model(self.model).vlm
+        self.scheduler = build.build_scheduler(self.optimizer.optimizer, r, self.total_steps)
+        if self.is_deepspeed and r.output.save_every:
+            raise ConfigError("checkpoints under DeepSpeed are not implemented (its optimizer state is partitioned "
+                              "in its own format): set output.save_every: 0, or train with DDP / FSDP")
+
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.samples_seen = 0
+        self.skipped_at_load_local = 0
+        self.skipped_at_load_before = 0
+        self.train_time_before = 0.0
+        self.last_loss = None
+        self.last_saved_step = None
+        if resume_state is not None:
+            self.sampler.check_compatible(resume_state["sampler"])
+            self._load_optimizer_state(ckpt.load_torch(os.path.join(resume_from, ckpt.OPTIMIZER_FILE)))
+            self.scheduler.load_state_dict(ckpt.load_torch(os.path.join(resume_from, ckpt.SCHEDULER_FILE)))
+            scaler_path = os.path.join(resume_from, ckpt.SCALER_FILE)
+            if self.accelerator.scaler is not None and os.path.isfile(scaler_path):
+                self.accelerator.scaler.load_state_dict(ckpt.load_torch(scaler_path))
+            self.step = int(resume_state["step"])
+            self.epoch = int(resume_state["epoch"])
+            self.step_in_epoch = int(resume_state["step_in_epoch"])
+            self.samples_seen = int(resume_state["samples_seen"])
+            self.skipped_at_load_before = int(resume_state.get("skipped_at_load", 0))
+            self.train_time_before = float(resume_state.get("train_time_s", 0.0))
+            self.last_loss = resume_state.get("last_loss")
+            self.last_saved_step = self.step
+            rng_path = os.path.join(resume_from, ckpt.rng_file(self.rank))
+            if os.path.isfile(rng_path):
+                ckpt.restore_rng(ckpt.load_torch(rng_path))
+            else:
+                logger.warning("%s has no RNG state for process %d (the run had %s processes); random streams "
+                               "start from the seed", resume_from, self.rank, resume_state.get("world_size"))
+            self._truncate_metrics(self.step)
+            if self.is_main:
+                logger.info("resuming from %s (step %d, epoch %d)", resume_from, self.step, self.epoch)
+
+        self.tb = self._open_tensorboard()
+        self.t_start = time.time()
+        summary = self._loop(resume_from)
+        summary["wall_time_s"] = round(time.time() - t_wall, 3)
+        if self.is_main:
+            ckpt.write_json(os.path.join(out, "summary.json"), summary)
+        if self.tb is not None:
+            self.tb.close()
+        acc.wait_for_everyone()
+        acc.end_training()
+        return summary
+
+    def _loop(self, resume_from: Optional[str]) -> dict:
+        from tqdm.auto import tqdm
+
+        r, acc = self.recipe, self.accelerator
+        W, A = self.world_size, self.accum
+        G = r.train.global_batch_size
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (self.is_main and self.progress), file=sys.stderr)
+        group_names = [g["name"] for g in self.optimizer.param_groups]
+        window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        window_steps = 0
+        window_samples = 0
+        window_t = time.time()
+        val_loss = None
+        grad_norm = None
+        max_norm = r.optim.max_grad_norm
+
+        while self.step < self.total_steps:
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+            it = iter(self._loader(self.train_data, self.sampler))
+            while self.step < self.total_steps and self.step_in_epoch < self.steps_per_epoch:
+                micro = [next(it) for _ in range(A)]
+                counts = torch.tensor([sum(b["num_label_tokens"] for b in micro),
+                                       sum(b["num_samples"] for b in micro),
+                                       sum(len(b["skipped"]) for b in micro)], dtype=torch.long, device=self.device)
+                if W > 1:
+                    counts = acc.reduce(counts, reduction="sum")
+                n_tokens, n_samples, n_skipped = (int(x) for x in counts.tolist())
+                self.skipped_at_load_local += sum(len(b["skipped"]) for b in micro)
+                step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+                if n_tokens > 0:
+                    # Each micro-batch's loss is sum(CE) / (N / (W*A)): accelerate divides by A and DDP
+                    # averages over W, which leaves sum(CE) / N over the whole global batch.
+                    per_micro = n_tokens / (W * A)
+                    for batch in micro:
+                        batch = _to(batch, self.device)
+                        with acc.accumulate(self.model):
+                            loss = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                              batch["pixel_values"], per_micro)
+                            acc.backward(loss)
+                        step_loss += loss.detach().double() / (W * A)
+                    if max_norm:
+                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+                    self.optimizer.step()
+                else:
+                    logger.warning("step %d has no supervised tokens (every sample skipped?); no update",
+                                   self.step + 1)
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+
+                self.step += 1
+                self.step_in_epoch += 1
+                self.samples_seen += n_samples
+                window_loss += step_loss
+                window_steps += 1
+                window_samples += n_samples
+                bar.update(1)
+
+                if self.step % r.output.log_every == 0 or self.step == self.total_steps:
+                    wl = acc.reduce(window_loss, reduction="sum") if W > 1 else window_loss
+                    self.last_loss = float(wl) / window_steps
+                    dt = max(time.time() - window_t, 1e-9)
+                    lrs = dict(zip(group_names, self.scheduler.get_last_lr()))
+                    epoch_pos = self.epoch + self.step_in_epoch / self.steps_per_epoch
+                    record = {"step": self.step, "epoch": round(epoch_pos, 4),
+                              "loss": round(self.last_loss, 6), "lr": lrs,
+                              "samples_per_s": round(window_samples / dt, 3)}
+                    if grad_norm is not None:
+                        record["grad_norm"] = round(float(grad_norm), 6)
+                    if n_skipped:
+                        record["skipped"] = n_skipped
+                    self._log(record)
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}",
+                                    sps=f"{window_samples / dt:.1f}")
+                    window_loss.zero_()
+                    window_steps = window_samples = 0
+                    window_t = time.time()
+
+                if r.output.eval_every and self.step % r.output.eval_every == 0 and self.val_data is not None:
+                    val_loss = self.evaluate()
+                    self._log({"step": self.step, "val_loss": val_loss})
+
+                if r.output.save_every and self.step % r.output.save_every == 0:
+                    self.save_checkpoint()
+            if self.step_in_epoch >= self.steps_per_epoch:
+                self.epoch += 1
+                self.step_in_epoch = 0
+        bar.close()
+
+        if self.val_data is not None and not (r.output.eval_every and self.step % r.output.eval_every == 0
+                                              and val_loss is not None):
+            val_loss = self.evaluate()
+            self._log({"step": self.step, "val_loss": val_loss})
+        if r.output.save_every and self.last_saved_step != self.step:
+            self.save_checkpoint()
+        trainable_params = build.trainable_summary(self.vlm)
+        final = self.export()
+        skipped_load = self._skipped_at_load_global()
+        bad = dict(self.train_data.bad_counts)
+        if skipped_load:
+            bad["unreadable_image_at_load"] = bad.get("unreadable_image_at_load", 0) + skipped_load
+        return {
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "epochs": round(self.step / self.steps_per_epoch, 4),
+            "samples": self.samples_seen,
+            "train_records": len(self.train_data),
+            "skipped_bad_records": self.train_data.num_bad + skipped_load,
+            "skipped_by_kind": bad,
+            "skipped_examples": self.train_data.bad_examples[:5],
+            "val_skipped_bad_records": self.val_data.num_bad if self.val_data is not None else 0,
+            "final_loss": self.last_loss,
+            "final_val_loss": val_loss,
+            "train_time_s": round(self.train_time_before + (time.time() - self.t_start), 3),
+            "world_size": W,
+            "global_batch_size": G,
+            "per_device_batch_size": r.train.per_device_batch_size,
+            "gradient_accumulation_steps": A,
+            "mixed_precision": self.mixed_precision,
+            "device": str(self.device),
+            "stage": r.stage,
+            "trainable_parameters": trainable_params,
+            "resumed_from": resume_from,
+            "final_dir": final,
+            "output_dir": r.output.dir,
+        }
+
+
+def train(recipe: Recipe, *, progress: bool = True) -> dict:
+    """Train per `recipe`; returns the run summary."""
+    return Trainer(recipe, progress=progress).train()
+
+
+__all__ = ["TrainStep", "Trainer", "resolve_mixed_precision", "train"]

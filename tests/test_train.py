@@ -1,0 +1,667 @@
+"""Training stack: label masking, data validation, collation, batching, recipes, stages, the loop.
+
+The slower end-to-end checks (a real CLI subprocess killed and resumed, two processes
+under torchrun) are in test_train_run.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastvlm.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from fastvlm.errors import ConfigError, FastVLMError
+from fastvlm.processing import tokenize_prompt
+from fastvlm.tokenization import train_bpe_tokenizer
+from fastvlm.train.collate import (
+    DataCollator,
+    GlobalBatchSampler,
+    epoch_batches,
+    eval_batches,
+    micro_batches,
+    render_conversation,
+    tokenize_conversation,
+)
+from fastvlm.train.data import ConversationDataset, DataError
+from fastvlm.train.recipe import bundled_recipes, load_recipe, recipe_from_dict
+
+SYSTEM = "You are a helpful assistant."
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (240, 200, 0)}
+N_IMG = 4  # image tokens used by the masking tests (the tiny model gives 4 at 128 px too)
+
+CORPUS = [
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
+    "What color is the picture? What colour is the square in the image? Describe it.",
+    "And the other one? Is it bright? yes no The picture is red. It is blue and green.",
+    "Hello there! Tell me a story about a cat. Once upon a time a small cat sat on a mat.",
+] + list(COLORS) * 4
+
+
+# ---------------------------------------------------------------------------------------
+# helpers shared with test_train_run.py
+# ---------------------------------------------------------------------------------------
+
+
+def make_tokenizer(directory=None):
+    tok = train_bpe_tokenizer(CORPUS, 320)
+    if directory is not None:
+        tok.save_pretrained(str(directory))
+    return tok
+
+
+def color_record(i: int, color: str, image: str | None) -> dict:
+    if image is None:
+        return {"id": f"t{i}", "conversations": [
+            {"from": "human", "value": "Tell me a color."}, {"from": "gpt", "value": f"It is {color}."}]}
+    return {"id": f"r{i}", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the picture?"}, {"from": "gpt", "value": color}]}
+
+
+def make_dataset(root, n: int, *, text_only: int = 0, seed: int = 0, val: int = 4) -> dict:
+    """n image records (solid colour images) + text_only text records; returns paths."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    names = list(COLORS)
+    records = []
+    for i in range(n):
+        c = names[int(rng.integers(len(names)))]
+        w, h = int(rng.integers(24, 64)), int(rng.integers(24, 64))
+        Image.new("RGB", (w, h), COLORS[c]).save(os.path.join(root, "images", f"{i}.png"))
+        records.append(color_record(i, c, f"images/{i}.png"))
+    for j in range(text_only):
+        records.append(color_record(1000 + j, names[j % len(names)], None))
+    train = os.path.join(root, "train.json")
+    with open(train, "w") as f:
+        json.dump(records, f)
+    val_path = os.path.join(root, "val.jsonl")
+    with open(val_path, "w") as f:
+        for r in records[:val]:
+            f.write(json.dumps(r) + "\n")
+    return {"root": str(root), "train": train, "val": val_path, "records": records}
+
+
+def tiny_recipe(data: dict, tok_dir, out_dir, **over) -> dict:
+    recipe = {
+        "stage": "stage2",
+        "init": {"preset": "fastvlm-tiny", "seed": 0, "vision": {"image_size": 64}},
+        "tokenizer": str(tok_dir),
+        "data": {"train": data["train"], "image_folder": data["root"], "num_workers": 0},
+        "optim": {"lr": 2e-3, "warmup_ratio": 0.1},
+        "train": {"epochs": 1, "global_batch_size": 4, "per_device_batch_size": 2, "seed": 0},
+        "output": {"dir": str(out_dir), "save_every": 0, "log_every": 1, "tensorboard": False},
+    }
+    for key, value in over.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            recipe.setdefault(section, {})[leaf] = value
+        else:
+            recipe[section] = value
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(str(d))
+    return d
+
+
+# ---------------------------------------------------------------------------------------
+# Label masking (reference preprocess_qwen_2)
+# ---------------------------------------------------------------------------------------
+
+
+def frame(*turns, system=SYSTEM):
+    text = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    for role, t in turns:
+        text += f"<|im_start|>{role}\n{t}<|im_end|>\n"
+    return text
+
+
+def labeled_runs(labels):
+    """Contiguous runs [start, end) of labelled positions."""
+    runs, start = [], None
+    for i, x in enumerate(list(labels) + [IGNORE_INDEX]):
+        if x != IGNORE_INDEX and start is None:
+            start = i
+        elif x == IGNORE_INDEX and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_single_turn_with_image(tok):
+    turns = [("user", "<image>\nWhat color is the picture?"), ("assistant", "red")]
+    out = tokenize_conversation(turns, tok, N_IMG, SYSTEM)
+    text = frame(*turns)
+    assert render_conversation(turns, SYSTEM)[0] == text
+    # ids are exactly what inference tokenizes
+    assert out.input_ids == tokenize_prompt(text, tok, N_IMG)
+    assert out.input_ids.count(IMAGE_TOKEN_INDEX) == N_IMG
+    # labels start right after "<|im_start|>assistant\n" and run to the end
+    prefix = tokenize_prompt(frame(turns[0]) + "<|im_start|>assistant\n", tok, N_IMG)
+    assert out.input_ids[:len(prefix)] == prefix
+    assert labeled_runs(out.labels) == [(len(prefix), len(out.input_ids))]
+    assert all(x == IGNORE_INDEX for x in out.labels[:len(prefix)])
+    span = out.input_ids[len(prefix):]
+    assert out.labels[len(prefix):] == span
+    assert tok.decode(span, skip_special_tokens=False) == "red<|im_end|>\n"
+    assert span[-2:] == tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    # image positions never carry labels
+    assert all(lab == IGNORE_INDEX for i, lab in zip(out.input_ids, out.labels) if i == IMAGE_TOKEN_INDEX)
+    assert out.num_labels == len(span)
+
+
+def test_multi_turn(tok):
+    turns = [("user", "<image>\nWhat color is the picture?"), ("assistant", "The picture is red."),
+             ("user", "And the other one?"), ("assistant", "It is blue and green.")]
+    out = tokenize_conversation(turns, tok, N_IMG, SYSTEM)
+    assert out.input_ids == tokenize_prompt(frame(*turns), tok, N_IMG)
+    p1 = len(tokenize_prompt(frame(turns[0]) + "<|im_start|>assistant\n", tok, N_IMG))
+    e1 = len(tokenize_prompt(frame(*turns[:2]), tok, N_IMG))
+    p2 = len(tokenize_prompt(frame(*turns[:3]) + "<|im_start|>assistant\n", tok, N_IMG))
+    assert labeled_runs(out.labels) == [(p1, e1), (p2, len(out.input_ids))]
+    assert tok.decode(out.input_ids[p1:e1], skip_special_tokens=False) == "The picture is red.<|im_end|>\n"
+    assert tok.decode(out.input_ids[p2:], skip_special_tokens=False) == "It is blue and green.<|im_end|>\n"
+    # the second user turn (including its <|im_start|>user\n) is masked
+    assert all(x == IGNORE_INDEX for x in out.labels[e1:p2])
+
+
+def test_text_only_and_system_override(tok):
+    turns = [("user", "Tell me a story about a cat."), ("assistant", "Once upon a time a small cat sat on a mat.")]
+    out = tokenize_conversation(turns, tok, N_IMG, "Hello there!")
+    assert IMAGE_TOKEN_INDEX not in out.input_ids
+    text = frame(*turns, system="Hello there!")
+    assert out.input_ids == tokenize_prompt(text, tok, N_IMG)
+    (start, end), = labeled_runs(out.labels)
+    assert end == len(out.input_ids)
+    assert tok.decode(out.input_ids[start:], skip_special_tokens=False) == \
+        "Once upon a time a small cat sat on a mat.<|im_end|>\n"
+    # no system turn at all
+    out2 = tokenize_conversation(turns, tok, N_IMG, None)
+    assert out2.input_ids == tokenize_prompt(frame(*turns, system=None), tok, N_IMG)
+
+
+def reference_labels(turns, tok, n_img):
+    """The reference's preprocess_qwen_2 bookkeeping (train_qwen.py), with expanded image runs."""
+    sep, split_sep = "<|im_end|>\n", "<|im_end|>\n<|im_start|>assistant\n"
+    system = f"<|im_start|>system\n{SYSTEM}"
+    conversation = frame(*turns)
+    ids = tokenize_prompt(conversation, tok, n_img)
+    target = list(ids)
+    rounds_before = conversation.split(sep)
+    if rounds_before[0] == system:
+        rounds_before[1] = sep.join([rounds_before[0], rounds_before[1]])
+        rounds_before = rounds_before[1:]
+    rounds = [sep.join(rounds_before[i:i + 2]) for i in range(0, len(rounds_before), 2)]
+    cur = 0
+    for rou in rounds:
+        if rou == "":
+            break
+        parts = rou.split(split_sep)
+        if len(parts) != 2:
+            break
+        parts[0] += split_sep
+        round_ids = tokenize_prompt(rou, tok, n_img)
+        instr_ids = tokenize_prompt(parts[0], tok, n_img)
+        eq = [x == y for x, y in zip(round_ids, instr_ids)]
+        instr_len = eq.index(False) if False in eq else len(eq)
+        target[cur:cur + instr_len] = [IGNORE_INDEX] * instr_len
+        cur += len(round_ids) + 2
+    target[cur:] = [IGNORE_INDEX] * (len(target) - cur)
+    assert cur == len(ids), "reference bookkeeping mismatch"
+    return ids, [IGNORE_INDEX if i == IMAGE_TOKEN_INDEX else t for i, t in zip(ids, target)]
+
+
+@pytest.mark.parametrize("turns", [
+    [("user", "<image>\nWhat color is the picture?"), ("assistant", "red")],
+    [("user", "What color?\n<image>"), ("assistant", "\nblue")],  # answer starting with a newline
+    [("user", "<image>\nDescribe it."), ("assistant", "The picture is red."), ("user", "Is it bright?"),
+     ("assistant", "yes"), ("user", "And the other one?"), ("assistant", "no  ")],
+    [("user", "Tell me a story."), ("assistant", "Once upon a time.")],
+])
+def test_labels_match_reference_algorithm(tok, turns):
+    ids, labels = reference_labels(turns, tok, N_IMG)
+    out = tokenize_conversation(turns, tok, N_IMG, SYSTEM)
+    assert out.input_ids == ids
+    assert out.labels == labels
+
+
+# ---------------------------------------------------------------------------------------
+# Dataset validation
+# ---------------------------------------------------------------------------------------
+
+
+def write_json(path, records):
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return str(path)
+
+
+def ds(path, folder, tok, **kw):
+    kw.setdefault("max_length", 512)
+    return ConversationDataset(path, folder, tokenizer=tok, num_image_tokens=N_IMG, image_size=128, **kw)
+
+
+@pytest.fixture(scope="module")
+def img_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(d / "a.png")
+    Image.new("RGB", (30, 40), (10, 10, 200)).save(d / "b.png")
+    (d / "garbage.png").write_bytes(b"this is not an image at all")
+    good = (d / "a.png").read_bytes()
+    (d / "truncated.png").write_bytes(good[: len(good) // 2])  # header fine, pixels missing
+    return d
+
+
+GOOD = {"id": "good", "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]}
+
+
+def conv(*values):
+    return [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values)]
+
+
+BAD_CASES = {
+    "missing_image": {"id": "m1", "image": "nope.png", "conversations": conv("<image>\nWhat?", "red")},
+    "unreadable_image": {"id": "u1", "image": "garbage.png", "conversations": conv("<image>\nWhat?", "red")},
+    "placeholder_mismatch": {"id": "p1", "image": "a.png", "conversations": conv("<image>\n<image>\nWhat?", "red")},
+    "placeholder_mismatch_multi": {"id": "p2", "image": ["a.png", "b.png"], "conversations": conv("What?", "red")},
+    "placeholder_without_image": {"id": "p3", "conversations": conv("<image>\nWhat?", "red")},
+    "empty_conversation": {"id": "e1", "image": "a.png", "conversations": []},
+    "wrong_role": {"id": "w1", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}]},
+    "unknown_role": {"id": "w2", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+    "no_alternation": {"id": "w3", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
+                                                     {"from": "gpt", "value": "c"}]},
+    "ends_with_human": {"id": "w4", "conversations": conv("a", "b", "c")},
+    "too_long": {"id": "l1", "conversations": conv("What color? " * 200, "red")},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_record_raises_naming_record(tmp_path, img_dir, tok, case):
+    path = write_json(tmp_path / "data.json", [GOOD, BAD_CASES[case], GOOD])
+    with pytest.raises(DataError) as e:
+        ds(path, str(img_dir), tok)
+    msg = str(e.value)
+    assert isinstance(e.value, FastVLMError)
+    assert path in msg and "record 1" in msg and repr(BAD_CASES[case]["id"]) in msg, msg
+
+
+def test_skip_bad_counts_and_never_substitutes(tmp_path, img_dir, tok):
+    records = [GOOD] + [BAD_CASES[c] for c in sorted(BAD_CASES)] + [dict(GOOD, id="good2", image="b.png")]
+    path = write_json(tmp_path / "data.json", records)
+    d = ds(path, str(img_dir), tok, skip_bad=True)
+    assert len(d) == 2
+    assert d.num_bad == len(BAD_CASES)
+    assert d.bad_counts["missing_image"] == 1 and d.bad_counts["unreadable_image"] == 1
+    assert d.bad_counts["too_long"] == 1 and d.bad_counts["placeholder_mismatch"] == 3
+    assert [d[i]["id"] for i in range(len(d))] == ["good", "good2"]
+
+
+def test_llava_prepends_image_placeholder_only_for_one_image(tmp_path, img_dir, tok):
+    rec = {"id": "x", "image": "a.png", "conversations": conv("What color?", "red")}
+    d = ds(write_json(tmp_path / "d.json", [rec]), str(img_dir), tok)
+    sample = d[0]
+    want = tokenize_conversation([("user", "<image>\nWhat color?"), ("assistant", "red")], tok, N_IMG, SYSTEM)
+    assert sample["input_ids"] == want.input_ids and sample["labels"] == want.labels
+    assert sample["pixel_values"].shape == (1, 3, 128, 128)
+    # a placeholder in a later turn is not "missing": nothing is prepended, the count must match
+    rec2 = {"id": "y", "image": "a.png", "conversations": conv("Hi", "hello", "<image>\nAnd this?", "red")}
+    d2 = ds(write_json(tmp_path / "d2.json", [rec2]), str(img_dir), tok)
+    ids = d2[0]["input_ids"]
+    assert ids.index(IMAGE_TOKEN_INDEX) > ids.index(tok.convert_tokens_to_ids("<|im_end|>"))
+
+
+def test_jsonl_is_read_lazily(tmp_path, img_dir, tok):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps(dict(GOOD, id=f"g{i}")) for i in range(5)]
+    path.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")
+    d = ds(str(path), str(img_dir), tok)
+    src = d.sources[0]
+    assert src.records is None and len(src.offsets) == 5
+    assert [d[i]["id"] for i in range(5)] == [f"g{i}" for i in range(5)]
+    # a broken line names the file and the record
+    path.write_text(lines[0] + "\n{not json\n")
+    with pytest.raises(DataError, match=r"record 1 .*not valid JSON"):
+        ds(str(path), str(img_dir), tok)
+
+
+def test_image_that_fails_to_decode_at_load(tmp_path, img_dir, tok):
+    rec = {"id": "tr", "image": "truncated.png", "conversations": conv("<image>\nWhat?", "red")}
+    path = write_json(tmp_path / "d.json", [GOOD, rec])
+    d = ds(path, str(img_dir), tok)  # the header is readable, so the up-front check passes
+    with pytest.raises(DataError, match=r"record 1 \(id 'tr'\)"):
+        d[1]
+    d = ds(path, str(img_dir), tok, skip_bad=True)
+    skipped = d[1]
+    assert "tr" in skipped["skipped"]
+    batch = DataCollator(0)([d[0], skipped])
+    assert batch["num_samples"] == 1 and batch["ids"] == ["good"] and len(batch["skipped"]) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Collation and batching
+# ---------------------------------------------------------------------------------------
+
+
+def test_collator_right_pads(tok):
+    a = tokenize_conversation([("user", "<image>\nWhat color?"), ("assistant", "red")], tok, N_IMG, SYSTEM)
+    b = tokenize_conversation([("user", "Tell me a story about a cat."), ("assistant", "Once upon a time.")], tok,
+                              N_IMG, SYSTEM)
+    c = tokenize_conversation([("user", "<image>\n<image>\nWhat?"), ("assistant", "blue")], tok, N_IMG, SYSTEM)
+    pa, pc = torch.rand(1, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    samples = [{"input_ids": a.input_ids, "labels": a.labels, "pixel_values": pa, "id": "a"},
+               {"input_ids": b.input_ids, "labels": b.labels, "pixel_values": None, "id": "b"},
+               {"input_ids": c.input_ids, "labels": c.labels, "pixel_values": pc, "id": "c"}]
+    pad = 7
+    batch = DataCollator(pad)(samples)
+    width = max(len(a.input_ids), len(b.input_ids), len(c.input_ids))
+    assert batch["input_ids"].shape == (3, width)
+    for row, t in enumerate((a, b, c)):
+        n = len(t.input_ids)
+        assert batch["input_ids"][row, :n].tolist() == t.input_ids
+        assert batch["labels"][row, :n].tolist() == t.labels
+        assert (batch["input_ids"][row, n:] == pad).all() and (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+    assert torch.equal(batch["pixel_values"], torch.cat([pa, pc]))  # placeholder order across the batch
+    assert batch["num_label_tokens"] == a.num_labels + b.num_labels + c.num_labels
+    # all samples skipped: a one-token dummy without labels
+    empty = DataCollator(pad)([{"skipped": "x"}])
+    assert empty["num_samples"] == 0 and empty["num_label_tokens"] == 0 and empty["input_ids"].shape == (1, 1)
+
+
+def test_epoch_batches_deterministic_and_grouped():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 500, size=203)
+    has_img = rng.random(203) < 0.7
+    b1 = epoch_batches(lengths, 8, seed=3, epoch=0, has_images=has_img)
+    assert [x.tolist() for x in b1] == [x.tolist() for x in epoch_batches(lengths, 8, seed=3, epoch=0,
+                                                                          has_images=has_img)]
+    b2 = epoch_batches(lengths, 8, seed=3, epoch=1, has_images=has_img)
+    assert [x.tolist() for x in b1] != [x.tolist() for x in b2]
+    flat = np.concatenate(b1)
+    assert len(b1) == 203 // 8 and len(set(flat.tolist())) == len(flat)  # each sample at most once
+    assert lengths[b1[0]].max() == lengths.max()  # the longest batch goes first
+    # grouping cuts padding compared with random batches
+    ungrouped = epoch_batches(lengths, 8, seed=3, epoch=0, group_by_length=False)
+
+    def padding(batches):
+        return sum(int(lengths[b].max() * len(b) - lengths[b].sum()) for b in batches)
+
+    assert padding(b1) < 0.5 * padding(ungrouped)
+
+
+def test_micro_batches_same_groups_for_any_world_size():
+    gb = np.arange(16)
+    one = micro_batches(gb, 2, 1, 0)
+    two = [micro_batches(gb, 2, 2, r) for r in range(2)]
+    for m in range(2):
+        assert sorted(two[0][m] + two[1][m]) == sorted(one[m])
+    four = [micro_batches(gb, 1, 4, r) for r in range(4)]
+    assert sorted(sum((f[0] for f in four), [])) == list(range(16))
+
+
+def test_sampler_resumes_mid_epoch():
+    lengths = np.arange(40) % 7 + 5
+    s = GlobalBatchSampler(lengths, global_batch_size=8, accumulation_steps=2, seed=1)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, start_step=3)
+    assert list(s) == full[3 * 2:]
+    assert len(s) == (5 - 3) * 2
+    other = GlobalBatchSampler(lengths[:-1], global_batch_size=8, accumulation_steps=2, seed=1)
+    with pytest.raises(ConfigError, match="num_samples"):
+        other.check_compatible(s.state_dict())
+
+
+def test_eval_batches_even_across_ranks():
+    parts = [eval_batches(11, 2, 4, r) for r in range(4)]
+    assert {len(p) for p in parts} == {2}
+    assert sorted(i for p in parts for b in p for i in b) == list(range(11))
+
+
+# ---------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------
+
+
+def test_bundled_recipes_load_with_paper_values():
+    names = bundled_recipes()
+    assert {"stage1", "stage1_5", "stage2", "lora", "synth_stage1", "synth_stage2"} <= set(names)
+    for name in names:
+        load_recipe(name)
+    s1, s15, s2 = load_recipe("stage1"), load_recipe("stage1_5"), load_recipe("stage2")
+    assert s1.stage == "stage1" and s1.optim.lr == 1e-3 and s1.train.global_batch_size == 256
+    assert s1.trainable_modules() == {"vision_tower": False, "mm_projector": True, "language_model": False}
+    for r in (s15, s2):
+        assert r.optim.lr == 2e-5 and r.train.global_batch_size == 128 and all(r.trainable_modules().values())
+    for r in (s1, s15, s2):
+        assert r.optim.schedule == "cosine" and r.optim.warmup_ratio == 0.03 and r.train.epochs == 1
+
+
+def test_recipe_errors_and_overrides(tmp_path):
+    base = {"stage": "stage2", "model": "m", "data": {"train": "t.json"}, "output": {"dir": "o"}}
+    r = recipe_from_dict(base)
+    assert r.data.train == ["t.json"] and r.optim.lr == 2e-5
+    with pytest.raises(ConfigError, match=r"unknown recipe key optim\.'lrr'.*did you mean 'lr'"):
+        recipe_from_dict({**base, "optim": {"lrr": 1}})
+    with pytest.raises(ConfigError, match="unknown recipe key 'trian'"):
+        recipe_from_dict({**base, "trian": {}})
+    with pytest.raises(ConfigError, match="exactly one model source"):
+        recipe_from_dict({k: v for k, v in base.items() if k != "model"})
+    with pytest.raises(ConfigError, match="stage must be"):
+        recipe_from_dict({**base, "stage": "stage3"})
+    with pytest.raises(ConfigError, match="must be a whole number"):
+        recipe_from_dict({**base, "train": {"epochs": "two"}})
+    with pytest.raises(ConfigError, match="not a multiple"):
+        recipe_from_dict({**base, "train": {"global_batch_size": 10, "per_device_batch_size": 4}}
+                         ).accumulation_steps(1)
+    path = tmp_path / "r.yaml"
+    path.write_text("stage: lora\nmodel: m\ndata: {train: t.json}\noptim: {lr: 1e-3}\noutput: {dir: o}\n")
+    r = load_recipe(str(path), ["optim.lr_projector=2e-5", "train.global_batch_size=64", "data.train=[a.json, b.json]"])
+    assert r.optim.lr == 1e-3 and r.module_lr("mm_projector") == 2e-5 and r.module_lr("language_model") == 1e-3
+    assert r.data.train == ["a.json", "b.json"] and r.accumulation_steps(2) == 8
+    with pytest.raises(ConfigError, match=str(path)):
+        load_recipe(str(path), ["optim.bogus=1"])
+
+
+# ---------------------------------------------------------------------------------------
+# Stages: which parameters learn
+# ---------------------------------------------------------------------------------------
+
+
+def _grads_after_step(tok, img_dir, stage, **extra):
+    from fastvlm.model import FastVLM
+    from fastvlm.train import build
+    from fastvlm.train.trainer import TrainStep
+
+    recipe = recipe_from_dict({"stage": stage, "model": "unused", "data": {"train": "x"}, "output": {"dir": "o"},
+                               **extra})
+    model = FastVLM.from_preset("fastvlm-tiny", tokenizer=tok, device="cpu", dtype=torch.float32)
+    build.apply_stage(model, recipe)
+    build.set_train_mode(model, recipe)
+    d = ConversationDataset(write_json(img_dir / f"one_{stage}.json", [GOOD]), str(img_dir), tokenizer=tok,
+                            num_image_tokens=model.num_image_tokens, image_size=model.config.image_size)
+    batch = DataCollator(model.processor.pad_token_id)([d[0]])
+    step = TrainStep(model)
+    step.touch_vision = True
+    loss = step(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"], 1.0)
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    groups = build.param_groups(model, recipe)
+    return model, grads, groups
+
+
+def test_stage1_trains_only_the_projector(tok, img_dir):
+    model, grads, groups = _grads_after_step(tok, img_dir, "stage1")
+    proj = {n for n, _ in model.named_parameters() if n.startswith("mm_projector.")}
+    assert grads == proj
+    assert {g["name"] for g in groups} == {"mm_projector", "mm_projector.no_decay"}
+    assert not model.vision_tower.training  # frozen encoder: eval mode (BatchNorm statistics fixed)
+
+
+def test_stage2_trains_everything(tok, img_dir):
+    model, grads, groups = _grads_after_step(tok, img_dir, "stage2", optim={"lr": 1e-5, "lr_projector": 1e-4,
+                                                                            "weight_decay": 0.1})
+    everything = {n for n, _ in model.named_parameters() if not n.startswith("vision_tower.head.")}
+    assert grads == everything
+    lr = {g["name"]: g["lr"] for g in groups}
+    assert lr["mm_projector"] == 1e-4 and lr["vision_tower"] == 1e-5 and lr["language_model"] == 1e-5
+    # no weight decay on biases and normalisation weights
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            if n.endswith(".bias") or "norm" in n.lower():
+                assert g["weight_decay"] == 0.0, n
+            elif g["name"] in ("language_model", "mm_projector"):
+                assert g["weight_decay"] == 0.1
+    assert any("layernorm" in names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"])
+
+
+def test_lora_trains_adapters_and_projector(tok, img_dir):
+    model, grads, groups = _grads_after_step(tok, img_dir, "lora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    assert grads, "no gradients"
+    for n in grads:
+        assert "lora_" in n or n.startswith("mm_projector."), n
+    lora_params = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert lora_params and all("language_model" in n for n in lora_params)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == lora_params | {n for n, _ in model.named_parameters() if n.startswith("mm_projector.")}
+    # merging for export gives a plain transformers LM again with the same function
+    from fastvlm.train import build
+
+    assert build.is_lora(model)
+    build.merged_for_export(model)
+    assert not build.is_lora(model) and type(model.language_model).__name__ == "Qwen2ForCausalLM"
+
+
+# ---------------------------------------------------------------------------------------
+# A tiny end-to-end run
+# ---------------------------------------------------------------------------------------
+
+
+def test_tiny_run_loss_falls_and_exports(tmp_path, tok_dir):
+    from fastvlm.model import FastVLM
+    from fastvlm.train.trainer import train
+
+    data = make_dataset(tmp_path / "data", 18)
+    # two bad records, skipped and counted
+    records = data["records"] + [
+        {"id": "bad1", "image": "images/missing.png", "conversations": conv("<image>\nWhat?", "red")},
+        {"id": "bad2", "conversations": []},
+    ]
+    write_json(data["train"], records)
+    recipe = recipe_from_dict(tiny_recipe(
+        data, tok_dir, tmp_path / "out",
+        data__val=data["val"], data__skip_bad=True, optim={"lr": 3e-3, "warmup_ratio": 0.0},
+        train={"epochs": 4, "global_batch_size": 6, "per_device_batch_size": 3, "seed": 0},
+        output={"dir": str(tmp_path / "out"), "save_every": 0, "log_every": 1, "eval_every": 0,
+                "tensorboard": False}))
+    summary = train(recipe, progress=False)
+    assert summary["steps"] == 12 and summary["samples"] == 12 * 6
+    assert summary["skipped_bad_records"] == 2
+    assert summary["skipped_by_kind"] == {"missing_image": 1, "empty_conversation": 1}
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "out" / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    assert summary["final_val_loss"] is not None and summary["final_val_loss"] < losses[0]
+    saved = json.load(open(tmp_path / "out" / "summary.json"))
+    assert saved["steps"] == 12 and saved["wall_time_s"] > 0
+    model = FastVLM.from_pretrained(str(tmp_path / "out" / "final"), device="cpu", dtype=torch.float32)
+    assert model.processor is not None and model.config.vision.inference_mode
+    answer = model.chat(os.path.join(data["root"], "images", "0.png"), "What color is the picture?",
+                        max_new_tokens=4)
+    assert isinstance(answer, str)
+
+
+# ---------------------------------------------------------------------------------------
+# Model sources and the command line
+# ---------------------------------------------------------------------------------------
+
+
+def test_init_from_language_model_and_encoder_weights(tmp_path, tok, tok_dir):
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fastvlm.checkpoints.timm_keys import apple_to_timm
+    from fastvlm.model import FastVLM
+    from fastvlm.train import build
+
+    lm_dir = tmp_path / "lm"
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    lm.save_pretrained(str(lm_dir))
+    tok.save_pretrained(str(lm_dir))
+    donor = FastVLM.from_preset("fastvlm-tiny", device="cpu", dtype=torch.float32, seed=123)
+    enc = {k: v.contiguous() for k, v in donor.vision_tower.state_dict().items()}
+    for name, state in (("apple", {"model.vision_tower.vision_tower.model." + k: v for k, v in enc.items()}),
+                        ("timm", apple_to_timm(enc, donor.config.vision))):
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+        recipe = recipe_from_dict({"stage": "stage1", "init": {"preset": "fastvlm-tiny", "language_model": str(lm_dir),
+                                                              "vision_tower": str(tmp_path / f"{name}.safetensors")},
+                                   "data": {"train": "x"}, "output": {"dir": "o"}})
+        model = build.build_model(recipe)
+        assert model.config.text["hidden_size"] == 64 and model.config.text["vocab_size"] == 384
+        for k, v in lm.state_dict().items():
+            assert torch.equal(model.language_model.state_dict()[k], v), k
+        got = model.vision_tower.state_dict()
+        for k, v in enc.items():
+            if not k.startswith("head."):
+                assert torch.equal(got[k], v), (name, k)
+        assert model.processor is not None
+    # train-form (multi-branch) encoder weights into the fused encoder: loaded, then fused
+    branchy = FastVLM.from_config(donor.config.replace(vision=dataclasses.replace(donor.config.vision,
+                                                                                 inference_mode=False)),
+                                  device="cpu", dtype=torch.float32, seed=7)
+    save_file({k: v.contiguous() for k, v in branchy.vision_tower.state_dict().items()},
+              str(tmp_path / "branchy.safetensors"))
+    init = {"preset": "fastvlm-tiny", "vision_tower": str(tmp_path / "branchy.safetensors")}
+    recipe = recipe_from_dict({"stage": "stage1", "tokenizer": str(tok_dir), "init": init,
+                               "data": {"train": "x"}, "output": {"dir": "o"}})
+    model = build.build_model(recipe)
+    fused = branchy.vision_tower.eval().reparameterize().state_dict()
+    got = model.vision_tower.state_dict()
+    for k, v in fused.items():
+        if not k.startswith("head."):
+            assert torch.equal(got[k], v), k
+
+
+def test_cli_train_options(tmp_path, capsys):
+    import yaml
+
+    from fastvlm.cli import main
+
+    assert main(["train", "stage2", "--print-recipe", "--set", "optim.lr=3e-5", "--skip-bad", "--max-steps", "7",
+                 "--output-dir", str(tmp_path / "o"), "--resume", "never"]) == 0
+    d = yaml.safe_load(capsys.readouterr().out)
+    assert d["optim"]["lr"] == 3e-5 and d["data"]["skip_bad"] is True and d["train"]["max_steps"] == 7
+    assert d["output"]["dir"] == str(tmp_path / "o") and d["output"]["resume"] == "never"
+    assert main(["train", "stage2", "--set", "optim.nope=1", "--print-recipe"]) == 1
+    assert "unknown recipe key optim.'nope'" in capsys.readouterr().err
+
+
+def test_cli_stops_at_a_bad_record(tmp_path, tok_dir, capsys):
+    import yaml
+
+    from fastvlm.cli import main
+
+    data = make_dataset(tmp_path / "data", 4)
+    write_json(data["train"], data["records"] + [BAD_CASES["missing_image"]])
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(data, tok_dir, tmp_path / "out")))
+    assert main(["train", str(path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "fastvlm train: error:" in err and "record 4 (id 'm1')" in err and data["train"] in err

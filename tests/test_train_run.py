@@ -1,0 +1,147 @@
+"""Training runs as real processes: SIGKILL mid-run then resume, and two processes under torchrun.
+
+Both compare final weights with a run in this process: bit-identical for the resumed run
+(CPU, fp32, one thread everywhere), within float tolerance for the two-process run (same
+global batch, per-device batch halved). Both run on the CPU even where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fastvlm.train.checkpointing import list_checkpoints
+from fastvlm.train.recipe import recipe_from_dict
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_train import make_dataset, make_tokenizer, tiny_recipe  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _train_in_process(recipe_dict: dict) -> dict:
+    from fastvlm.train.trainer import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(recipe_from_dict(recipe_dict), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _weights(out_dir) -> dict:
+    return load_file(os.path.join(out_dir, "final", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    make_tokenizer(root / "tok")
+    data = make_dataset(root / "data", 20, text_only=4)
+    return root, data
+
+
+def test_sigkill_then_resume_matches_uninterrupted(setup):
+    root, data = setup
+    # Everything trains, the encoder in its multi-branch form with BatchNorm in train mode (so
+    # running statistics are part of the state), grad accumulation 2, checkpoints every 2 steps.
+    base = tiny_recipe(data, root / "tok", root / "ref",
+                       init={"preset": "fastvlm-tiny", "seed": 0,
+                             "vision": {"inference_mode": False, "image_size": 64}},
+                       train={"epochs": 2, "global_batch_size": 4, "per_device_batch_size": 2, "seed": 5,
+                              "cpu": True},
+                       optim={"lr": 2e-3, "warmup_ratio": 0.2, "weight_decay": 0.01})
+    base["output"].update(save_every=2, keep_last=2, log_every=1)
+    ref = _train_in_process(base)
+    total = ref["steps"]
+    assert total == 12
+
+    out = root / "killed"
+    recipe = dict(base, output=dict(base["output"], dir=str(out)))
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cmd = [sys.executable, "-m", "fastvlm.cli", "train", str(path), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=str(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not list_checkpoints(str(out)):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    steps = [s for s, _ in list_checkpoints(str(out))]
+    assert steps and max(steps) < total and not (out / "final").exists()
+
+    res = subprocess.run(cmd, env=_env(), cwd=str(root), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["resumed_from"] is not None and summary["steps"] == total
+    assert summary["samples"] == ref["samples"]
+
+    a, b = _weights(root / "ref"), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # metrics of the steps the killed run did after its checkpoint were replaced, not duplicated
+    logged = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert logged == list(range(1, total + 1))
+    ref_losses = [json.loads(line)["loss"] for line in open(root / "ref" / "metrics.jsonl") if '"loss"' in line]
+    losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert losses == ref_losses
+    # the last complete checkpoints are kept, nothing half-written is left
+    assert len(list_checkpoints(str(out))) == 2
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_two_processes_match_one(setup):
+    root, data = setup
+    # Per-device batch halved, same global batch; text-only records exercise the zero-gradient
+    # path DDP needs. BatchNorm statistics are frozen: per-device batch statistics are not
+    # the global batch's, so they could not match.
+    one = tiny_recipe(data, root / "tok", root / "one",
+                      train={"epochs": 1, "global_batch_size": 8, "per_device_batch_size": 4, "seed": 1,
+                             "freeze_bn_stats": True, "cpu": True},
+                      optim={"lr": 2e-3, "warmup_ratio": 0.0, "weight_decay": 0.01})
+    ref = _train_in_process(one)
+
+    two = dict(one, train=dict(one["train"], per_device_batch_size=2), output=dict(one["output"],
+                                                                                    dir=str(root / "two")))
+    path = root / "two.yaml"
+    path.write_text(yaml.safe_dump(two))
+    # torchrun, through this interpreter
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastvlm.cli", "train", str(path), "--no-progress"]
+    res = subprocess.run(cmd, env=_env(), cwd=str(root), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.load(open(root / "two" / "summary.json"))
+    assert summary["world_size"] == 2 and summary["gradient_accumulation_steps"] == ref["gradient_accumulation_steps"]
+    assert summary["steps"] == ref["steps"] == 3 and summary["samples"] == ref["samples"]
+    assert abs(summary["final_loss"] - ref["final_loss"]) < 1e-5
+    a, b = _weights(root / "one"), _weights(root / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    moved = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert moved < 1e-5
