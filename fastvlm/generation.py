@@ -86,6 +86,52 @@ def cache_argument(language_model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+PACKED_GQA_ATTENTION = "fastvlm_packed_gqa_sdpa"
+
+
+def _packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention, except one-token decode steps with grouped KV heads.
+
+    With `enable_gqa=True` (transformers' choice on CPUs) PyTorch's CPU kernel spends about
+    250 us per call on a single query row; folding the query heads that share a KV head
+    into the query-length dimension gives the same products through the plain kernel in
+    about 25 us (bit-identical output), which is 12% of a 0.5B decode step on 2 cores.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (query.shape[2] == 1 and groups > 1 and attention_mask is None and not dropout
+            and not kwargs.get("output_attentions") and kwargs.get("softcap") is None):
+        B, H, _, D = query.shape
+        q = query.reshape(B, H // groups, groups, D)  # head h = kv * groups + g attends with kv head h // groups
+        out = torch.nn.functional.scaled_dot_product_attention(q, key, value, scale=scaling)
+        return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def use_packed_gqa_attention(language_model, enabled: bool = True) -> bool:
+    """Switch a transformers LM between "sdpa" and the packed-GQA decode variant; False if it cannot."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:
+        return False
+    current = getattr(language_model.config, "_attn_implementation", None)
+    if current not in ("sdpa", PACKED_GQA_ATTENTION):
+        return False  # eager, flash or a user's choice: leave it alone
+    if enabled:
+        AttentionInterface.register(PACKED_GQA_ATTENTION, _packed_gqa_sdpa)
+        AttentionMaskInterface.register(PACKED_GQA_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    target = PACKED_GQA_ATTENTION if enabled else "sdpa"
+    if current != target:
+        try:
+            language_model.set_attn_implementation(target)
+        except (AttributeError, ValueError, KeyError):
+            return False
+    return enabled
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -9,8 +9,6 @@ so images are consumed in the order their placeholders appear across the batch.
 from __future__ import annotations
 
 import contextlib
-import os
-import time
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
@@ -121,13 +119,6 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 class FastVLM(nn.Module):
     """A FastVLM model. Build it with `from_pretrained`, `from_preset` or `FastVLM(config)`."""
 
@@ -148,6 +139,7 @@ class FastVLM(nn.Module):
             self.set_tokenizer(tokenizer)
         self.last_timings = None
         self.channels_last = False
+        self.inference_settings: dict[str, Any] = {"mode": "default"}
 
     # ------------------------------------------------------------------ construction
     def set_tokenizer(self, tokenizer) -> None:
@@ -166,12 +158,17 @@ class FastVLM(nn.Module):
         device = resolve_device(device)
         if tokenizer is not None:
             config = sync_special_tokens(config, tokenizer)
+        target = resolve_dtype(dtype, device)
         model = cls(config, tokenizer=tokenizer, init_weights=False)
+        # The LLM is allocated in the target dtype straight away (its random numbers are drawn
+        # in fp32 and rounded once, the same values an fp32 init cast afterwards gives), so a
+        # 7B model in bf16 never needs its 30 GB fp32 copy.
+        model.language_model.to(dtype=target)
         model.to_empty(device="cpu")
         model._random_init(seed)
         model._restore_nonpersistent_buffers()
         model._tie_if_needed()
-        return model.to(device=device, dtype=resolve_dtype(dtype, device)).eval()
+        return model.to(device=device, dtype=target).eval()
 
     @torch.no_grad()
     def _random_init(self, seed: int) -> None:
@@ -188,7 +185,11 @@ class FastVLM(nn.Module):
             if name.startswith("vision_tower"):
                 continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=gen)
+                w = module.weight
+                if w.dtype == torch.float32:
+                    w.normal_(0.0, std, generator=gen)
+                else:  # draw in fp32, round once: the same values as an fp32 init cast to w.dtype
+                    w.copy_(torch.empty(w.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif hasattr(module, "weight") and isinstance(module.weight, torch.Tensor) and module.weight.dim() == 1:
@@ -278,6 +279,97 @@ class FastVLM(nn.Module):
         self.vision_tower.to(memory_format=fmt)
         self.channels_last = enabled
         return self
+
+    def optimize_for_inference(
+        self,
+        mode: str = "fast",
+        *,
+        compile: bool = False,
+        quantize: Optional[str] = None,
+        decode_kernels: Optional[bool] = None,
+        channels_last: Optional[bool] = None,
+    ) -> "FastVLM":
+        """Choose the inference path; returns self. Weights, dtype and state dict are unchanged unless `quantize`.
+
+        mode "exact": the reference's arithmetic: NCHW convolutions, the encoder's module
+        tree with its unfused softmax attention, PyTorch's linear layers.
+        mode "fast" (the default of the CLI): channels-last convolutions (not on MPS), the
+        encoder's fused program (BatchNorm and layer scales folded, GELU and residual adds
+        fused into oneDNN convolutions on CPU, SDPA attention; see `fastvlm.vision.fused`)
+        and, on CPUs, a faster single-query GQA attention for decode steps
+        (`generation.use_packed_gqa_attention`) plus, on AVX-512 CPUs with a C compiler,
+        native matrix-vector kernels for batch-1 decoding (`fastvlm.kernels`).
+        compile: also `torch.compile` the fused encoder (inductor with weight freezing; the
+        first call per input shape compiles, which takes minutes on a small CPU).
+        quantize "int8": int8 dynamic quantization of the language model's linear layers
+        (CPU only; the LM then computes in fp32 with int8 weights, the encoder keeps its
+        dtype). Irreversible: reload the checkpoint to save or train.
+        decode_kernels / channels_last: override the mode's choice.
+        """
+        if mode not in ("exact", "fast"):
+            raise ConfigError(f"inference mode must be 'exact' or 'fast', got {mode!r}")
+        if quantize not in (None, "int8"):
+            raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
+        if compile and mode != "fast":
+            raise ConfigError("compile=True needs mode 'fast' (it compiles the fused encoder)")
+        fast = mode == "fast"
+        device = self.device
+        if channels_last is None:
+            channels_last = fast and device.type != "mps"
+        self.use_channels_last(channels_last)
+        self.set_attention_implementation("sdpa" if fast else "eager")
+        compile_opts = None
+        if compile:
+            compile_opts = {"options": {"freezing": True}} if device.type == "cpu" else {}
+        self.vision_tower.optimize_for_inference(fast, onednn=not compile, compile=compile_opts)
+        if quantize == "int8":
+            self._quantize_int8()
+        from . import kernels
+        from .generation import use_packed_gqa_attention
+
+        if decode_kernels is None:
+            decode_kernels = fast and device.type == "cpu" and kernels.available(self.dtype)
+        n_kernels = kernels.use_decode_kernels(self.language_model, bool(decode_kernels))
+        packed_gqa = use_packed_gqa_attention(self.language_model, fast and device.type == "cpu")
+        self.inference_settings = {
+            "mode": mode,
+            "channels_last": bool(channels_last),
+            "encoder": "fused" if fast else "reference",
+            "attention": "sdpa" if fast else "eager",
+            "compile": bool(compile),
+            "quantize": quantize or self.inference_settings.get("quantize"),
+            "decode_kernels": bool(decode_kernels) and n_kernels > 0,
+            "decode_attention": "packed-gqa sdpa" if packed_gqa else "sdpa",
+        }
+        return self
+
+    def _quantize_int8(self) -> None:
+        """Per-channel int8 weights with dynamically quantized int8 activations for every LM linear (fbgemm/x86).
+
+        Layer by layer, so the transient fp32 copy is one linear at a time, not the whole LM.
+        """
+        import warnings
+
+        if self.device.type != "cpu":
+            raise ConfigError("int8 quantization runs on the CPU only (PyTorch's dynamic int8 kernels are CPU kernels)")
+        if self.inference_settings.get("quantize") == "int8":
+            return
+        from . import kernels
+
+        kernels.use_decode_kernels(self.language_model, False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+            from torch.ao.quantization import per_channel_dynamic_qconfig
+
+            for parent in list(self.language_model.modules()):
+                for name, child in list(parent.named_children()):
+                    if type(child) is nn.Linear:
+                        child.float()
+                        child.qconfig = per_channel_dynamic_qconfig
+                        setattr(parent, name, DynamicQuantizedLinear.from_float(child))
+        self.language_model.float()  # embeddings and norms: the int8 kernels take and return fp32
+        self.inference_settings["quantize"] = "int8"
 
     # ------------------------------------------------------------------ images
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False) 
     p.add_argument("--image-size", type=int, default=None,
                    help="run the encoder at this resolution instead of the checkpoint's (a multiple of 64)")
     p.add_argument("--exact", action="store_true",
-                   help="reference arithmetic in the encoder's attention (unfused softmax) instead of fused SDPA")
+                   help="the reference arithmetic (NCHW, unfused softmax attention, no folded BatchNorm or fused "
+                        "kernels) instead of the fast path")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -73,9 +74,8 @@ def load_model(args):
     model = FastVLM.from_pretrained(path, device=args.device, dtype=args.dtype, image_size=args.image_size)
     if model.processor is None:
         raise CheckpointError(f"{path} has no tokenizer files; generation needs a tokenizer")
-    model.set_attention_implementation("eager" if getattr(args, "exact", False) else "sdpa")
-    if model.device.type != "mps":
-        model.use_channels_last(True)
+    # fast: fused encoder, channels-last, SDPA, native decode kernels; exact: the reference arithmetic
+    model.optimize_for_inference("exact" if getattr(args, "exact", False) else "fast")
     print(f"model: {path} | device {model.device} | dtype {str(model.dtype).replace('torch.', '')} | "
           f"{model.config.image_size}px -> {model.num_image_tokens} image tokens", file=sys.stderr)
     return model

@@ -109,6 +109,12 @@ class FastViTHD(nn.Module):
 
         self.set_attention_implementation(attn_impl)
         self.init_weights()
+        # The fused inference program (vision/fused.py) is a cache derived from the
+        # parameters, kept outside the module tree so state_dict() stays the checkpoint's.
+        self._fused_enabled = False
+        self._fused_onednn = True
+        self._fused_compile: Optional[dict] = None
+        self._fused_cache: dict = {}
 
     @staticmethod
     def _stage(config: VisionConfig, i: int) -> nn.Sequential:
@@ -152,6 +158,61 @@ class FastViTHD(nn.Module):
         for m in self.modules():
             if isinstance(m, MHSA):
                 m.attn_impl = mode
+
+    def optimize_for_inference(self, enabled: bool = True, *, onednn: bool = True,
+                               compile: Optional[dict] = None) -> "FastViTHD":
+        """Run a fused program in eval mode: BN and layer scales folded, GELU and residual adds fused, SDPA.
+
+        The parameters, buffers and `state_dict()` are unchanged (the checkpoint layout is
+        kept); the fused weights are derived from them and rebuilt automatically when any
+        of them changes, moves or is cast. Training mode always runs the module tree.
+        `onednn=False` uses plain torch ops instead of oneDNN's fused kernels (for
+        torch.compile, which does its own fusion). `compile`: keyword arguments for
+        `torch.compile` of the fused program (None: run it eagerly). `enabled=False`
+        returns to the module tree.
+        """
+        self._fused_enabled = enabled
+        self._fused_onednn = onednn
+        self._fused_compile = None if compile is None else dict(compile)
+        self._fused_cache.clear()
+        return self
+
+    def __getstate__(self):
+        # copies and pickles rebuild the fused program on demand rather than carry it
+        state = self.__dict__.copy()
+        state["_fused_cache"] = {}
+        return state
+
+    @property
+    def fused(self) -> bool:
+        """Whether eval-mode forwards run the fused program (see `optimize_for_inference`)."""
+        return self._fused_enabled
+
+    def _state_key(self) -> tuple:
+        key = []
+        for t in (*self.parameters(), *self.buffers()):
+            try:
+                version = t._version
+            except RuntimeError:  # inference tensors carry no version counter
+                version = -1
+            key.append((t.data_ptr(), version, t.dtype, t.device))
+        return tuple(key)
+
+    def fused_program(self):
+        """The fused program for the current parameters (built, or rebuilt after a change, on demand)."""
+        from .fused import FusedFastViTHD
+
+        key = self._state_key()
+        program = self._fused_cache.get("program")
+        if program is None or self._fused_cache.get("key") != key:
+            self._fused_cache.clear()
+            with torch.no_grad():
+                program = FusedFastViTHD(self)
+            program.set_onednn(self._fused_onednn)
+            if self._fused_compile is not None:
+                program = torch.compile(program, **self._fused_compile)
+            self._fused_cache.update(program=program, key=key)
+        return program
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage's activations in backward: ~1 extra forward, far less memory at 1024 px."""
@@ -220,6 +281,8 @@ class FastViTHD(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> conv_exp output [B, out_channels, H/patch, W/patch]."""
         self.check_input(x)
+        if self._fused_enabled and not self.training:
+            return self.fused_program()(x)
         x = self.patch_embed(x)
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for module in self.network:

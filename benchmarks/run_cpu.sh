@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The CPU benchmark behind benchmarks/results/README.md (run from the repository root).
+#   bash benchmarks/run_cpu.sh            # everything below, one step after the other
+#   bash benchmarks/run_cpu.sh main       # one step: profile | main | sweep | 1.5b | 7b
+# On a shared machine every timed run first waits (up to QUIET_WAIT s) for the CPUs to go idle;
+# the waits and the load average are recorded in each JSON.
+set -u -o pipefail
+OUT=${OUT:-benchmarks/results}
+QW=${QUIET_WAIT:-90}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+step() { [ "${1}" = "${WHICH}" ] || [ "${WHICH}" = all ]; }
+WHICH=${1:-all}
+
+# where encoder time goes at 1024 px, per configuration; a 0.5B decode step, torch vs native kernels
+step profile && python benchmarks/profile_encoder.py --decode --repeats 5 --quiet-wait "$QW" --out "$OUT/profile-cpu.json"
+
+# 0.5B at 1024: exact / fast / int8 against transformers in fp32 and bf16, the paper's encoders in bf16,
+# the roofline, and the accuracy of every mode against the fp32 exact path
+step main && fastvlm bench --preset fastvlm-0.5b --dtypes fp32 bf16 --modes exact fast int8 --resolutions 1024 \
+    --repeats 5 --quiet-wait "$QW" --out "$OUT" --name bench-0.5b-cpu
+
+# TTFT against resolution, 256 to 2048 px (every 256; any step of 64 works: --resolutions 256:2048:64)
+step sweep && fastvlm bench --preset fastvlm-0.5b --dtypes bf16 --modes exact fast --resolutions 256:2048:256 \
+    --repeats 3 --baselines transformers --baseline-resolutions 512 1024 2048 --no-accuracy \
+    --quiet-wait "$QW" --out "$OUT" --name bench-0.5b-sweep-cpu
+
+# the 1.5B architecture (encoder time overtakes prefill near 1024 px in the paper)
+step 1.5b && fastvlm bench --preset fastvlm-1.5b --dtypes bf16 --modes exact fast int8 --resolutions 512 1024 \
+    --repeats 3 --baselines transformers --no-accuracy --quiet-wait "$QW" --out "$OUT" --name bench-1.5b-cpu
+
+# the 7B architecture (about 15 GB in bf16; skipped with a note when memory is short)
+step 7b && fastvlm bench --preset fastvlm-7b --dtypes bf16 --modes fast --resolutions 1024 --repeats 2 \
+    --new-tokens 4 --baselines none --no-accuracy --quiet-wait "$QW" --out "$OUT" --name bench-7b-cpu
+exit 0

@@ -1,0 +1,163 @@
+"""Optional native kernels, built at run time with the system C compiler (no build step at install).
+
+Only one kind today: matrix-vector products for batch-1 decoding on AVX-512 CPUs
+(`cpu_gemv.c`). PyTorch's M=1 paths (MKL sgemv, oneDNN bf16 gemm) read the weights at
+about half of what this CPU's memory delivers; decoding is nothing but that read, so a
+plain streaming kernel is worth ~1.5-2x tokens/s. Everything here degrades gracefully:
+no compiler, no AVX-512, or FASTVLM_NO_KERNELS=1 means `available()` is False and
+callers keep using PyTorch.
+
+The library is cached under $FASTVLM_KERNEL_CACHE (default ~/.cache/fastvlm/kernels),
+keyed by the source, the compiler flags and the CPU's feature flags.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCE = os.path.join(_HERE, "cpu_gemv.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> Optional[str]:
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc):
+        return shutil.which(cc)
+    for name in ("gcc", "cc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _build(cc: str, flags: set[str]) -> str:
+    with open(_SOURCE, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + " ".join(sorted(flags)).encode() + cc.encode()).hexdigest()[:16]
+    cache = os.environ.get("FASTVLM_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastvlm", "kernels")
+    os.makedirs(cache, exist_ok=True)
+    lib = os.path.join(cache, f"libfastvlm_cpu_{key}.so")
+    if not os.path.exists(lib):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *_FLAGS, _SOURCE, "-o", tmp], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, lib)  # atomic: concurrent builders never see a half-written file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return lib
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The compiled library, building it on first use; None where it cannot be had (see `status()`)."""
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib, why = None, ""
+        flags = _cpu_flags()
+        cc = _compiler()
+        if os.environ.get("FASTVLM_NO_KERNELS", "") not in ("", "0"):
+            why = "disabled by FASTVLM_NO_KERNELS"
+        elif sys.platform != "linux" or "avx512f" not in flags:
+            why = "needs Linux on an x86-64 CPU with AVX-512"
+        elif cc is None:
+            why = "no C compiler (gcc, cc or clang) on PATH"
+        else:
+            try:
+                lib = ctypes.CDLL(_build(cc, flags))
+                for name, ptr in (("fastvlm_gemv_f32", ctypes.c_void_p),):
+                    getattr(lib, name).argtypes = [ptr] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                lib.fastvlm_gemv_f32.restype = None
+                if lib.fastvlm_has_bf16():
+                    lib.fastvlm_gemv_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                    lib.fastvlm_gemv_bf16.restype = None
+            except (OSError, subprocess.SubprocessError, AttributeError) as e:
+                lib, why = None, f"build failed: {getattr(e, 'stderr', b'') or e}"
+        _state["lib"], _state["why"] = lib, why
+        return lib
+
+
+def status() -> str:
+    """One line: which native kernels are in use, or why none are."""
+    lib = load()
+    if lib is None:
+        return f"native decode kernels off ({_state.get('why', '')})"
+    return "native decode kernels on (fp32" + (", bf16" if lib.fastvlm_has_bf16() else "") + ")"
+
+
+def available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    lib = load()
+    if lib is None:
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and bool(lib.fastvlm_has_bf16())
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a single row of x (any leading shape with one element), on the CPU kernel."""
+    lib = load()
+    O, I = weight.shape
+    x = x.contiguous()
+    y = torch.empty(x.shape[:-1] + (O,), dtype=x.dtype, device=x.device)
+    fn = lib.fastvlm_gemv_bf16 if x.dtype == torch.bfloat16 else lib.fastvlm_gemv_f32
+    fn(weight.data_ptr(), x.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(),
+       O, I, torch.get_num_threads())
+    return y
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear that runs single-row CPU inputs (batch-1 decoding) on the native kernel.
+
+    Same parameters and state dict as nn.Linear; every other input, autograd included,
+    takes F.linear. Installed by `use_decode_kernels`, which swaps the class in place.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.device.type == "cpu" and x.numel() == x.shape[-1] and x.dtype == w.dtype
+                and w.dtype in (torch.bfloat16, torch.float32) and w.is_contiguous()
+                and (self.bias is None or (self.bias.dtype == w.dtype and self.bias.is_contiguous()))
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and available(w.dtype)):
+            return gemv(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
+def use_decode_kernels(module: nn.Module, enabled: bool = True) -> int:
+    """Swap every plain nn.Linear under `module` to DecodeLinear (or back); returns how many DecodeLinears remain."""
+    n = 0
+    for m in module.modules():
+        if enabled and type(m) is nn.Linear:
+            m.__class__ = DecodeLinear
+        elif not enabled and type(m) is DecodeLinear:
+            m.__class__ = nn.Linear
+        n += type(m) is DecodeLinear
+    return n
