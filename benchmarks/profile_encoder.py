@@ -210,6 +210,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode", action="store_true", help="also profile 0.5B decode steps")
     p.add_argument("--decode-steps", type=int, default=20)
+    p.add_argument("--default-allocator", action="store_true",
+                   help="keep glibc's default mmap thresholds (default: fastvlm.kernels.tune_allocator(), as the CLI)")
     p.add_argument("--quiet-wait", type=float, default=0.0,
                    help="before each timed run wait up to this many seconds for the CPUs to go idle")
     p.add_argument("--out", default=os.path.join(HERE, "results", "profile-cpu.json"))
@@ -217,10 +219,14 @@ def main() -> int:
 
     import transformers
 
+    from fastvlm import kernels
+
+    tuned = False if args.default_allocator else kernels.tune_allocator()
     report = {
         "command": "python benchmarks/profile_encoder.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": platform.processor(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "load_average_start": list(os.getloadavg())},
+                    "transformers": transformers.__version__, "load_average_start": list(os.getloadavg()),
+                    "allocator": "glibc, mmap/trim thresholds raised" if tuned else "default"},
         "resolution": args.resolution,
         "encoder": profile_encoders(args.configs, args.resolution, args.repeats, args.quiet_wait),
     }

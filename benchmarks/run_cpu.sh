@@ -13,6 +13,9 @@ WHICH=${1:-all}
 
 # where encoder time goes at 1024 px, per configuration; a 0.5B decode step, torch vs native kernels
 step profile && python benchmarks/profile_encoder.py --decode --repeats 5 --quiet-wait "$QW" --out "$OUT/profile-cpu.json"
+# the same encoders with glibc's default allocator settings (what a fresh process without tune_allocator sees)
+step profile && python benchmarks/profile_encoder.py --default-allocator --configs fp32-nchw-eager fp32-fused \
+    bf16-cl-eager bf16-fused --repeats 5 --quiet-wait "$QW" --out "$OUT/profile-cpu-default-allocator.json"
 
 # 0.5B at 1024: exact / fast / int8 against transformers in fp32 and bf16, the paper's encoders in bf16,
 # the roofline, and the accuracy of every mode against the fp32 exact path

@@ -89,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on a shared machine: before each timed run, wait up to this many seconds for the CPUs "
                         "to go idle (others using < --quiet-below %%); waits are recorded (default 0: off)")
     p.add_argument("--quiet-below", type=float, default=15.0)
+    p.add_argument("--default-allocator", action="store_true",
+                   help="keep glibc's default mmap thresholds (default: raise them, as the CLI does; "
+                        "see fastvlm.kernels.tune_allocator)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
     p.add_argument("--name", default=None, help="file name stem (default bench-<model>-<device>)")
@@ -104,8 +107,12 @@ def run(args) -> int:
     from . import report as rep
     from .runner import BenchConfig, default_output_name, run_benchmark
 
+    from .. import kernels
     from . import suite
 
+    # every variant runs in this one process: fix the allocator's behaviour up front rather
+    # than let it drift with what ran before (see kernels.tune_allocator)
+    allocator_tuned = False if args.default_allocator else kernels.tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     suite.QUIET.update(max_wait_s=args.quiet_wait, busy_below=args.quiet_below)
@@ -134,6 +141,7 @@ def run(args) -> int:
         command=["fastvlm", "bench", *sys.argv[2:]] if len(sys.argv) > 1 and sys.argv[1] == "bench" else sys.argv,
     )
     report = run_benchmark(cfg)
+    report["machine"]["allocator"] = "glibc, mmap/trim thresholds raised" if allocator_tuned else "default"
     name = args.name or default_output_name(cfg, resolve_device(args.device))
     stem = os.path.join(args.out, name)
     rep.write_json(report, stem + ".json")

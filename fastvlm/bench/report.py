@@ -40,9 +40,9 @@ def format_report(report: dict[str, Any]) -> str:
                  f"{m.get('load_average_end')}")
     roof = report.get("roofline") or {}
     if roof:
-        mm = ", ".join(f"{k} {v['gflops_median']:.0f}" for k, v in roof.get("matmul", {}).items())
-        bw = roof.get("read_bandwidth", {}).get("gbps_median")
-        parts.append(f"roofline: matmul GFLOP/s {mm} | memory read {_num(bw, '{:.1f}')} GB/s")
+        mm = ", ".join(f"{k} {v['gflops_best']:.0f}" for k, v in roof.get("matmul", {}).items())
+        bw = roof.get("read_bandwidth", {}).get("gbps_best")
+        parts.append(f"roofline (best of repeats): matmul GFLOP/s {mm} | memory read {_num(bw, '{:.1f}')} GB/s")
     headers = ["model", "dtype", "mode", "res", "tokens", "encode ms", "proj ms", "prefill ms", "TTFT ms",
                "decode tok/s", "peak MB", "TTFT/HF", "TTFT/roof", "dec %bound"]
     rows = []

@@ -67,8 +67,10 @@ def model_path(args) -> str:
 
 
 def load_model(args):
+    from .. import kernels
     from ..model import FastVLM
 
+    kernels.tune_allocator()  # reuse activation memory between requests (see its docstring)
     path = model_path(args)
     print(f"loading {path} ...", file=sys.stderr)
     model = FastVLM.from_pretrained(path, device=args.device, dtype=args.dtype, image_size=args.image_size)

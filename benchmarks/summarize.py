@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Render the tables of benchmarks/results/README.md from the JSON files the benchmark commands wrote.
+
+  python benchmarks/summarize.py                 # prints markdown for every result file present
+  python benchmarks/summarize.py --dir OTHER_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load(d: str, name: str):
+    path = os.path.join(d, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def ms(s) -> str:
+    return "-" if not s or s.get("median") is None else f"{s['median'] * 1000:,.0f}"
+
+
+def num(v, fmt="{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def table(headers, rows) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine_line(r) -> str:
+    m = r["machine"]
+    rf = r.get("roofline") or {}
+    mm = ", ".join(f"{k} {v['gflops_best']:.0f}" for k, v in rf.get("matmul", {}).items())
+    bw = (rf.get("read_bandwidth") or {}).get("gbps_best")
+    what = m.get("gpu") or m["cpu_model"]
+    return (f"{what}, {m['logical_cores']} cores, {m['torch_threads']} threads; torch {m['torch']}, transformers "
+            f"{m['transformers']}; load average {m.get('load_average_start')} -> {m.get('load_average_end')}; "
+            f"allocator: {m.get('allocator', 'default')}" + (f"; matmul GFLOP/s {mm}; read {bw:.1f} GB/s" if mm else ""))
+
+
+def main_table(r, res=1024) -> str:
+    rows = []
+    for x in r["results"] + r["transformers"]:
+        if x["resolution"] != res:
+            continue
+        rf = x.get("roofline", {})
+        dec = rf.get("decode_fraction_of_bound")
+        rows.append([x["model"], x["dtype"], x["mode"], ms(x["encode_s"]), ms(x.get("projector_s")), ms(x["prefill_s"]),
+                     f"**{ms(x['ttft_s'])}**", num((x.get("decode_tokens_per_s") or {}).get("median"), "{:.1f}"),
+                     num(x.get("ttft_over_transformers"), "{:.2f}x"), num(rf.get("ttft_over_roofline"), "{:.2f}x"),
+                     num(rf.get("encoder_fraction_of_peak"), "{:.0%}"), num(rf.get("prefill_fraction_of_peak"), "{:.0%}"),
+                     num(dec, "{:.0%}"), num(x.get("peak_mb"), "{:,.0f}")])
+    return table(["model", "dtype", "mode", "encoder ms", "projector ms", "prefill ms", "TTFT ms", "decode tok/s",
+                  "TTFT / transformers", "TTFT / roofline", "encoder % of matmul peak", "prefill % of peak",
+                  "decode % of bandwidth bound", "process peak RSS MB"], rows)
+
+
+def accuracy_table(r) -> str:
+    rows = [[a["model"], a["dtype"], a["mode"], f"{a['feature_cosine']:.6f}", f"{a['logits_max_abs_diff']:.3g}",
+             num(a.get("logits_rel_diff"), "{:.2g}"), f"{a['logits_cosine']:.5f}",
+             f"{a['greedy_matching_prefix']}/{a['greedy_tokens']}"] for a in r["accuracy"]]
+    return table(["model", "dtype", "mode", "feature cosine", "max abs logit diff", "rel. logit diff", "logit cosine",
+                  "greedy tokens equal to fp32 exact (prefix)"], rows)
+
+
+def baselines_table(r) -> str:
+    rows = []
+    for b in r["encoder_baselines"]:
+        paper = "; ".join(f"{p['what']}: **{p['ratio']:.1f}x** ({p['paper_numbers']})" for p in b["paper"])
+        rows.append([b["description"], b["dtype"], f"{b['encoder_params'] / 1e6:.0f}M", b["visual_tokens"],
+                     ms(b["encode_s"]), ms(b["prefill_s"]), ms(b["ttft_s"]),
+                     f"{ms(b['fastvlm_ttft_s'])} (@{b['fastvlm_resolution']})",
+                     f"**{b['ttft_ratio']:.2f}x**", f"**{b['encoder_ratio']:.2f}x**", paper])
+    return table(["encoder", "dtype", "params", "visual tokens", "encoder ms", "prefill ms", "TTFT ms",
+                  "FastVLM fast TTFT ms", "TTFT ratio", "encoder ratio", "paper"], rows)
+
+
+def sweep_table(r) -> str:
+    by = {}
+    for x in r["results"] + r["transformers"]:
+        by.setdefault(x["resolution"], {})[(x["dtype"], x["mode"])] = x
+    modes = sorted({k for d in by.values() for k in d})
+    rows = []
+    for res in sorted(by):
+        d = by[res]
+        any_row = next(iter(d.values()))
+        row = [res, any_row["image_tokens"]]
+        for k in modes:
+            row.append(ms(d[k]["ttft_s"]) if k in d else "-")
+        fast = d.get(("bf16", "fast")) or d.get(("fp16", "fast")) or next(iter(d.values()))
+        total = fast["encode_s"]["median"] + fast["prefill_s"]["median"]
+        row.append(f"{fast['encode_s']['median'] / total:.0%}")
+        row.append(num(fast.get("roofline", {}).get("ttft_over_roofline"), "{:.2f}x"))
+        rows.append(row)
+    return table(["resolution", "visual tokens"] + [f"TTFT ms {dt} {m}" for dt, m in modes]
+                 + ["encoder share of TTFT (fast)", "fast TTFT / roofline"], rows)
+
+
+def profile_table(p) -> str:
+    configs = list(p["encoder"])
+    cats = []
+    for c in configs:
+        for k in p["encoder"][c]["categories_s"]:
+            if k not in cats:
+                cats.append(k)
+    rows = [["**wall (median)**"] + [f"**{p['encoder'][c]['wall_s']['median'] * 1000:,.0f}**" for c in configs]]
+    for k in cats:
+        rows.append([k] + [f"{p['encoder'][c]['categories_s'].get(k, 0) * 1000:,.0f}" for c in configs])
+    out = table(["ms at %d px" % p["resolution"]] + configs, rows)
+    if "decode" in p:
+        drows = []
+        for name, d in p["decode"].items():
+            drows.append([name, f"{d['step_s']['median'] * 1000:.1f}", f"{d['tokens_per_s_median']:.1f}"]
+                         + [f"{k}: {v * 1000:.1f}" for k, v in d["categories_s"].items()])
+        out += "\n\n" + table(["0.5B bf16 decode step", "ms (median)", "tokens/s", "profiled ms by category", "", "",
+                                "", ""], drows)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    d = args.dir
+    sections = [
+        ("bench-0.5b-cpu.json", "0.5B architecture at 1024 px, CPU", [main_table, accuracy_table, baselines_table]),
+        ("bench-0.5b-sweep-cpu.json", "0.5B, TTFT against resolution, CPU bf16", [sweep_table]),
+        ("bench-1.5b-cpu.json", "1.5B architecture, CPU", [lambda r: main_table(r, 512), main_table]),
+        ("bench-7b-cpu.json", "7B architecture, CPU", [main_table]),
+        ("bench-0.5b-h100.json", "0.5B architecture, H100", [main_table, sweep_table, accuracy_table, baselines_table]),
+    ]
+    for name, title, fns in sections:
+        r = load(d, name)
+        if r is None:
+            continue
+        print(f"### {title} (`{name}`)\n\n{machine_line(r)}\n")
+        print("Command: `" + " ".join(r["command"]) + "`\n")
+        for fn in fns:
+            print(fn(r) + "\n")
+        for n in r.get("notes", []):
+            print(f"- note: {n}")
+        print()
+    for name in ("profile-cpu.json", "profile-cpu-default-allocator.json"):
+        p = load(d, name)
+        if p is not None:
+            print(f"### Encoder profile (`{name}`, allocator: {p['machine'].get('allocator', 'default')})\n")
+            print("Command: `" + p["command"] + "`\n")
+            print(profile_table(p) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
