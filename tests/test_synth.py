@@ -248,6 +248,50 @@ def test_other_image_size_scales():
     assert all(max(o["bbox"]) <= 256 for o in rec["scene"]["objects"])
 
 
+def test_basic_level_and_training_turns(tmp_path):
+    out = tmp_path / "basic"
+    generate_dataset(out, num_train=21, num_val=7, num_test=7, image_size=256, level="basic", train_turns=7,
+                     progress=False)
+    basic = synth.LEVELS["basic"]
+    train, val = load_split(out / "train.json"), load_split(out / "val.json")
+    # every training image is asked about several types (one turn each); val keeps one or two turns
+    assert all(len({q["question_type"] for q in r["qa"]}) == len(r["qa"]) for r in train)
+    assert sum(len(r["qa"]) for r in train) >= 4 * len(train)
+    assert max(len(r["qa"]) for r in train) == 7 and max(len(r["qa"]) for r in val) <= 2
+    for r in train + val:
+        validate_record(r, out)  # every turn re-derives from the scene
+        scene = r["scene"]
+        assert len(scene["objects"]) <= basic.max_objects
+        for t in scene["texts"]:
+            assert t["size"] in synth.text_sizes(256, "basic")
+            if t["kind"] == "word":
+                assert t["text"] in basic.words
+            else:
+                assert len(t["text"]) == 2 and t["text"].isdigit()
+    # the first turn (what evaluation asks) keeps the balanced type order of the standard level
+    assert [r["question_type"] for r in train] == [synth.question_type_for(0, "train", i) for i in range(21)]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["level"]["name"] == "basic" and meta["train_turns"] == 7
+    assert synth.text_sizes(256, "basic")[0] == 6 and synth.text_sizes(256)[0] == 4
+    with pytest.raises(SynthDataError, match="unknown level 'hard'"):
+        generate_dataset(tmp_path / "x", num_train=1, num_val=0, num_test=0, level="hard", progress=False)
+    with pytest.raises(SynthDataError, match="train_turns"):
+        generate_dataset(tmp_path / "x", num_train=1, num_val=0, num_test=0, train_turns=8, progress=False)
+
+
+def test_standard_level_unchanged_by_options():
+    # Adding levels and training turns must not change the standard dataset: this digest is the
+    # record the generator produced before they existed (commit ed7f34a), and the defaults must
+    # still reproduce it.
+    import hashlib
+
+    _, rec = generate_sample(0, "train", 11)
+    digest = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()
+    assert digest == "555ffde98fc2ea0c767783b87a49983c8f412388c4e01bc0c22f696a42e37ea6"
+    _, rec_b = generate_sample(0, "train", 11, level="standard", turns=None)
+    assert rec_b == rec
+
+
 # ----------------------------------------------------------------------------- errors and CLI
 
 

@@ -17,6 +17,11 @@ second, multi-turn one -- with a short canonical answer that is correct by const
 The question types are balanced. Reading questions store the target's font size as
 "text_size", so accuracy can be broken down by text size and input resolution.
 
+--level basic makes the same task family learnable by a model of a few million parameters
+trained from scratch in about an hour of CPU (what the bundled model is trained on): up to
+four shapes, at most one distractor text, 24 words, two-digit numbers, text from 12 px (at
+512). --train-turns K asks up to K questions (one per type) about each training image.
+
 Output (image paths in the JSON are relative to OUT):
   OUT/images/{train,val,test}/NNNNNN.png
   OUT/{train,val,test}.json   LLaVA records: id, image, conversations, question_type, answer,
@@ -59,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=512, metavar="PX",
                         help="side of the square images in pixels (default 512; object and text sizes scale with it)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    parser.add_argument("--level", choices=("standard", "basic"), default="standard",
+                        help="scene difficulty: 'standard' (default: up to 6 shapes, 160 words, 2-4 digit numbers, "
+                             "text from 6 px at 512) or 'basic' (up to 4 shapes, at most one distractor text, "
+                             "24 words, 2-digit numbers, text from 12 px at 512; what the bundled model learns)")
+    parser.add_argument("--train-turns", type=int, default=None, metavar="K",
+                        help="ask up to K questions (1-7) about each training image, one per question type, "
+                             "for denser supervision; validation and test keep one question (sometimes two)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a dataset previously generated in --out (removes only the files this "
                              "command writes)")
@@ -77,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        level=args.level,
+        train_turns=args.train_turns,
     )
     counts = summary["counts"]
     total = sum(c["records"] for c in counts.values())

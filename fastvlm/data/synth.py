@@ -90,6 +90,52 @@ WORDS = (
     "planet", "pencil", "window", "winter", "summer", "school", "monkey", "banana", "rocket", "silver",
 )
 
+
+
+class Level:
+    """How hard the scenes are. ``standard`` is the full benchmark; ``basic`` is the same task
+    family made learnable by a few-million-parameter model trained from scratch in an hour of
+    CPU (fewer objects and distractor texts, a 24-word vocabulary, two-digit numbers, and no
+    text smaller than 12 px at 512; the small sizes still vanish at low input resolution)."""
+
+    def __init__(self, name: str, *, words: tuple[str, ...], digits: tuple[int, int],
+                 text_sizes_512: tuple[int, ...], max_objects: int, max_distractor_texts: int,
+                 single_text_prob: float) -> None:
+        self.name = name
+        self.words = words
+        self.digits = digits  # (min, max) digits of a rendered number
+        self.text_sizes_512 = text_sizes_512
+        self.max_objects = max_objects  # per scene (count answers run 0..max_objects)
+        self.max_distractor_texts = max_distractor_texts
+        self.single_text_prob = single_text_prob  # reading: the only word/number (else told apart by colour)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_words": len(self.words), "digits": list(self.digits),
+                "text_sizes_512": list(self.text_sizes_512), "max_objects": self.max_objects,
+                "max_distractor_texts": self.max_distractor_texts,
+                "single_text_prob": self.single_text_prob}
+
+
+LEVELS: dict[str, Level] = {
+    "standard": Level("standard", words=WORDS, digits=(2, 4), text_sizes_512=TEXT_SIZES_512, max_objects=6,
+                      max_distractor_texts=3, single_text_prob=0.6),
+    "basic": Level("basic", words=("apple", "bread", "chair", "cloud", "horse", "house", "lemon", "music",
+                                   "ocean", "piano", "robot", "tiger", "water", "zebra", "book", "cake",
+                                   "fish", "frog", "king", "moon", "cat", "dog", "sun", "tree"),
+                   digits=(2, 2), text_sizes_512=(12, 16, 20, 24, 32, 40), max_objects=4,
+                   max_distractor_texts=1, single_text_prob=0.8),
+}
+MAX_TURNS = len(("count", "color", "shape", "position", "exists", "read_word", "read_number"))
+
+
+def get_level(level: "str | Level") -> Level:
+    if isinstance(level, Level):
+        return level
+    if level not in LEVELS:
+        raise SynthDataError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    return LEVELS[level]
+
+
 _TEMPLATES: dict[str, tuple[str, ...]] = {
     "count_shape": ("How many {plural} are there?", "How many {plural} are in the image?",
                     "Count the {plural} in the image."),
@@ -145,10 +191,10 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return font
 
 
-def text_sizes(image_size: int) -> list[int]:
-    """The font sizes (pixels) used at ``image_size`` (the 512-pixel list, scaled)."""
+def text_sizes(image_size: int, level: "str | Level" = "standard") -> list[int]:
+    """The font sizes (pixels) used at ``image_size`` (the level's 512-pixel list, scaled)."""
     out = []
-    for s in TEXT_SIZES_512:
+    for s in get_level(level).text_sizes_512:
         v = max(MIN_FONT_SIZE, round(s * image_size / 512))
         if v not in out:
             out.append(v)
@@ -203,8 +249,8 @@ def _text_color(rng: random.Random, exclude: tuple[str, ...] = ()) -> str:
     return rng.choices([c for c, _ in choices], weights=[w for _, w in choices])[0]
 
 
-def _random_number(rng: random.Random) -> str:
-    digits = rng.randint(2, 4)
+def _random_number(rng: random.Random, level: Level) -> str:
+    digits = rng.randint(*level.digits)
     return str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
 
 
@@ -239,31 +285,32 @@ def _used_words(plan: _Plan) -> set[str]:
     return {t["text"] for t in plan.texts}
 
 
-def _add_distractor_texts(plan: _Plan, rng: random.Random, sizes: list[int], n: int, *,
+def _add_distractor_texts(plan: _Plan, rng: random.Random, sizes: list[int], n: int, level: Level, *,
                           kinds: tuple[str, ...] = ("word", "number"),
                           exclude_colors: tuple[str, ...] = ()) -> None:
     for _ in range(n):
         kind = rng.choice(kinds)
         if kind == "word":
-            text = rng.choice([w for w in WORDS if w not in _used_words(plan)])
+            text = rng.choice([w for w in level.words if w not in _used_words(plan)])
         else:
-            text = _random_number(rng)
+            text = _random_number(rng, level)
             while text in _used_words(plan):
-                text = _random_number(rng)
+                text = _random_number(rng, level)
         plan.add_text(kind, text, _text_color(rng, exclude_colors), rng.choice(sizes))
 
 
-def _plan_scene(qtype: str, rng: random.Random, sizes: list[int]) -> _Plan:
+def _plan_scene(qtype: str, rng: random.Random, sizes: list[int], level: Level) -> _Plan:
     plan = _Plan()
+    M, D = level.max_objects, level.max_distractor_texts
     if qtype == "count":
         mode = rng.choices(["shape", "color", "all"], weights=[2, 1.2, 0.8])[0]
         if mode == "all":
-            k = rng.randint(1, 6)
+            k = rng.randint(1, M)
             _fill_objects(plan, rng, k)
             params: dict[str, Any] = {}
         else:
-            k = rng.choices(range(6), weights=[0.6, 1, 1, 1, 1, 1])[0]
-            m = rng.randint(1 if k == 0 else 0, min(6 - k, 3))
+            k = rng.choices(range(M), weights=[0.6] + [1] * (M - 1))[0]
+            m = rng.randint(1 if k == 0 else 0, min(M - k, 3))
             if mode == "shape":
                 s = rng.choice(SHAPES)
                 for _ in range(k):
@@ -278,22 +325,22 @@ def _plan_scene(qtype: str, rng: random.Random, sizes: list[int]) -> _Plan:
                 params = {"color": c}
         rng.shuffle(plan.objects)
         plan.question = {"type": "count", "params": params, "answer": str(k)}
-        _add_distractor_texts(plan, rng, sizes, rng.randint(0, 3))
+        _add_distractor_texts(plan, rng, sizes, rng.randint(0, D), level)
     elif qtype == "color":
         s, c = rng.choice(SHAPES), rng.choice(list(COLORS))
         plan.add_object(s, c)
-        _fill_objects(plan, rng, rng.randint(0, 4), not_shape=s)
+        _fill_objects(plan, rng, rng.randint(0, M - 2), not_shape=s)
         rng.shuffle(plan.objects)
         plan.question = {"type": "color", "params": {"shape": s}, "answer": c}
-        _add_distractor_texts(plan, rng, sizes, rng.randint(0, 3))
+        _add_distractor_texts(plan, rng, sizes, rng.randint(0, D), level)
     elif qtype == "shape":
         s, c = rng.choice(SHAPES), rng.choice(list(COLORS))
         plan.add_object(s, c)
-        _fill_objects(plan, rng, rng.randint(0, 4), not_color=c)
+        _fill_objects(plan, rng, rng.randint(0, M - 2), not_color=c)
         rng.shuffle(plan.objects)
         plan.question = {"type": "shape", "params": {"color": c}, "answer": s}
         # No text in the asked colour, so "the green object" cannot mean a green word.
-        _add_distractor_texts(plan, rng, sizes, rng.randint(0, 3), exclude_colors=(c,))
+        _add_distractor_texts(plan, rng, sizes, rng.randint(0, D), level, exclude_colors=(c,))
     elif qtype == "position":
         a = (rng.choice(list(COLORS)), rng.choice(SHAPES))
         while True:
@@ -302,18 +349,18 @@ def _plan_scene(qtype: str, rng: random.Random, sizes: list[int]) -> _Plan:
                 break
         plan.add_object(a[1], a[0])
         plan.add_object(b[1], b[0])
-        _fill_objects(plan, rng, rng.randint(0, 3), not_combos=(a, b))
+        _fill_objects(plan, rng, rng.randint(0, M - 3), not_combos=(a, b))
         # The question (axis, order) is chosen after placement, from what is unambiguous.
         plan.question = {"type": "position", "params": {"a": list(a), "b": list(b)}, "answer": None}
-        _add_distractor_texts(plan, rng, sizes, rng.randint(0, 2))
+        _add_distractor_texts(plan, rng, sizes, rng.randint(0, min(2, D)), level)
     elif qtype == "exists":
         c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
         yes = rng.random() < 0.5
         if yes:
             plan.add_object(s, c)
-            _fill_objects(plan, rng, rng.randint(0, 4))
+            _fill_objects(plan, rng, rng.randint(0, M - 2))
         else:
-            n = rng.randint(1, 5)
+            n = rng.randint(1, M - 1)
             # Near misses make "no" informative: same colour or same shape, not both.
             for _ in range(rng.randint(0, min(2, n))):
                 if rng.random() < 0.5:
@@ -323,31 +370,31 @@ def _plan_scene(qtype: str, rng: random.Random, sizes: list[int]) -> _Plan:
             _fill_objects(plan, rng, n - len(plan.objects), not_combos=((c, s),))
         rng.shuffle(plan.objects)
         plan.question = {"type": "exists", "params": {"color": c, "shape": s}, "answer": "yes" if yes else "no"}
-        _add_distractor_texts(plan, rng, sizes, rng.randint(0, 3))
+        _add_distractor_texts(plan, rng, sizes, rng.randint(0, D), level)
     elif qtype in ("read_word", "read_number"):
         kind = "word" if qtype == "read_word" else "number"
         other = "number" if kind == "word" else "word"
         size = rng.choice(sizes)  # uniform over sizes: balanced accuracy-by-size breakdown
-        if rng.random() < 0.6:  # the only text of its kind in the image
-            target = rng.choice(WORDS) if kind == "word" else _random_number(rng)
+        if rng.random() < level.single_text_prob:  # the only text of its kind in the image
+            target = rng.choice(level.words) if kind == "word" else _random_number(rng, level)
             plan.add_text(kind, target, _text_color(rng), size)
-            _add_distractor_texts(plan, rng, sizes, rng.randint(0, 2), kinds=(other,))
+            _add_distractor_texts(plan, rng, sizes, rng.randint(0, min(2, D)), level, kinds=(other,))
             params = {"color": None}
         else:  # several of its kind, told apart by colour
             n = rng.randint(2, 3)
             colors = rng.sample(TEXT_COLORS, n)
             for i, c in enumerate(colors):
                 if kind == "word":
-                    t = rng.choice([w for w in WORDS if w not in _used_words(plan)])
+                    t = rng.choice([w for w in level.words if w not in _used_words(plan)])
                 else:
-                    t = _random_number(rng)
+                    t = _random_number(rng, level)
                     while t in _used_words(plan):
-                        t = _random_number(rng)
+                        t = _random_number(rng, level)
                 plan.add_text(kind, t, c, size if i == 0 else rng.choice(sizes))
             target, params = plan.texts[0]["text"], {"color": colors[0]}
-            _add_distractor_texts(plan, rng, sizes, rng.randint(0, 1), kinds=(other,))
+            _add_distractor_texts(plan, rng, sizes, rng.randint(0, min(1, D)), level, kinds=(other,))
         rng.shuffle(plan.texts)
-        _fill_objects(plan, rng, rng.randint(0, 4))
+        _fill_objects(plan, rng, rng.randint(0, M - 2))
         plan.question = {"type": qtype, "params": params, "answer": target, "text_size": size}
     else:
         raise ValueError(f"unknown question type {qtype!r}")
@@ -616,13 +663,23 @@ def question_type_for(seed: int, split: str, index: int) -> str:
 
 
 def generate_sample(seed: int, split: str, index: int, image_size: int = 512,
-                    *, attempt: int = 0) -> tuple[Image.Image, dict[str, Any]]:
-    """One image and its record (without the ``image`` path), a pure function of the arguments."""
+                    *, attempt: int = 0, level: "str | Level" = "standard",
+                    turns: int | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """One image and its record (without the ``image`` path), a pure function of the arguments.
+
+    ``turns=None`` asks one question and, with probability ``MULTI_TURN_PROB``, a second;
+    ``turns=k`` asks up to ``k`` (the first of the sample's balanced type, then one of each
+    other type that is answerable for the scene, in random order): denser supervision per
+    image for training.
+    """
+    lvl = get_level(level)
+    if turns is not None and not (isinstance(turns, int) and 1 <= turns <= MAX_TURNS):
+        raise SynthDataError(f"turns must be an integer in [1, {MAX_TURNS}], got {turns!r}")
     qtype = question_type_for(seed, split, index)
     rng = _rng_for(seed, split, f"sample/{index}" + (f"/{attempt}" if attempt else ""))
-    sizes = text_sizes(image_size)
+    sizes = text_sizes(image_size, lvl)
     for _ in range(100):
-        plan = _plan_scene(qtype, rng, sizes)
+        plan = _plan_scene(qtype, rng, sizes, lvl)
         try:
             scene = _place(plan, rng, image_size)
             question = plan.question
@@ -636,14 +693,16 @@ def generate_sample(seed: int, split: str, index: int, image_size: int = 512,
     _check(derive_answer(scene, qtype, question["params"]) == question["answer"],
            f"{split}/{index}: planned answer {question['answer']!r} != derived")
     questions = [question]
-    if rng.random() < MULTI_TURN_PROB:
+    extra = (1 if rng.random() < MULTI_TURN_PROB else 0) if turns is None else turns - 1
+    if extra:
         others = [t for t in QUESTION_TYPES if t != qtype]
         rng.shuffle(others)
         for t in others:
+            if len(questions) > extra:
+                break
             q2 = _any_question(t, scene, rng)
             if q2 is not None:
                 questions.append(q2)
-                break
     img = _render(scene, rng)
 
     qa, conversations = [], []
@@ -715,16 +774,22 @@ def _dump_records(records: list[dict[str, Any]]) -> str:
 
 def generate_dataset(out_dir: str | Path, *, num_train: int, num_val: int, num_test: int,
                      image_size: int = 512, seed: int = 0, progress: bool = True,
-                     overwrite: bool = False) -> dict[str, Any]:
+                     overwrite: bool = False, level: "str | Level" = "standard",
+                     train_turns: int | None = None) -> dict[str, Any]:
     """Write a dataset to ``out_dir`` and return its summary (``meta.json`` plus ``out_dir``
     and ``seconds``).
 
     Layout: ``images/{split}/NNNNNN.png``, ``{train,val,test}.json`` (LLaVA format, image paths
     relative to ``out_dir``), ``meta.json`` and ``corpus.txt`` (every question and answer, one
-    per line, plus the built-in vocabulary, for tokenizer training).
+    per line, plus the built-in vocabulary, for tokenizer training). ``level`` picks the scene
+    difficulty (:data:`LEVELS`); ``train_turns`` asks up to that many questions per training
+    image (validation and test records keep the default one or two).
     """
     num = {"train": num_train, "val": num_val, "test": num_test}
     _check_args(num, image_size, seed)
+    lvl = get_level(level)
+    if train_turns is not None and not (isinstance(train_turns, int) and 1 <= train_turns <= MAX_TURNS):
+        raise SynthDataError(f"train_turns must be an integer in [1, {MAX_TURNS}], got {train_turns!r}")
     _font(12)  # fail early, before touching the output directory, if text cannot be rendered
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
@@ -746,7 +811,8 @@ def generate_dataset(out_dir: str | Path, *, num_train: int, num_val: int, num_t
             for i in range(num[split]):
                 attempt = 0
                 while True:  # splits (and samples) never share an image
-                    img, rec = generate_sample(seed, split, i, image_size, attempt=attempt)
+                    img, rec = generate_sample(seed, split, i, image_size, attempt=attempt, level=lvl,
+                                               turns=train_turns if split == "train" else None)
                     digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
                     if digest not in seen:
                         seen.add(digest)
@@ -770,7 +836,7 @@ def generate_dataset(out_dir: str | Path, *, num_train: int, num_val: int, num_t
             bar.close()
     seconds = time.perf_counter() - t0
 
-    vocab = list(WORDS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(COLORS) + [
+    vocab = list(lvl.words) + list(SHAPES) + [s + "s" for s in SHAPES] + list(COLORS) + [
         "yes", "no", "left", "right", "above", "below"]
     (out / "corpus.txt").write_text("\n".join(corpus + vocab) + "\n", encoding="utf-8")
     import PIL
@@ -786,8 +852,10 @@ def generate_dataset(out_dir: str | Path, *, num_train: int, num_val: int, num_t
         "shapes": list(SHAPES),
         "colors": list(COLORS),
         "text_colors": list(TEXT_COLORS),
-        "text_sizes": text_sizes(image_size),
+        "level": lvl.as_dict(),
+        "text_sizes": text_sizes(image_size, lvl),
         "multi_turn_prob": MULTI_TURN_PROB,
+        "train_turns": train_turns,
         "font": "Pillow built-in (Aileron Regular, ImageFont.load_default)",
         "pillow_version": PIL.__version__,
         "text_size_note": "text_size = font size in pixels (em height) in the stored image; null for non-reading questions",
