@@ -91,7 +91,6 @@ WORDS = (
 )
 
 
-
 class Level:
     """How hard the scenes are. ``standard`` is the full benchmark; ``basic`` is the same task
     family made learnable by a few-million-parameter model trained from scratch in an hour of
@@ -125,7 +124,7 @@ LEVELS: dict[str, Level] = {
                    digits=(2, 2), text_sizes_512=(12, 16, 20, 24, 32, 40), max_objects=4,
                    max_distractor_texts=1, single_text_prob=0.8),
 }
-MAX_TURNS = len(("count", "color", "shape", "position", "exists", "read_word", "read_number"))
+MAX_TURNS = len(QUESTION_TYPES)  # one question per type and image at most
 
 
 def get_level(level: "str | Level") -> Level:
