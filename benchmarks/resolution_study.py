@@ -74,19 +74,6 @@ def matched_vit(resolution: int, target_params: int) -> tuple[nn.Module, int, in
     return vit_style_encoder(resolution, width, depth), width, depth
 
 
-class Timer:
-    """Median seconds of a callable's phases over interleaved rounds."""
-
-    def __init__(self) -> None:
-        self.samples: dict[str, list[float]] = {}
-
-    def add(self, key: str, value: float) -> None:
-        self.samples.setdefault(key, []).append(value)
-
-    def median(self, key: str) -> float:
-        return statistics.median(self.samples[key])
-
-
 def measure(res: int, model_dir: str, rounds: int, warmup: int) -> dict:
     from fastvlm import FastVLM
     from fastvlm.processing import build_prompt, tokenize_prompt
@@ -118,32 +105,30 @@ def measure(res: int, model_dir: str, rounds: int, warmup: int) -> dict:
         return vit(pixel_values=x).last_hidden_state[:, 1:]
 
     variants = {"fastvithd": (ours_encode, model.mm_projector), "vit": (vit_encode, vit_proj)}
-    timer = Timer()
+    samples: dict[str, list[float]] = {}
     tokens = {}
     for r in range(warmup + rounds):
         for name, (enc, proj) in variants.items():
-            e, p, n = time_once_at(enc, proj, lm, pre, post, px)
+            e, p, n = time_once(enc, proj, lm, pre, post, px)
             tokens[name] = n
             if r >= warmup:
-                timer.add(f"{name}.encode", e)
-                timer.add(f"{name}.prefill", p)
-                timer.add(f"{name}.ttft", e + p)
+                for key, value in (("encode", e), ("prefill", p), ("ttft", e + p)):
+                    samples.setdefault(f"{name}.{key}", []).append(value)
     out = {"resolution": res, "threads": torch.get_num_threads()}
     for name in variants:
         out[name] = {
             "encoder_params": enc_params if name == "fastvithd" else n_params(vit),
             "visual_tokens": model.num_image_tokens if name == "fastvithd" else vit_tokens,
             "prompt_tokens": tokens[name],
-            "encode_ms": 1e3 * timer.median(f"{name}.encode"),
-            "prefill_ms": 1e3 * timer.median(f"{name}.prefill"),
-            "ttft_ms": 1e3 * timer.median(f"{name}.ttft"),
+            **{f"{key}_ms": 1e3 * statistics.median(samples[f"{name}.{key}"])
+               for key in ("encode", "prefill", "ttft")},
         }
     out["vit"]["config"] = {"width": width, "depth": depth, "patch": 16, "library": "transformers CLIPVisionModel"}
     return out
 
 
 @torch.inference_mode()
-def time_once_at(encode, project, lm, pre, post, pixels) -> tuple[float, float, int]:
+def time_once(encode, project, lm, pre, post, pixels) -> tuple[float, float, int]:
     t0 = time.perf_counter()
     feats = project(encode(pixels))
     t1 = time.perf_counter()

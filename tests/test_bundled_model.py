@@ -56,7 +56,7 @@ def test_readme_quick_start_answers(image, question, answer, capsys):
     assert result["answer"].strip().lower() == answer, result
 
 
-def test_bundled_model_is_the_default():
+def test_bundled_model_fits_the_package_budget():
     path = bundled_model_path()
     assert os.path.isfile(os.path.join(path, "config.json"))
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))

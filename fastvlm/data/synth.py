@@ -127,6 +127,11 @@ LEVELS: dict[str, Level] = {
 MAX_TURNS = len(QUESTION_TYPES)  # one question per type and image at most
 
 
+def _check_turns(name: str, turns: int | None) -> None:
+    if turns is not None and not (isinstance(turns, int) and not isinstance(turns, bool) and 1 <= turns <= MAX_TURNS):
+        raise SynthDataError(f"{name} must be an integer in [1, {MAX_TURNS}], got {turns!r}")
+
+
 def get_level(level: "str | Level") -> Level:
     if isinstance(level, Level):
         return level
@@ -672,8 +677,7 @@ def generate_sample(seed: int, split: str, index: int, image_size: int = 512,
     image for training.
     """
     lvl = get_level(level)
-    if turns is not None and not (isinstance(turns, int) and 1 <= turns <= MAX_TURNS):
-        raise SynthDataError(f"turns must be an integer in [1, {MAX_TURNS}], got {turns!r}")
+    _check_turns("turns", turns)
     qtype = question_type_for(seed, split, index)
     rng = _rng_for(seed, split, f"sample/{index}" + (f"/{attempt}" if attempt else ""))
     sizes = text_sizes(image_size, lvl)
@@ -787,8 +791,7 @@ def generate_dataset(out_dir: str | Path, *, num_train: int, num_val: int, num_t
     num = {"train": num_train, "val": num_val, "test": num_test}
     _check_args(num, image_size, seed)
     lvl = get_level(level)
-    if train_turns is not None and not (isinstance(train_turns, int) and 1 <= train_turns <= MAX_TURNS):
-        raise SynthDataError(f"train_turns must be an integer in [1, {MAX_TURNS}], got {train_turns!r}")
+    _check_turns("train_turns", train_turns)
     _font(12)  # fail early, before touching the output directory, if text cannot be rendered
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)

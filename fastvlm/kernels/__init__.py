@@ -77,6 +77,8 @@ def _build(cc: str, flags: set[str]) -> str:
 
 def load() -> Optional[ctypes.CDLL]:
     """The compiled library, building it on first use; None where it cannot be had (see `status()`)."""
+    if "lib" in _state:  # every decode step's linear layers come here: no lock once loaded
+        return _state["lib"]
     with _lock:
         if "lib" in _state:
             return _state["lib"]
