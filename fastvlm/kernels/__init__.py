@@ -171,8 +171,9 @@ def tune_allocator(mmap_threshold: int = 1 << 30) -> bool:
     By default glibc gives every allocation above a few MB its own fresh mmap and unmaps
     it on free, so each forward pass page-faults its activation buffers in again (the
     kernel zero-fills every page). Raising the mmap and trim thresholds lets a forward
-    reuse the previous one's memory: fp32 NCHW FastViTHD at 1024 px went from about 5.0 s
-    to 3.1 s on the 2-core Zen 4, the channels-last fast path 3-7%. The cost: RSS stays at
+    reuse the previous one's memory. FastViTHD at 1024 px on the 2-core Zen 4
+    (benchmarks/results/profile-cpu*.json, `bash benchmarks/run_cpu.sh profile`): fp32 NCHW
+    5.05 -> 3.17 s, fp32 fused 2.85 -> 2.72 s, bf16 fused 1.56 -> 1.55 s. The cost: RSS stays at
     its high-water mark instead of shrinking between requests. The CLI and `fastvlm bench`
     call this; library users opt in. Returns whether the settings were applied.
     """
