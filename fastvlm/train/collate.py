@@ -136,7 +136,8 @@ class DataCollator:
 
     Returns ``input_ids`` (padded with ``pad_token_id``), ``labels`` (padded with -100),
     ``attention_mask`` (1 on real tokens), ``pixel_values`` ``[N, 3, S, S]`` in placeholder
-    order (None when the batch has no image), ``num_label_tokens`` (supervised tokens as the
+    order (None when the batch has no image), ``image_features`` (the same for samples that
+    carry cached encoder features, see :mod:`fastvlm.train.features`), ``num_label_tokens`` (supervised tokens as the
     shifted loss counts them), ``num_samples``, ``ids``, and ``skipped`` (messages of samples
     whose images failed to load with ``skip_bad``; they are left out, never replaced).
 
@@ -161,6 +162,7 @@ class DataCollator:
                 "labels": torch.tensor([[IGNORE_INDEX]], dtype=torch.long),
                 "attention_mask": torch.ones(1, 1, dtype=torch.long),
                 "pixel_values": None,
+                "image_features": None,
                 "num_label_tokens": 0,
                 "num_samples": 0,
                 "num_tokens": 0,
@@ -178,11 +180,13 @@ class DataCollator:
             labels[row, :L] = torch.as_tensor(s["labels"], dtype=torch.long)
             attention_mask[row, :L] = 1
         pixels = [s["pixel_values"] for s in kept if s.get("pixel_values") is not None and len(s["pixel_values"])]
+        feats = [s["image_features"] for s in kept if s.get("image_features") is not None and len(s["image_features"])]
         return {
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": attention_mask,
             "pixel_values": torch.cat(pixels) if pixels else None,
+            "image_features": torch.cat(feats) if feats else None,
             "num_label_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
             "num_samples": n,
             "num_tokens": int(attention_mask.sum()),

@@ -349,14 +349,21 @@ class ConversationDataset:
         si, ri = int(self.source_index[i]), int(self.record_index[i])
         return _where(self.sources[si].path, ri, self.sources[si].record(ri))
 
+    def image_paths(self, i: int) -> list[str]:
+        """The image files of sample ``i`` (already resolved against the image folder)."""
+        return self.load_tokens(i)[0].images
+
+    def load_tokens(self, i: int):
+        """(conversation, tokenized conversation) of sample ``i``, without loading its images."""
+        return self._load(int(self.source_index[i]), int(self.record_index[i]), check=False)
+
     def __getitem__(self, i: int) -> dict:
         import torch
 
         from ..errors import ImageError
         from ..processing import load_image, preprocess_image
 
-        si, ri = int(self.source_index[i]), int(self.record_index[i])
-        conv, tok = self._load(si, ri, check=False)
+        conv, tok = self.load_tokens(i)
         pixels = None
         if conv.images:
             try:

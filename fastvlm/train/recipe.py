@@ -24,6 +24,9 @@ Sections (every key is optional unless marked; unknown keys are errors):
       group_by_length: true
       num_workers: 2
       max_val_samples: null
+      cache_image_features: false        encode each image once with the frozen encoder and train on the
+                                         stored features (needs a frozen vision tower; memory: images x
+                                         tokens x channels x 4 bytes, per process)
     optim:
       lr: 2e-5               base learning rate
       lr_projector / lr_vision_tower / lr_language_model: null   per-module overrides
@@ -111,6 +114,7 @@ class DataSpec:
     group_by_length: bool = True
     num_workers: int = 2
     max_val_samples: Optional[int] = None
+    cache_image_features: bool = False
 
 
 @dataclass
@@ -288,6 +292,9 @@ class Recipe:
                 raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
             if not self.lora.target_modules:
                 raise ConfigError("lora.target_modules is empty")
+        if d.cache_image_features and self.trainable_modules()["vision_tower"]:
+            raise ConfigError("data.cache_image_features needs a frozen vision tower (stage1, or "
+                              "train.trainable.vision_tower: false): a training encoder changes its features")
         if not any(self.trainable_modules().values()):
             raise ConfigError("nothing to train: every module is frozen (check stage and train.trainable)")
         out = self.output

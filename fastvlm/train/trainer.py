@@ -60,11 +60,19 @@ class TrainStep(nn.Module):
         self.vlm = vlm
         self.touch_vision = False
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, num_items: float = 1.0):
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, num_items: float = 1.0,
+                image_features=None):
+        projected = None
+        if image_features is not None:
+            # cached encoder outputs (data.cache_image_features): only the projector runs here
+            proj_param = next(self.vlm.mm_projector.parameters(), None)
+            if proj_param is not None:
+                image_features = image_features.to(proj_param.dtype)
+            projected = self.vlm.mm_projector(image_features)
         out = self.vlm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels,
-                       use_cache=False, num_items_in_batch=num_items)
+                       image_features=projected, use_cache=False, num_items_in_batch=num_items)
         loss = out.loss
-        if pixel_values is None and self.touch_vision and self.training:
+        if pixel_values is None and image_features is None and self.touch_vision and self.training:
             # No image in this micro-batch: give every trainable encoder/projector parameter a zero
             # gradient so DDP/FSDP see it used (a zero image through the encoder would do the same
             # but would also move BatchNorm statistics).
@@ -91,7 +99,7 @@ def resolve_mixed_precision(value: str, cpu: bool) -> str:
 
 def _to(batch: dict, device) -> dict:
     out = dict(batch)
-    for k in ("input_ids", "attention_mask", "labels", "pixel_values"):
+    for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_features"):
         if out.get(k) is not None:
             out[k] = out[k].to(device, non_blocking=True)
     return out
@@ -170,6 +178,18 @@ class Trainer:
             raise ConfigError(f"the training data has {len(self.train_data)} usable samples, fewer than one global "
                               f"batch ({r.train.global_batch_size}); lower train.global_batch_size")
         self.total_steps = r.train.max_steps or r.train.epochs * self.steps_per_epoch
+
+    def _cache_image_features(self, vlm) -> None:
+        """Encode every distinct image once (frozen encoder) and serve the features instead of pixels."""
+        from .features import CachedFeatureDataset, FeatureCache
+
+        datasets = [d for d in (self.train_data, self.val_data) if d is not None]
+        autocast = self.accelerator.autocast if self.mixed_precision != "no" else None
+        cache = FeatureCache.build(vlm, datasets, batch_size=self.recipe.train.per_device_batch_size,
+                                   autocast=autocast, progress=self.progress and self.is_main)
+        self.train_data = CachedFeatureDataset(self.train_data, cache)
+        if self.val_data is not None:
+            self.val_data = CachedFeatureDataset(self.val_data, cache)
 
     def _loader(self, dataset, batch_sampler):
         from torch.utils.data import DataLoader
@@ -308,7 +328,7 @@ class Trainer:
         for batch in loader:
             batch = _to(batch, self.device)
             loss_sum = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                  batch["pixel_values"], 1.0)
+                                  batch["pixel_values"], 1.0, batch.get("image_features"))
             total += loss_sum.detach().double()
             count += batch["num_label_tokens"]
         build.set_train_mode(self.vlm, self.recipe)
@@ -457,6 +477,8 @@ class Trainer:
         build.set_train_mode(vlm, r)
         if not self.is_deepspeed:
             vlm.to(self.device)  # so a fused optimizer sees the parameters where they will train
+        if r.data.cache_image_features:
+            self._cache_image_features(vlm)
         optimizer = build.build_optimizer(vlm, r)
         # Together in one call: DeepSpeed needs that, and FSDP maps the optimizer onto its sharded parameters.
         self.model, self.optimizer = acc.prepare(step_module, optimizer)
@@ -550,7 +572,7 @@ class Trainer:
                         batch = _to(batch, self.device)
                         with acc.accumulate(self.model):
                             loss = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                              batch["pixel_values"], per_micro)
+                                              batch["pixel_values"], per_micro, batch.get("image_features"))
                             acc.backward(loss)
                         step_loss += loss.detach().double() / (W * A)
                     if max_norm:

@@ -1,0 +1,96 @@
+"""data.cache_image_features: training on cached encoder outputs is the same training."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastvlm.errors import ConfigError
+from fastvlm.train.data import DataError
+from fastvlm.train.recipe import recipe_from_dict
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_train import conv, make_dataset, tiny_recipe, write_json  # noqa: E402
+
+
+def _run(recipe: dict) -> dict:
+    from fastvlm.train.trainer import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(recipe_from_dict(recipe), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _frozen_encoder_recipe(data, tok_dir, out, **data_over) -> dict:
+    # the encoder in its multi-branch form with BatchNorm: frozen, it runs in eval mode
+    recipe = tiny_recipe(
+        data, tok_dir, out,
+        init={"preset": "fastvlm-tiny", "seed": 0, "vision": {"image_size": 64, "inference_mode": False}},
+        train={"epochs": 2, "global_batch_size": 4, "per_device_batch_size": 2, "seed": 3,
+               "trainable": {"vision_tower": False}, "cpu": True},
+        optim={"lr": 3e-3, "warmup_ratio": 0.1, "weight_decay": 0.01})
+    recipe["data"].update(val=data["val"], **data_over)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from test_train import make_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    make_tokenizer(d)
+    return d
+
+
+def test_cached_features_train_the_same_weights(tmp_path, tok_dir):
+    data = make_dataset(tmp_path / "data", 12, text_only=3)
+    ref = _run(_frozen_encoder_recipe(data, tok_dir, tmp_path / "ref"))
+    cached = _run(_frozen_encoder_recipe(data, tok_dir, tmp_path / "cached", cache_image_features=True))
+    assert cached["steps"] == ref["steps"] >= 4
+    a = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cached" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+        moved += "mm_projector" in k
+    assert moved
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
+              for d in ("ref", "cached")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert cached["final_val_loss"] == pytest.approx(ref["final_val_loss"], rel=1e-5)
+
+
+def test_cache_needs_a_frozen_encoder(tmp_path, tok_dir):
+    data = make_dataset(tmp_path / "data", 4)
+    recipe = tiny_recipe(data, tok_dir, tmp_path / "out", data__cache_image_features=True)
+    with pytest.raises(ConfigError, match="cache_image_features needs a frozen vision tower"):
+        recipe_from_dict(recipe)
+    recipe["stage"] = "stage1"
+    recipe_from_dict(recipe)  # stage 1 freezes the encoder
+
+
+def test_unreadable_image_while_caching(tmp_path, tok_dir):
+    data = make_dataset(tmp_path / "data", 7, val=0)
+    good = (tmp_path / "data" / "images" / "0.png").read_bytes()
+    (tmp_path / "data" / "images" / "cut.png").write_bytes(good[: len(good) // 2])
+    records = data["records"] + [{"id": "cut", "image": "images/cut.png", "conversations": conv("<image>\nWhat?", "red")}]
+    write_json(data["train"], records)
+    recipe = _frozen_encoder_recipe(data, tok_dir, tmp_path / "out", cache_image_features=True)
+    recipe["data"].pop("val")
+    with pytest.raises(DataError, match=r"record 7 \(id 'cut'\)"):
+        _run(recipe)
+    recipe["data"]["skip_bad"] = True
+    recipe["output"]["dir"] = str(tmp_path / "out2")
+    summary = _run(recipe)
+    # 8 records, 2 steps of 4 per epoch: the bad sample is skipped once per epoch, never replaced
+    assert summary["skipped_by_kind"] == {"unreadable_image_at_load": 2}
+    assert summary["steps"] == 4 and summary["samples"] == 4 * 4 - 2
