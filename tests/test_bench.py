@@ -92,10 +92,14 @@ def test_bench_checkpoint_with_transformers_baseline(tmp_path):
     FastVLM.from_config(cfg, dtype=torch.float32).save_pretrained(str(tmp_path / "ckpt"))
     out = str(tmp_path / "results")
     rc = main(["bench", "--model", str(tmp_path / "ckpt"), "--dtypes", "fp32", "--modes", "exact", "fast",
-               "--warmup", "0", "--repeats", "1", "--new-tokens", "3", "--no-roofline", "--out", out, "--name", "ck"])
+               "--warmup", "0", "--repeats", "1", "--new-tokens", "3", "--no-roofline", "--out", out, "--name", "ck",
+               "--transformers-fresh-process"])
     assert rc == 0
     report = _read(out, "ck")
-    assert [r["mode"] for r in report["transformers"]] == ["transformers"]
-    assert all(r["ttft_over_transformers"] > 0 for r in report["results"])
+    assert not report["notes"], report["notes"]
+    assert [r["mode"] for r in report["transformers"]] == ["transformers", "transformers-fresh"]
+    fresh = report["transformers"][1]
+    assert fresh["settings"]["process"] == "fresh" and fresh["ttft_s"]["n"] == 1 and len(fresh["tokens"]) == 3
+    assert all(r["ttft_over_transformers"] > 0 and r["ttft_over_transformers_fresh"] > 0 for r in report["results"])
     acc = {a["mode"]: a for a in report["accuracy"]}
     assert acc["transformers"]["logits_max_abs_diff"] < 1e-4 and acc["transformers"]["greedy_tokens_same"]

@@ -44,7 +44,7 @@ def format_report(report: dict[str, Any]) -> str:
         bw = roof.get("read_bandwidth", {}).get("gbps_best")
         parts.append(f"roofline (best of repeats): matmul GFLOP/s {mm} | memory read {_num(bw, '{:.1f}')} GB/s")
     headers = ["model", "dtype", "mode", "res", "tokens", "encode ms", "proj ms", "prefill ms", "TTFT ms",
-               "decode tok/s", "peak MB", "TTFT/HF", "TTFT/roof", "dec %bound"]
+               "decode tok/s", "peak MB", "TTFT/HF", "TTFT/HF fresh", "TTFT/roof", "dec %bound"]
     rows = []
     for r in report["results"] + report["transformers"]:
         rf = r.get("roofline", {})
@@ -52,7 +52,8 @@ def format_report(report: dict[str, Any]) -> str:
             r["model"], r["dtype"], r["mode"], str(r["resolution"]), str(r["image_tokens"]),
             _ms(r.get("encode_s")), _ms(r.get("projector_s")), _ms(r.get("prefill_s")), _ms(r.get("ttft_s")),
             _tps(r.get("decode_tokens_per_s")), _num(r.get("peak_mb"), "{:.0f}"),
-            _num(r.get("ttft_over_transformers")), _num(rf.get("ttft_over_roofline")),
+            _num(r.get("ttft_over_transformers")), _num(r.get("ttft_over_transformers_fresh")),
+            _num(rf.get("ttft_over_roofline")),
             _num(None if rf.get("decode_fraction_of_bound") is None else 100 * rf["decode_fraction_of_bound"], "{:.0f}%"),
         ])
     parts.append(_table(headers, rows))
@@ -108,7 +109,7 @@ def write_plots(report: dict[str, Any], stem: str) -> list[str]:
         rs = sorted(rs, key=lambda r: r["resolution"])
         xs = [r["resolution"] for r in rs]
         ys = [r["ttft_s"]["median"] * 1000 for r in rs]
-        style = "s--" if mode == "transformers" else "o-"
+        style = "s--" if mode.startswith("transformers") else "o-"
         ax.plot(xs, ys, style, label=f"{model} {dtype} {mode}", markersize=4)
     for b in report.get("encoder_baselines", []):
         if b.get("ttft_s"):
@@ -129,7 +130,7 @@ def write_plots(report: dict[str, Any], stem: str) -> list[str]:
     written.append(path)
 
     # encoder / projector / prefill shares of TTFT, one panel per (model, dtype, mode) of ours
-    ours = [(k, v) for k, v in sorted(series.items()) if k[2] != "transformers"]
+    ours = [(k, v) for k, v in sorted(series.items()) if not k[2].startswith("transformers")]
     if ours:
         n = len(ours)
         cols = min(n, 3)

@@ -43,6 +43,7 @@ class BenchConfig:
     bandwidth_mb: int = 1024
     realistic_weights: bool = True
     seed: int = 0
+    transformers_fresh: bool = False  # also time the port in a fresh process (fastvlm.bench.fresh)
     command: list[str] = field(default_factory=list)
 
 
@@ -201,8 +202,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 hf_fits = device.type != "cpu" or free is None or need * 1.4 < free * 0.9
                 if want_hf and hf_fits:
                     try:
-                        hf = suite.TransformersVariant.from_ours(base, dtype, os.path.join(workdir, f"{name}-{dname}"))
-                        suite.remove(os.path.join(workdir, f"{name}-{dname}"))
+                        hf_dir = os.path.join(workdir, f"{name}-{dname}")
+                        hf = suite.TransformersVariant.from_ours(base, dtype, hf_dir)
+                        if not cfg.transformers_fresh:
+                            suite.remove(hf_dir)
                         log("transformers FastVlmForConditionalGeneration loaded on the same weights")
                     except Exception as e:  # noqa: BLE001 - a missing port must not stop our own numbers
                         report["notes"].append(f"transformers baseline unavailable: {e}")
@@ -275,6 +278,9 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                             report["transformers"].append(row)
                         else:
                             report["results"].append(row)
+                    if hf is not None and res in hf_res and cfg.transformers_fresh:
+                        _fresh_baseline(report, cfg, device, hf_dir, name, dname, res, tokens,
+                                        min(1000, text_cfg.vocab_size), flops, peaks.get(dtype))
                     gc.collect()
 
                 if cfg.accuracy and hf is not None and ref_probe is not None:
@@ -293,6 +299,35 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     report["machine"]["load_average_end"] = core.load_average()
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return report
+
+
+def _fresh_baseline(report, cfg: BenchConfig, device, hf_dir: str, name: str, dname: str, res: int, tokens: int,
+                    vocab: int, flops, peak) -> None:
+    """transformers' port in a process of its own, glibc defaults (see fastvlm.bench.fresh); after our rounds."""
+    from .fresh import run_fresh
+
+    log(f"{name} {dname} {res}px: timing transformers in a fresh process")
+    try:
+        summ = run_fresh(os.path.join(hf_dir, "hf"), dtype=dname, device=str(device), resolution=res,
+                         image_tokens=tokens, text_tokens=cfg.text_tokens, vocab=vocab, new_tokens=cfg.new_tokens,
+                         warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed, threads=torch.get_num_threads(),
+                         quiet_wait=suite.QUIET["max_wait_s"], quiet_below=suite.QUIET["busy_below"])
+    except Exception as e:  # noqa: BLE001 - the run's own numbers stand without it
+        report["notes"].append(f"{name} {dname} {res}px: fresh-process transformers baseline failed: {e}")
+        log(f"fresh-process transformers baseline failed: {e}")
+        return
+    row = {"model": name, "dtype": dname, "mode": "transformers-fresh", "resolution": res, "image_tokens": tokens,
+           "prompt_tokens": tokens + cfg.text_tokens, "new_tokens": cfg.new_tokens,
+           "settings": {"library": "transformers", "process": "fresh", "allocator": "glibc default",
+                        "timed": "after the interleaved rounds, not interleaved with them"},
+           **summ}
+    row["roofline"] = _roofline_fields(summ, flops["encoder"][res], flops["prefill"][res], peak, None, None)
+    report["transformers"].append(row)
+    theirs = (summ.get("ttft_s") or {}).get("median")
+    log(f"fresh-process transformers TTFT {theirs * 1000:.0f} ms" if theirs else "fresh-process transformers: no TTFT")
+    for r in report["results"]:
+        if r["model"] == name and r["dtype"] == dname and r["resolution"] == res and theirs:
+            r["ttft_over_transformers_fresh"] = r["ttft_s"]["median"] / theirs
 
 
 @torch.inference_mode()

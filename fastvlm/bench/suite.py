@@ -209,8 +209,14 @@ class TransformersVariant:
         path = os.path.join(workdir, "hf")
         if not os.path.isdir(path):
             ours.save_pretrained(path, layout="hf")
+        return cls.load(path, dtype, ours.device)
+
+    @classmethod
+    def load(cls, path: str, dtype: torch.dtype, device) -> "TransformersVariant":
+        import transformers
+
         model = transformers.FastVlmForConditionalGeneration.from_pretrained(path, dtype=dtype)
-        model = model.to(ours.device).eval()
+        model = model.to(device).eval()
         pad = model.config.text_config.pad_token_id
         return cls(model, int(model.config.image_token_id), 0 if pad is None else int(pad))
 
