@@ -50,3 +50,16 @@ def perturb_(model: nn.Module, seed: int = 0) -> nn.Module:
         elif p.dim() == 1 and "norm" in name and name.endswith("bias"):
             p.normal_(0, 0.1, generator=g)
     return model
+
+
+def train_in_process(recipe_dict: dict) -> dict:
+    """Run a training recipe (a dict) in this process on one thread; returns the run summary."""
+    from fastvlm.train.recipe import recipe_from_dict
+    from fastvlm.train.trainer import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(recipe_from_dict(recipe_dict), progress=False)
+    finally:
+        torch.set_num_threads(threads)

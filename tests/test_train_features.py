@@ -15,18 +15,8 @@ from fastvlm.train.data import DataError
 from fastvlm.train.recipe import recipe_from_dict
 
 sys.path.insert(0, os.path.dirname(__file__))
+from helpers import train_in_process  # noqa: E402
 from test_train import conv, make_dataset, tiny_recipe, write_json  # noqa: E402
-
-
-def _run(recipe: dict) -> dict:
-    from fastvlm.train.trainer import train
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(recipe_from_dict(recipe), progress=False)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _frozen_encoder_recipe(data, tok_dir, out, **data_over) -> dict:
@@ -52,8 +42,8 @@ def tok_dir(tmp_path_factory):
 
 def test_cached_features_train_the_same_weights(tmp_path, tok_dir):
     data = make_dataset(tmp_path / "data", 12, text_only=3)
-    ref = _run(_frozen_encoder_recipe(data, tok_dir, tmp_path / "ref"))
-    cached = _run(_frozen_encoder_recipe(data, tok_dir, tmp_path / "cached", cache_image_features=True))
+    ref = train_in_process(_frozen_encoder_recipe(data, tok_dir, tmp_path / "ref"))
+    cached = train_in_process(_frozen_encoder_recipe(data, tok_dir, tmp_path / "cached", cache_image_features=True))
     assert cached["steps"] == ref["steps"] >= 4
     a = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "cached" / "final" / "model.safetensors"))
@@ -87,10 +77,10 @@ def test_unreadable_image_while_caching(tmp_path, tok_dir):
     recipe = _frozen_encoder_recipe(data, tok_dir, tmp_path / "out", cache_image_features=True)
     recipe["data"].pop("val")
     with pytest.raises(DataError, match=r"record 7 \(id 'cut'\)"):
-        _run(recipe)
+        train_in_process(recipe)
     recipe["data"]["skip_bad"] = True
     recipe["output"]["dir"] = str(tmp_path / "out2")
-    summary = _run(recipe)
+    summary = train_in_process(recipe)
     # 8 records, 2 steps of 4 per epoch: the bad sample is skipped once per epoch, never replaced
     assert summary["skipped_by_kind"] == {"unreadable_image_at_load": 2}
     assert summary["steps"] == 4 and summary["samples"] == 4 * 4 - 2

@@ -23,6 +23,7 @@ from fastvlm.train.checkpointing import list_checkpoints
 from fastvlm.train.recipe import recipe_from_dict
 
 sys.path.insert(0, os.path.dirname(__file__))
+from helpers import train_in_process  # noqa: E402
 from test_train import make_dataset, make_tokenizer, tiny_recipe  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,17 +35,6 @@ def _env() -> dict:
                CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-def _train_in_process(recipe_dict: dict) -> dict:
-    from fastvlm.train.trainer import train
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(recipe_from_dict(recipe_dict), progress=False)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _weights(out_dir) -> dict:
@@ -70,7 +60,7 @@ def test_sigkill_then_resume_matches_uninterrupted(setup):
                               "cpu": True},
                        optim={"lr": 2e-3, "warmup_ratio": 0.2, "weight_decay": 0.01})
     base["output"].update(save_every=2, keep_last=2, log_every=1)
-    ref = _train_in_process(base)
+    ref = train_in_process(base)
     total = ref["steps"]
     assert total == 12
 
@@ -125,7 +115,7 @@ def test_two_processes_match_one(setup):
                       train={"epochs": 1, "global_batch_size": 8, "per_device_batch_size": 4, "seed": 1,
                              "freeze_bn_stats": True, "cpu": True},
                       optim={"lr": 2e-3, "warmup_ratio": 0.0, "weight_decay": 0.01})
-    ref = _train_in_process(one)
+    ref = train_in_process(one)
 
     two = dict(one, train=dict(one["train"], per_device_batch_size=2), output=dict(one["output"],
                                                                                     dir=str(root / "two")))
