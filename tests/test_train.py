@@ -473,6 +473,10 @@ def test_recipe_errors_and_overrides(tmp_path):
     r = load_recipe(str(path), ["optim.lr_projector=2e-5", "train.global_batch_size=64", "data.train=[a.json, b.json]"])
     assert r.optim.lr == 1e-3 and r.module_lr("mm_projector") == 2e-5 and r.module_lr("language_model") == 1e-3
     assert r.data.train == ["a.json", "b.json"] and r.accumulation_steps(2) == 8
+    # YAML 1.1 reads `no` as false: for a string key it still means "no"
+    assert load_recipe(str(path), ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision must be one of"):
+        load_recipe(str(path), ["train.mixed_precision=yes"])
     with pytest.raises(ConfigError, match=str(path)):
         load_recipe(str(path), ["optim.bogus=1"])
 

@@ -368,7 +368,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 pass
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            # YAML 1.1 reads no/off/yes/on as booleans: `mixed_precision: no` means the string
+            return "yes" if value else "no"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{name} must be a string, got {value!r}")
     if tp is list or origin is list:
