@@ -169,14 +169,14 @@ def plot(report: dict, path: str) -> None:
     rows = report["runs"]
     res = [r["resolution"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    buckets = sorted({k for r in rows for k in r["eval"]["by_text_size"]}, key=_size_key)
-    for bkt in buckets:
-        a1.plot(res, [100 * r["eval"]["by_text_size"].get(bkt, {}).get("accuracy", float("nan")) for r in rows],
-                marker="o", label=f"text {bkt} px")
+    types = sorted({k for r in rows for k in r["eval"]["by_question_type"]})
+    for qt in types:
+        a1.plot(res, [100 * r["eval"]["by_question_type"].get(qt, {}).get("accuracy", float("nan")) for r in rows],
+                marker="o", label=qt)
     a1.plot(res, [100 * r["eval"]["accuracy"] for r in rows], marker="s", color="black", lw=2, label="all questions")
     a1.set_xlabel("input resolution (px)")
     a1.set_ylabel("exact match on the synthetic test split (%)")
-    a1.set_title("Accuracy: reading small text needs resolution")
+    a1.set_title("Accuracy per question type")
     a1.set_xticks(res)
     a1.legend(fontsize=7)
     a1.grid(alpha=0.3)

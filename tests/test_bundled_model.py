@@ -30,22 +30,22 @@ def test_bundled_model_eval_end_to_end(test_split, tmp_path, capsys):
                  "--device", "cpu", "--dtype", "fp32", "--no-progress", "--ttft-samples", "1",
                  "--batch-size", "35"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n"] == N_TEST and summary["resolution"] == 128
+    assert summary["n"] == N_TEST and summary["resolution"] == 256
     by_type = summary["breakdown"]["question_type"]
     assert set(by_type) == {"count", "color", "shape", "position", "exists", "read_word", "read_number"}
-    # The full 1,000-question split scores 44.3% (README), colour and shape about 70%; a model
-    # answering from the question alone (the previously shipped one) scores 24.6% on it, with
+    # The full 1,000-question split scores 63.1% (README), colour 96% and shape 94%; a model
+    # answering from the question alone (the model shipped first) scores 24.6% on it, with
     # colour 13% and shape 28% (7 colours, 5 shapes). These bounds fail for a model that
     # ignores the image.
-    assert summary["scores"]["accuracy"] >= 0.35, by_type
+    print(summary["scores"], {k: v["accuracy"] for k, v in by_type.items()})
+    assert summary["scores"]["accuracy"] >= 0.5, by_type
     for qtype in ("color", "shape"):
-        assert by_type[qtype]["accuracy"] >= 0.5, (qtype, by_type[qtype])
+        assert by_type[qtype]["accuracy"] >= 0.8, (qtype, by_type[qtype])
 
 
 @pytest.mark.parametrize("image,question,answer", [
     ("shapes.png", "How many diamonds are in the image?", "3"),  # the README's first command
     ("colors.png", "What is the color of the circle?", "blue"),
-    ("position.png", "Is the green square left or right of the yellow triangle?", "right"),
 ])
 def test_readme_quick_start_answers(image, question, answer, capsys):
     # examples/ come from a seed the model never trained on (scripts/make_examples.py)
