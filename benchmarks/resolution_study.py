@@ -168,7 +168,7 @@ def plot(report: dict, path: str) -> None:
 
     rows = report["runs"]
     res = [r["resolution"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.4))
     types = sorted({k for r in rows for k in r["eval"]["by_question_type"]})
     for qt in types:
         a1.plot(res, [100 * r["eval"]["by_question_type"].get(qt, {}).get("accuracy", float("nan")) for r in rows],
@@ -189,19 +189,39 @@ def plot(report: dict, path: str) -> None:
     a2.set_xticks(res)
     a2.legend(fontsize=8)
     a2.grid(alpha=0.3)
+    # the paper's trade-off plot: accuracy against measured TTFT, one point per trained resolution
+    xs = [r["ttft"]["fastvithd"]["ttft_ms"] for r in rows]
+    a3.plot(xs, [100 * r["eval"]["accuracy"] for r in rows], marker="o", color="black")
+    for x, r in zip(xs, rows):
+        a3.annotate(f"{r['resolution']} px", (x, 100 * r["eval"]["accuracy"]), xytext=(5, -12),
+                    textcoords="offset points", fontsize=8)
+    a3.set_xlabel("TTFT at batch 1 (ms)")
+    a3.set_ylabel("exact match, all questions (%)")
+    a3.set_title("Accuracy against TTFT (same recipe)")
+    a3.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", required=True, metavar="RES=MODEL_DIR,EVAL_DIR",
+    p.add_argument("--run", action="append", default=[], metavar="RES=MODEL_DIR,EVAL_DIR",
                    help="a trained model, the resolution it was trained at and its `fastvlm eval --out` directory")
     p.add_argument("--rounds", type=int, default=30, help="timed rounds per resolution (default 30)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/resolution-study", help="output path stem")
+    p.add_argument("--replot", action="store_true", help="redraw OUT.png and reprint the table from OUT.json "
+                   "without measuring")
     args = p.parse_args()
+    if args.replot:
+        with open(args.out + ".json") as f:
+            report = json.load(f)
+        plot(report, args.out + ".png")
+        print(markdown(report))
+        return 0
+    if not args.run:
+        p.error("give at least one --run RES=MODEL_DIR,EVAL_DIR (or --replot)")
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = sorted(parse_run(s) for s in args.run)
