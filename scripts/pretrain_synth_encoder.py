@@ -127,6 +127,12 @@ def main() -> int:
     # positives are rare (a few per cell among 79 labels): weight them up so the loss is not "always no"
     pos_weight = torch.full((len(labels),), 4.0)
 
+    groups: dict[str, list[int]] = {}
+    for name, i in labels.items():
+        kind = name.split(" ")[0]
+        groups.setdefault({"color": "colour", "shape": "shape", "word": "word", "tens": "digit",
+                           "units": "digit"}.get(kind, "colour_shape"), []).append(i)
+
     def evaluate() -> dict:
         encoder.eval()
         with torch.no_grad():
@@ -136,7 +142,12 @@ def main() -> int:
         tp = (pred & (Yv > 0)).sum().item()
         f1 = 2 * tp / max(1, pred.sum().item() + (Yv > 0).sum().item())
         cells = (pred == (Yv > 0)).all(-1).float().mean().item()
-        return {"val_f1": round(f1, 4), "val_cells_exact": round(cells, 4)}
+        out = {"val_f1": round(f1, 4), "val_cells_exact": round(cells, 4)}
+        # per label group: the overall F1 is dominated by the many shape and colour positives
+        for group, idx in groups.items():
+            p, y = pred[..., idx], Yv[..., idx] > 0
+            out[f"val_f1_{group}"] = round(2 * (p & y).sum().item() / max(1, p.sum().item() + y.sum().item()), 4)
+        return out
 
     from tqdm import tqdm
 
