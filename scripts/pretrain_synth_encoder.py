@@ -39,6 +39,15 @@ def label_space(words: tuple[str, ...]) -> dict[str, int]:
     return {n: i for i, n in enumerate(names)}
 
 
+def label_groups(labels: dict[str, int]) -> dict[str, list[int]]:
+    """Label indices per group: colour_shape, colour, shape, word, digit."""
+    kinds = {"color": "colour", "shape": "shape", "word": "word", "tens": "digit", "units": "digit"}
+    groups: dict[str, list[int]] = {}
+    for name, i in labels.items():
+        groups.setdefault(kinds.get(name.split(" ")[0], "colour_shape"), []).append(i)
+    return groups
+
+
 def targets(scene: dict, grid: int, labels: dict[str, int]) -> torch.Tensor:
     """[grid*grid, num_labels] multi-hot: what has its centre in each token's cell (row-major, as the encoder's tokens)."""
     y = torch.zeros(grid * grid, len(labels))
@@ -127,11 +136,7 @@ def main() -> int:
     # positives are rare (a few per cell among 79 labels): weight them up so the loss is not "always no"
     pos_weight = torch.full((len(labels),), 4.0)
 
-    groups: dict[str, list[int]] = {}
-    for name, i in labels.items():
-        kind = name.split(" ")[0]
-        groups.setdefault({"color": "colour", "shape": "shape", "word": "word", "tens": "digit",
-                           "units": "digit"}.get(kind, "colour_shape"), []).append(i)
+    groups = label_groups(labels)
 
     def evaluate() -> dict:
         encoder.eval()

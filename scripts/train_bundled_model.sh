@@ -26,6 +26,10 @@ for R in 128 256; do
   OMP_NUM_THREADS=1 python scripts/pretrain_synth_encoder.py --data "$D" --image-size $R --steps $steps \
     --lr 5e-3 --set init.vision.layer_scale_init_value=0.01 --out "$OUT/encoder-$R.safetensors"
 
+  #    what the frozen encoder knows, per label group (it does not read: word and digit F1 about 0.1)
+  python scripts/probe_synth_encoder.py --data "$D" --image-size $R --encoder "$OUT/encoder-$R.safetensors" \
+    --out "$OUT/encoder-probe-$R.json"
+
   # 3. stage 1: the encoder frozen (its features cached), projector and the new LM train: 1,200 steps
   #    of 128 conversations, bf16 autocast: 34 min (128 px) / 41 min (256 px) on one core each, side by side.
   OMP_NUM_THREADS=1 fastvlm train synth_stage1 --output-dir "$OUT/stage1-$R" "${common[@]}" \
