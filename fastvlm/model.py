@@ -384,13 +384,16 @@ class FastVLM(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.vision_tower(x)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features: [batch, tokens, hidden_size], ready to splice into the LM's embeddings."""
-        feats = self.encode_images(pixel_values)
+    def project_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder features (from :meth:`encode_images`) through the projector, in its dtype."""
         proj_param = next(self.mm_projector.parameters(), None)
         if proj_param is not None:
             feats = feats.to(proj_param.dtype)
         return self.mm_projector(feats)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image features: [batch, tokens, hidden_size], ready to splice into the LM's embeddings."""
+        return self.project_features(self.encode_images(pixel_values))
 
     def embed_inputs(
         self,

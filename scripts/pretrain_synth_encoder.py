@@ -48,6 +48,15 @@ def label_groups(labels: dict[str, int]) -> dict[str, list[int]]:
     return groups
 
 
+def group_f1(pred: torch.Tensor, target: torch.Tensor, groups: dict[str, list[int]]) -> dict[str, float]:
+    """F1 of boolean predictions against multi-hot targets, per label group."""
+    out = {}
+    for group, idx in groups.items():
+        p, y = pred[..., idx], target[..., idx] > 0
+        out[group] = round(2 * (p & y).sum().item() / max(1, p.sum().item() + y.sum().item()), 4)
+    return out
+
+
 def targets(scene: dict, grid: int, labels: dict[str, int]) -> torch.Tensor:
     """[grid*grid, num_labels] multi-hot: what has its centre in each token's cell (row-major, as the encoder's tokens)."""
     y = torch.zeros(grid * grid, len(labels))
@@ -149,9 +158,7 @@ def main() -> int:
         cells = (pred == (Yv > 0)).all(-1).float().mean().item()
         out = {"val_f1": round(f1, 4), "val_cells_exact": round(cells, 4)}
         # per label group: the overall F1 is dominated by the many shape and colour positives
-        for group, idx in groups.items():
-            p, y = pred[..., idx], Yv[..., idx] > 0
-            out[f"val_f1_{group}"] = round(2 * (p & y).sum().item() / max(1, p.sum().item() + y.sum().item()), 4)
+        out.update({f"val_f1_{g}": v for g, v in group_f1(pred, Yv, groups).items()})
         return out
 
     from tqdm import tqdm

@@ -82,10 +82,7 @@ def main() -> int:
         opt.step()
     with torch.no_grad():
         pred = head(fv) > 0
-    f1 = {}
-    for group, idx in pse.label_groups(labels).items():
-        pp, yy = pred[..., idx], yv[..., idx] > 0
-        f1[group] = round(2 * (pp & yy).sum().item() / max(1, pp.sum().item() + yy.sum().item()), 4)
+    f1 = pse.group_f1(pred, yv, pse.label_groups(labels))
     result = {"encoder": a.encoder, "image_size": a.image_size, "probe_train_images": len(train),
               "val_images": len(val), "steps": a.steps, "val_f1_per_group": f1}
     print(json.dumps(result))

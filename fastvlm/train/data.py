@@ -350,8 +350,10 @@ class ConversationDataset:
         return _where(self.sources[si].path, ri, self.sources[si].record(ri))
 
     def image_paths(self, i: int) -> list[str]:
-        """The image files of sample ``i`` (already resolved against the image folder)."""
-        return self.load_tokens(i)[0].images
+        """The image files of sample ``i`` (already resolved against the image folder); no tokenizing."""
+        si, ri = int(self.source_index[i]), int(self.record_index[i])
+        src = self.sources[si]
+        return parse_record(src.record(ri), path=src.path, index=ri, image_folder=src.image_folder).images
 
     def load_tokens(self, i: int):
         """(conversation, tokenized conversation) of sample ``i``, without loading its images."""

@@ -29,13 +29,10 @@ logger = logging.getLogger("fastvlm.train")
 
 def _available_memory_bytes() -> Optional[int]:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        import psutil  # a dependency of accelerate
+    except ImportError:  # pragma: no cover
+        return None
+    return int(psutil.virtual_memory().available)
 
 
 class FeatureCache:
@@ -51,10 +48,6 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    @property
-    def nbytes(self) -> int:
-        return self.features.numel() * self.features.element_size()
 
     @classmethod
     def build(cls, vlm, datasets: Sequence[ConversationDataset], *, batch_size: int,

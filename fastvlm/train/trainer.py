@@ -62,13 +62,8 @@ class TrainStep(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, num_items: float = 1.0,
                 image_features=None):
-        projected = None
-        if image_features is not None:
-            # cached encoder outputs (data.cache_image_features): only the projector runs here
-            proj_param = next(self.vlm.mm_projector.parameters(), None)
-            if proj_param is not None:
-                image_features = image_features.to(proj_param.dtype)
-            projected = self.vlm.mm_projector(image_features)
+        # cached encoder outputs (data.cache_image_features): only the projector runs here
+        projected = None if image_features is None else self.vlm.project_features(image_features)
         out = self.vlm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, labels=labels,
                        image_features=projected, use_cache=False, num_items_in_batch=num_items)
         loss = out.loss
