@@ -19,6 +19,7 @@ from fastvlm.data.synth import (
     SynthDataError,
     derive_answer,
     generate_dataset,
+    generate_reading_scene,
     generate_sample,
     load_split,
     validate_record,
@@ -246,6 +247,32 @@ def test_other_image_size_scales():
     assert img.size == (256, 256) and rec["scene"]["image_size"] == 256
     assert synth.text_sizes(256)[0] < synth.text_sizes(512)[0] < synth.text_sizes(1024)[0]
     assert all(max(o["bbox"]) <= 256 for o in rec["scene"]["objects"])
+
+
+def test_reading_scene():
+    """The encoder-pretraining scenes: deterministic, text-rich, vocabulary and sizes of the level,
+    texts distinct and drawn where the scene says."""
+    level = synth.get_level("basic")
+    a_img, a = generate_reading_scene(0, 7, 256, level="basic")
+    b_img, b = generate_reading_scene(0, 7, 256, level="basic")
+    assert a == b and np.array_equal(np.asarray(a_img), np.asarray(b_img))
+    assert generate_reading_scene(0, 8, 256, level="basic")[1] != a
+    for i in range(20):
+        img, scene = generate_reading_scene(1, i, 256, level="basic")
+        texts = scene["texts"]
+        assert 3 <= len(texts) <= 6 and len(scene["objects"]) <= 2
+        assert len({t["text"] for t in texts}) == len(texts)
+        for t in texts:
+            assert t["size"] in synth.text_sizes(256, level)
+            assert t["text"] in level.words if t["kind"] == "word" else len(t["text"]) == 2
+            x0, y0, x1, y1 = t["bbox"]
+            assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+            ink = np.array(COLORS[t["color"]])
+            px = np.asarray(img)[y0:y1 + 1, x0:x1 + 1].astype(int)
+            bg_dist = np.abs(np.array(scene["background"]["color"]) - ink).sum()
+            assert np.abs(px - ink).sum(-1).min() < 0.8 * bg_dist, t
+    with pytest.raises(SynthDataError, match="num_texts"):
+        generate_reading_scene(0, 0, 256, num_texts=(4, 2))
 
 
 def test_basic_level_and_training_turns(tmp_path):

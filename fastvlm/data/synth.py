@@ -25,7 +25,7 @@ rendered with the TrueType font bundled inside Pillow (``ImageFont.load_default(
 so no system font is needed.
 
 Public API: :func:`generate_dataset`, :func:`generate_sample`, :func:`load_split`,
-:func:`validate_record`, :func:`derive_answer`.
+:func:`validate_record`, :func:`derive_answer`, :func:`generate_reading_scene`.
 """
 
 from __future__ import annotations
@@ -727,6 +727,33 @@ def generate_sample(seed: int, split: str, index: int, image_size: int = 512,
         "scene": scene,
     }
     return img, record
+
+
+def generate_reading_scene(seed: int, index: int, image_size: int = 512, *, level: "str | Level" = "standard",
+                           num_texts: tuple[int, int] = (3, 6), max_objects: int = 2) -> tuple[Image.Image, dict[str, Any]]:
+    """A text-rich scene without questions, for teaching an encoder to read (the bundled
+    model's encoder pretraining): ``num_texts`` words and numbers from the level's vocabulary
+    at its font sizes, plus up to ``max_objects`` shapes, on the same backgrounds as the QA
+    samples. Returns the image and its scene (as in a record's ``scene``); a pure function of
+    the arguments, drawn from its own random stream (split ``"reading"``)."""
+    lvl = get_level(level)
+    lo, hi = num_texts
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+        raise SynthDataError(f"num_texts must be (min, max) with 1 <= min <= max, got {num_texts!r}")
+    rng = _rng_for(seed, "reading", f"scene/{index}")
+    sizes = text_sizes(image_size, lvl)
+    for _ in range(100):
+        plan = _Plan()
+        _fill_objects(plan, rng, rng.randint(0, max_objects))
+        _add_distractor_texts(plan, rng, sizes, min(rng.randint(lo, hi), len(lvl.words)), lvl)
+        try:
+            scene = _place(plan, rng, image_size)
+        except _Retry:
+            continue
+        break
+    else:  # pragma: no cover - would need an absurdly unlucky stream
+        raise SynthDataError(f"could not lay out reading scene {index}")
+    return _render(scene, rng), scene
 
 
 def _check_args(num: dict[str, int], image_size: int, seed: int) -> None:
