@@ -6,10 +6,12 @@ exists for the reduced encoder of the bundled model, and trained jointly from sc
 random LLM it learns to look at images very slowly (a 4.6 M-parameter model trained on
 51,000 images end to end still answered from the question alone). This gives it the
 equivalent of that pretraining, from the scene metadata `fastvlm data synth` stores with
-every record: each output token (a cell of the (res/64) x (res/64) grid) learns, by
-multi-label classification, which coloured shapes, words and number digits have their
-centre in its cell. The weights (train-time multi-branch form) then initialise the VLM
-through the recipe key `init.vision_tower`.
+every record: each output token (a cell of the (res/64) x (res/64) grid) learns which
+coloured shapes, words and number digits have their centre in its cell (`Objective`;
+`--objective reading` adds where in the cell each object lies and learns the text by softmax).
+With `--reading-images N`, N generated text-rich scenes (`generate_reading_scene`) join the
+QA images so that reading gets more examples. The weights (train-time multi-branch form) then
+initialise the VLM through the recipe key `init.vision_tower`.
 
   python scripts/pretrain_synth_encoder.py --data runs/bundled/data --image-size 256 \\
       --out runs/bundled/encoder-256.safetensors
@@ -27,21 +29,30 @@ import time
 import torch
 from torch import nn
 
-from fastvlm.data.synth import COLORS, LEVELS, SHAPES, load_split
+from fastvlm.data.synth import COLORS, LEVELS, SHAPES, generate_reading_scene, load_split
 
 
 
-def label_space(words: tuple[str, ...]) -> dict[str, int]:
-    """Index of every label: colour-shape pairs, words, then tens and units digits of numbers."""
+BINS = 4  # sub-cell position bins per axis
+
+
+def label_space(words: tuple[str, ...], where: bool = False) -> dict[str, int]:
+    """Index of every label: colour-shape pairs, colours, shapes, words, tens and units digits of
+    numbers; with `where`, also where inside its cell an object of each colour lies (BINS bins
+    per axis): two objects a position question compares often share a cell, and a cell-level
+    label cannot tell which is left of the other."""
     names = [f"{c} {s}" for c in COLORS for s in SHAPES] + [f"color {c}" for c in COLORS]
     names += [f"shape {s}" for s in SHAPES] + [f"word {w}" for w in words]
     names += [f"tens {d}" for d in range(10)] + [f"units {d}" for d in range(10)]
+    if where:
+        names += [f"{axis} {c} {b}" for axis in ("xbin", "ybin") for c in COLORS for b in range(BINS)]
     return {n: i for i, n in enumerate(names)}
 
 
 def label_groups(labels: dict[str, int]) -> dict[str, list[int]]:
-    """Label indices per group: colour_shape, colour, shape, word, digit."""
-    kinds = {"color": "colour", "shape": "shape", "word": "word", "tens": "digit", "units": "digit"}
+    """Label indices per group: colour_shape, colour, shape, word, digit, where."""
+    kinds = {"color": "colour", "shape": "shape", "word": "word", "tens": "digit", "units": "digit",
+             "xbin": "where", "ybin": "where"}
     groups: dict[str, list[int]] = {}
     for name, i in labels.items():
         groups.setdefault(kinds.get(name.split(" ")[0], "colour_shape"), []).append(i)
@@ -57,6 +68,63 @@ def group_f1(pred: torch.Tensor, target: torch.Tensor, groups: dict[str, list[in
     return out
 
 
+OBJECTIVES = ("binary", "reading")
+
+
+class Objective:
+    """What the per-token head is trained on.
+
+    ``binary`` (the shipped model's encoder): every label independent, binary cross-entropy
+    with positives weighted 4x (they are rare: a few per cell), so the loss is not "always no".
+    ``reading``: objects as in ``binary``, plus where in its cell each colour lies (``label_space(
+    where=True)``); text as which word, tens digit and units digit (or nothing) the cell holds,
+    by softmax cross-entropy (soft targets when a cell holds several), since as binary labels a
+    word is a positive in about one cell in a hundred and the encoder never left "always no".
+    The head has one logit per label, plus (reading) a "nothing" logit per text group.
+    """
+
+    def __init__(self, kind: str, labels: dict[str, int], words: tuple[str, ...],
+                 text_loss_weight: float = 1.0) -> None:
+        if kind not in OBJECTIVES:
+            raise ValueError(f"unknown objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.kind = kind
+        self.n = len(labels)
+        self.text_sets = [] if kind == "binary" else [
+            [labels[f"word {w}"] for w in words], [labels[f"tens {d}"] for d in range(10)],
+            [labels[f"units {d}"] for d in range(10)]]
+        self.binary = torch.ones(self.n, dtype=torch.bool)
+        self.binary[[i for t in self.text_sets for i in t]] = False
+        self.pos_weight = torch.full((int(self.binary.sum()),), 4.0)
+        self.text_loss_weight = text_loss_weight
+
+    @property
+    def num_outputs(self) -> int:
+        return self.n + len(self.text_sets)
+
+    def _class_logits(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.cat([logits[..., self.text_sets[k]], logits[..., self.n + k: self.n + k + 1]], -1)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.binary_cross_entropy_with_logits(
+            logits[..., :self.n][..., self.binary], y[..., self.binary], pos_weight=self.pos_weight)
+        for k, idx in enumerate(self.text_sets):
+            yy = y[..., idx]
+            target = torch.cat([yy, (yy.sum(-1, keepdim=True) == 0).float()], -1)
+            target = target / target.sum(-1, keepdim=True)
+            ce = nn.functional.cross_entropy(self._class_logits(logits, k).flatten(0, -2), target.flatten(0, -2))
+            out = out + self.text_loss_weight * ce / len(self.text_sets)
+        return out
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """Multi-hot predictions: binary labels where their logit is above 0; per text group, the
+        argmax class unless it is "nothing"."""
+        pred = logits[..., :self.n] > 0
+        for k, idx in enumerate(self.text_sets):
+            cls = self._class_logits(logits, k).argmax(-1)
+            pred[..., idx] = nn.functional.one_hot(cls, len(idx) + 1)[..., :-1].bool()
+        return pred
+
+
 def targets(scene: dict, grid: int, labels: dict[str, int]) -> torch.Tensor:
     """[grid*grid, num_labels] multi-hot: what has its centre in each token's cell (row-major, as the encoder's tokens)."""
     y = torch.zeros(grid * grid, len(labels))
@@ -65,11 +133,18 @@ def targets(scene: dict, grid: int, labels: dict[str, int]) -> torch.Tensor:
     def cell(x: float, yy: float) -> int:
         return min(int(yy / size * grid), grid - 1) * grid + min(int(x / size * grid), grid - 1)
 
+    def sub_bin(v: float) -> int:  # which of BINS equal parts of its cell v falls in
+        g = min(v / size * grid, grid - 1e-6)
+        return min(int((g - int(g)) * BINS), BINS - 1)
+
     for o in scene["objects"]:
         k = cell(*o["center"])
         y[k, labels[f"{o['color']} {o['shape']}"]] = 1
         y[k, labels[f"color {o['color']}"]] = 1  # factorised too: each has many more positives to learn from
         y[k, labels[f"shape {o['shape']}"]] = 1
+        if f"xbin {o['color']} 0" in labels:
+            y[k, labels[f"xbin {o['color']} {sub_bin(o['center'][0])}"]] = 1
+            y[k, labels[f"ybin {o['color']} {sub_bin(o['center'][1])}"]] = 1
     for t in scene["texts"]:
         x0, y0, x1, y1 = t["bbox"]
         k = cell((x0 + x1) / 2, (y0 + y1) / 2)
@@ -83,20 +158,41 @@ def targets(scene: dict, grid: int, labels: dict[str, int]) -> torch.Tensor:
     return y
 
 
+def _to_uint8(img, size: int, first: bool) -> torch.Tensor:
+    from fastvlm.processing import preprocess_image
+
+    x = preprocess_image(img, size)
+    q = torch.round(x * 255)
+    if first and (q / 255 - x).abs().max() > 1e-6:
+        raise SystemExit("preprocessing is not k/255 valued; store floats instead")
+    return q.to(torch.uint8)
+
+
 def load_images(records: list[dict], root: str, size: int, desc: str) -> torch.Tensor:
     """uint8 [N, 3, size, size], preprocessed exactly as the VLM sees them (fastvlm.processing)."""
     from tqdm import tqdm
 
-    from fastvlm.processing import load_image, preprocess_image
+    from fastvlm.processing import load_image
 
     out = torch.empty(len(records), 3, size, size, dtype=torch.uint8)
     for i, r in enumerate(tqdm(records, desc=desc, unit="img", dynamic_ncols=True)):
-        x = preprocess_image(load_image(os.path.join(root, r["image"])), size)
-        q = torch.round(x * 255)
-        if i == 0 and (q / 255 - x).abs().max() > 1e-6:
-            raise SystemExit("preprocessing is not k/255 valued; store floats instead")
-        out[i] = q.to(torch.uint8)
+        out[i] = _to_uint8(load_image(os.path.join(root, r["image"])), size, i == 0)
     return out
+
+
+def reading_images(n: int, seed: int, data_size: int, size: int, level: str) -> tuple[torch.Tensor, list[dict]]:
+    """n text-rich scenes (3-6 words and numbers each, `generate_reading_scene`) rendered at the
+    data's resolution and preprocessed to `size`, with their scenes: many more reading positives
+    per step than the QA images (at most two texts each), where reading never took hold."""
+    from tqdm import tqdm
+
+    out = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    scenes = []
+    for i in tqdm(range(n), desc="reading images", unit="img", dynamic_ncols=True):
+        img, scene = generate_reading_scene(seed, i, data_size, level=level)
+        out[i] = _to_uint8(img, size, i == 0)
+        scenes.append(scene)
+    return out, scenes
 
 
 def main() -> int:
@@ -110,6 +206,13 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--num-train", type=int, default=None, help="use the first N training images (default all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reading-images", type=int, default=0,
+                   help="add N generated text-rich scenes to the training images (default 0)")
+    p.add_argument("--objective", default="binary", choices=OBJECTIVES,
+                   help="binary: every label by BCE (the shipped model's encoder); reading: words and digits "
+                        "by softmax, plus sub-cell object positions (see Objective)")
+    p.add_argument("--text-loss-weight", type=float, default=1.0,
+                   help="reading objective: weight of the word and digit cross-entropy")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--out", required=True, help="output .safetensors (the encoder's train-form weights)")
     args = p.parse_args()
@@ -124,16 +227,23 @@ def main() -> int:
                                        f"data.image_size={args.image_size}", *args.set], validate=False)
     encoder = build_model(recipe).vision_tower.train()
     grid = args.image_size // 64
-    labels = label_space(LEVELS[args.level].words)
+    labels = label_space(LEVELS[args.level].words, where=args.objective == "reading")
     train = load_split(os.path.join(args.data, "train.json"))[: args.num_train]
     val = load_split(os.path.join(args.data, "val.json"))[:200]
     X = load_images(train, args.data, args.image_size, "train images")
     Y = torch.stack([targets(r["scene"], grid, labels) for r in train])
+    if args.reading_images:
+        data_size = train[0]["scene"]["image_size"]
+        Xr, scenes = reading_images(args.reading_images, args.seed, data_size, args.image_size, args.level)
+        X = torch.cat([X, Xr])
+        Y = torch.cat([Y, torch.stack([targets(sc, grid, labels) for sc in scenes])])
+        del Xr
     Xv = load_images(val, args.data, args.image_size, "val images")
     Yv = torch.stack([targets(r["scene"], grid, labels) for r in val])
     with torch.no_grad():
         width = encoder(X[:1].float() / 255).shape[-1]
-    head = nn.Linear(width, len(labels))
+    objective = Objective(args.objective, labels, LEVELS[args.level].words, args.text_loss_weight)
+    head = nn.Linear(width, objective.num_outputs)
     params = list(encoder.parameters()) + list(head.parameters())
     decay = [q for q in params if q.dim() > 1]
     no_decay = [q for q in params if q.dim() <= 1]
@@ -142,17 +252,13 @@ def main() -> int:
     warm = max(1, args.steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm))))
-    # positives are rare (a few per cell among 79 labels): weight them up so the loss is not "always no"
-    pos_weight = torch.full((len(labels),), 4.0)
-
     groups = label_groups(labels)
-
     def evaluate() -> dict:
         encoder.eval()
         with torch.no_grad():
             logits = head(encoder(Xv.float() / 255))
         encoder.train()
-        pred = logits > 0
+        pred = objective.predict(logits)
         tp = (pred & (Yv > 0)).sum().item()
         f1 = 2 * tp / max(1, pred.sum().item() + (Yv > 0).sum().item())
         cells = (pred == (Yv > 0)).all(-1).float().mean().item()
@@ -170,7 +276,7 @@ def main() -> int:
     for step in bar:
         idx = torch.randint(0, len(X), (args.batch_size,), generator=g)
         logits = head(encoder(X[idx].float() / 255))
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, Y[idx], pos_weight=pos_weight)
+        loss = objective.loss(logits, Y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

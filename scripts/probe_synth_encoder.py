@@ -2,9 +2,9 @@
 """Linear probe of a pretrained synthetic-scene encoder: what does each output token know?
 
 Freezes the encoder written by scripts/pretrain_synth_encoder.py, encodes training and
-validation images once, fits a linear per-token multi-label head on the same labels the
-pretraining used (colour-shape pairs, colours, shapes, words, tens/units digits of numbers)
-and reports validation F1 per label group. The pretraining log's single F1 is dominated by the
+validation images once, fits a linear per-token head on the same labels and loss the
+pretraining used (colour-shape pairs, colours, shapes, words, tens/units digits of numbers;
+with `--objective reading`, where in its cell each colour lies) and reports validation F1 per label group. The pretraining log's single F1 is dominated by the
 many shape and colour positives; this says whether the encoder can read.
 
   python scripts/probe_synth_encoder.py --data runs/bundled/data --image-size 256 \\
@@ -40,6 +40,8 @@ def main() -> int:
     p.add_argument("--encoder", required=True, help="encoder weights from pretrain_synth_encoder.py")
     p.add_argument("--recipe", default="synth_stage1", help="recipe whose init.vision sizes the encoder")
     p.add_argument("--level", default="basic")
+    p.add_argument("--objective", default="binary", choices=("binary", "reading"),
+                   help="labels, loss and decision rule of the probe (scripts/pretrain_synth_encoder.py)")
     p.add_argument("--num-train", type=int, default=3000, help="training images for the probe (default 3000)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +57,7 @@ def main() -> int:
                                            f"data.train={os.path.join(a.data, 'train.json')}",
                                            f"init.vision_tower={a.encoder}", f"init.vision.image_size={a.image_size}"])
     model = build_model(rec).eval()
-    labels = pse.label_space(LEVELS[a.level].words)
+    labels = pse.label_space(LEVELS[a.level].words, where=a.objective == "reading")
     grid = a.image_size // 64
     with open(os.path.join(a.data, "train.json")) as f:
         train = json.load(f)[:a.num_train]
@@ -70,20 +72,20 @@ def main() -> int:
 
     ft, yt = encode(train, "train images")
     fv, yv = encode(val, "val images")
-    head = nn.Linear(ft.shape[-1], len(labels))
+    objective = pse.Objective(a.objective, labels, LEVELS[a.level].words)  # a pretraining loss and decision rule
+    head = nn.Linear(ft.shape[-1], objective.num_outputs)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-    pos_weight = torch.full((len(labels),), 4.0)  # as in the pretraining
     g = torch.Generator().manual_seed(a.seed)
     for _ in range(a.steps):
         idx = torch.randint(len(ft), (256,), generator=g)
-        loss = nn.functional.binary_cross_entropy_with_logits(head(ft[idx]), yt[idx], pos_weight=pos_weight)
+        loss = objective.loss(head(ft[idx]), yt[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        pred = head(fv) > 0
+        pred = objective.predict(head(fv))
     f1 = pse.group_f1(pred, yv, pse.label_groups(labels))
-    result = {"encoder": a.encoder, "image_size": a.image_size, "probe_train_images": len(train),
+    result = {"encoder": a.encoder, "image_size": a.image_size, "objective": a.objective, "probe_train_images": len(train),
               "val_images": len(val), "steps": a.steps, "val_f1_per_group": f1}
     print(json.dumps(result))
     if a.out:

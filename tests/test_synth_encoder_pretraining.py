@@ -1,0 +1,111 @@
+"""The bundled model's encoder pretraining objective (scripts/pretrain_synth_encoder.py): the
+per-cell targets, the loss and the decision rule that the pretraining and the probe share."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastvlm.data.synth import LEVELS, generate_reading_scene
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_synth_encoder.py"
+WORDS = LEVELS["basic"].words
+
+
+@pytest.fixture(scope="module")
+def pse():
+    spec = importlib.util.spec_from_file_location("pretrain_synth_encoder", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _names(labels, row):
+    inv = {i: n for n, i in labels.items()}
+    return sorted(inv[i] for i in row.nonzero().flatten().tolist())
+
+
+def test_targets_per_cell(pse):
+    labels = pse.label_space(WORDS, where=True)
+    scene = {"image_size": 256,
+             "objects": [{"color": "red", "shape": "circle", "center": [70, 10]},
+                         {"color": "blue", "shape": "star", "center": [250, 250]}],
+             "texts": [{"kind": "word", "text": "apple", "bbox": [130, 70, 160, 80]},
+                       {"kind": "number", "text": "47", "bbox": [10, 200, 30, 215]}]}
+    y = pse.targets(scene, 4, labels)  # 4x4 cells of 64 px, row-major
+    assert _names(labels, y[1]) == ["color red", "red circle", "shape circle", "xbin red 0", "ybin red 0"]
+    assert _names(labels, y[15]) == ["blue star", "color blue", "shape star", "xbin blue 3", "ybin blue 3"]
+    assert _names(labels, y[6]) == ["word apple"]
+    assert _names(labels, y[12]) == ["tens 4", "units 7"]
+    assert y.sum() == 13  # nothing anywhere else
+    # a 2x2 grid puts both objects' sub-cell bins elsewhere: 70 px is in the first half of cell 0
+    y2 = pse.targets(scene, 2, labels)
+    assert "xbin red 2" in _names(labels, y2[0])
+    # without the sub-cell labels (the binary objective's label space) the rest is unchanged
+    plain = pse.label_space(WORDS)
+    assert not any(n.startswith(("xbin", "ybin")) for n in plain)
+    assert _names(plain, pse.targets(scene, 4, plain)[1]) == ["color red", "red circle", "shape circle"]
+
+
+def test_binary_objective_is_weighted_bce(pse):
+    labels = pse.label_space(WORDS)
+    obj = pse.Objective("binary", labels, WORDS)
+    assert obj.num_outputs == len(labels)
+    z, y = torch.randn(2, 3, len(labels)), (torch.rand(2, 3, len(labels)) < 0.05).float()
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(z, y, pos_weight=torch.full((len(labels),), 4.0))
+    torch.testing.assert_close(obj.loss(z, y), ref)
+    assert torch.equal(obj.predict(z), z > 0)
+    with pytest.raises(ValueError, match="unknown objective"):
+        pse.Objective("softmax", labels, WORDS)
+
+
+def test_objective_text_is_a_softmax_over_words_and_nothing(pse):
+    labels = pse.label_space(WORDS, where=True)
+    obj = pse.Objective("reading", labels, WORDS)
+    n_out = obj.num_outputs
+    assert n_out == len(labels) + 3
+    y = torch.zeros(3, len(labels))
+    y[0, labels["word apple"]] = 1                             # one word
+    y[1, labels["word apple"]] = y[1, labels["word cat"]] = 1  # two words share the cell
+    # row 2: no text at all
+
+    def logits_for(words_per_row):
+        z = torch.full((3, n_out), -8.0)
+        z[:, [labels[f"tens {d}"] for d in range(10)] + [labels[f"units {d}"] for d in range(10)]] = -8.0
+        z[:, len(labels) + 1:] = 8.0  # no digits anywhere
+        for r, words in enumerate(words_per_row):
+            if not words:
+                z[r, len(labels)] = 8.0  # "no word"
+            for w in words:
+                z[r, labels[f"word {w}"]] = 8.0
+        return z
+
+    right = logits_for([["apple"], ["apple", "cat"], []])
+    wrong = logits_for([["cat"], ["apple"], ["dog"]])
+    # the two-word cell's soft target (1/2, 1/2) leaves its entropy, ln 2, averaged over 3 cells and 3 groups
+    floor = torch.log(torch.tensor(2.0)) / 9
+    assert abs(obj.loss(right, y) - floor) < 0.01 and obj.loss(wrong, y) > 1.0
+    pred = obj.predict(right)
+    assert _names(labels, pred[0]) == ["word apple"] and _names(labels, pred[2]) == []
+    assert len(_names(labels, pred[1])) == 1  # at most one word per cell is predicted
+    # the gradient of a word cell pushes its word up and the others down
+    z = torch.zeros(1, n_out, requires_grad=True)
+    obj.loss(z, y[:1]).backward()
+    g = z.grad[0]
+    assert g[labels["word apple"]] < 0 and g[labels["word cat"]] > 0 and g[len(labels)] > 0
+
+
+def test_reading_scenes_give_many_text_targets(pse):
+    labels = pse.label_space(WORDS)
+    words = [labels[f"word {w}"] for w in WORDS]
+    total = 0
+    for i in range(10):
+        _, scene = generate_reading_scene(0, i, 256, level="basic")
+        y = pse.targets(scene, 4, labels)
+        n_words = sum(t["kind"] == "word" for t in scene["texts"])
+        assert y[:, words].sum() == n_words  # every word of the basic level lands in exactly one cell
+        total += len(scene["texts"])
+    assert total >= 30
