@@ -22,6 +22,7 @@ for R in 128 256; do
   # 2. pretrain the reduced FastViTHD on the scenes' ground truth (FastVLM starts from a pretrained
   #    encoder; this is the small model's stand-in for MobileCLIP). 128 px: 1,500 steps of 32 images,
   #    14 min, per-cell F1 0.84 on validation images; 256 px: 600 steps (fewer, for time), 21 min, F1 0.86.
+  #    (`--objective reading --reading-images 20000`, meant to teach it to read, made it worse: README.)
   steps=$([ $R = 128 ] && echo 1500 || echo 600)
   OMP_NUM_THREADS=1 python scripts/pretrain_synth_encoder.py --data "$D" --image-size $R --steps $steps \
     --lr 5e-3 --set init.vision.layer_scale_init_value=0.01 --out "$OUT/encoder-$R.safetensors"
