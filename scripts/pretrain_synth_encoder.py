@@ -216,6 +216,8 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--out", required=True, help="output .safetensors (the encoder's train-form weights)")
     args = p.parse_args()
+    if args.reading_images < 0:
+        p.error(f"--reading-images must be >= 0, got {args.reading_images}")
 
     from safetensors.torch import save_file
 
@@ -253,6 +255,7 @@ def main() -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm))))
     groups = label_groups(labels)
+
     def evaluate() -> dict:
         encoder.eval()
         with torch.no_grad():

@@ -4,8 +4,9 @@
 Freezes the encoder written by scripts/pretrain_synth_encoder.py, encodes training and
 validation images once, fits a linear per-token head on the same labels and loss the
 pretraining used (colour-shape pairs, colours, shapes, words, tens/units digits of numbers;
-with `--objective reading`, where in its cell each colour lies) and reports validation F1 per label group. The pretraining log's single F1 is dominated by the
-many shape and colour positives; this says whether the encoder can read.
+with `--objective reading`, where in its cell each colour lies) and reports validation F1 per
+label group. The pretraining log's single F1 is dominated by the many shape and colour
+positives; this says whether the encoder can read.
 
   python scripts/probe_synth_encoder.py --data runs/bundled/data --image-size 256 \\
       --encoder runs/bundled/encoder-256.safetensors --out probe-256.json
@@ -85,8 +86,8 @@ def main() -> int:
     with torch.no_grad():
         pred = objective.predict(head(fv))
     f1 = pse.group_f1(pred, yv, pse.label_groups(labels))
-    result = {"encoder": a.encoder, "image_size": a.image_size, "objective": a.objective, "probe_train_images": len(train),
-              "val_images": len(val), "steps": a.steps, "val_f1_per_group": f1}
+    result = {"encoder": a.encoder, "image_size": a.image_size, "objective": a.objective,
+              "probe_train_images": len(train), "val_images": len(val), "steps": a.steps, "val_f1_per_group": f1}
     print(json.dumps(result))
     if a.out:
         with open(a.out, "w") as f:
