@@ -29,9 +29,13 @@ import time
 import torch
 from torch import nn
 
-from fastvlm.data.synth import COLORS, LEVELS, SHAPES, generate_reading_scene, load_split
-
-
+from fastvlm.data.synth import (
+    COLORS,
+    LEVELS,
+    SHAPES,
+    generate_reading_scene,
+    load_split,
+)
 
 BINS = 4  # sub-cell position bins per axis
 
