@@ -91,7 +91,6 @@ class Objective:
                  text_loss_weight: float = 1.0) -> None:
         if kind not in OBJECTIVES:
             raise ValueError(f"unknown objective {kind!r}; choose one of {', '.join(OBJECTIVES)}")
-        self.kind = kind
         self.n = len(labels)
         self.text_sets = [] if kind == "binary" else [
             [labels[f"word {w}"] for w in words], [labels[f"tens {d}"] for d in range(10)],
@@ -141,12 +140,13 @@ def targets(scene: dict, grid: int, labels: dict[str, int]) -> torch.Tensor:
         g = min(v / size * grid, grid - 1e-6)
         return min(int((g - int(g)) * BINS), BINS - 1)
 
+    where = f"xbin {next(iter(COLORS))} 0" in labels  # the label space has the sub-cell labels
     for o in scene["objects"]:
         k = cell(*o["center"])
         y[k, labels[f"{o['color']} {o['shape']}"]] = 1
         y[k, labels[f"color {o['color']}"]] = 1  # factorised too: each has many more positives to learn from
         y[k, labels[f"shape {o['shape']}"]] = 1
-        if f"xbin {o['color']} 0" in labels:
+        if where:
             y[k, labels[f"xbin {o['color']} {sub_bin(o['center'][0])}"]] = 1
             y[k, labels[f"ybin {o['color']} {sub_bin(o['center'][1])}"]] = 1
     for t in scene["texts"]:

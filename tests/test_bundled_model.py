@@ -37,7 +37,6 @@ def test_bundled_model_eval_end_to_end(test_split, tmp_path, capsys):
     # answering from the question alone (the model shipped first) scores 24.6% on it, with
     # colour 13% and shape 28% (7 colours, 5 shapes). These bounds fail for a model that
     # ignores the image.
-    print(summary["scores"], {k: v["accuracy"] for k, v in by_type.items()})
     assert summary["scores"]["accuracy"] >= 0.5, by_type
     for qtype in ("color", "shape"):
         assert by_type[qtype]["accuracy"] >= 0.8, (qtype, by_type[qtype])
