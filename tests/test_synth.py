@@ -62,6 +62,35 @@ def test_same_seed_is_byte_identical(dataset, tmp_path):
         assert (dataset / rel).read_bytes() == (again / rel).read_bytes(), rel
 
 
+def test_workers_give_the_same_bytes(dataset, tmp_path):
+    again = tmp_path / "parallel"
+    generate_dataset(again, **COUNTS, seed=0, progress=False, workers=3)
+    files = sorted(p.relative_to(dataset) for p in dataset.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (dataset / rel).read_bytes() == (again / rel).read_bytes(), rel
+    with pytest.raises(SynthDataError, match="workers must be a positive integer"):
+        generate_dataset(tmp_path / "w0", **COUNTS, progress=False, workers=0)
+
+
+def test_duplicate_image_is_drawn_again(tmp_path, monkeypatch):
+    # Sample 1's first draw repeats sample 0's image: it must be redrawn (attempt 1), never kept.
+    import fastvlm.data.synth as synth
+
+    real = synth.generate_sample
+
+    def fake(seed, split, index, image_size=512, *, attempt=0, **kw):
+        return real(seed, split, 0 if (index, attempt) == (1, 0) else index, image_size, attempt=attempt, **kw)
+
+    monkeypatch.setattr(synth, "generate_sample", fake)
+    out = tmp_path / "dup"
+    generate_dataset(out, num_train=3, num_val=0, num_test=0, progress=False)
+    pngs = [(out / "images" / "train" / f"{i:06d}.png").read_bytes() for i in range(3)]
+    assert len(set(pngs)) == 3
+    img, _ = real(0, "train", 1, 512, attempt=1)
+    assert np.array_equal(_pixels(out / "images" / "train" / "000001.png"), np.asarray(img.convert("RGB")))
+
+
 def test_different_seed_differs(dataset, tmp_path):
     other = tmp_path / "other"
     generate_dataset(other, num_train=7, num_val=0, num_test=0, seed=1, progress=False)

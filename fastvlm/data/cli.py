@@ -52,6 +52,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be >= 1, got 0")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output directory (created; must be empty unless --overwrite)")
@@ -74,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a dataset previously generated in --out (removes only the files this "
                              "command writes)")
+    parser.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                        help="processes that render and PNG-encode the images (default 1); the dataset is "
+                             "byte-identical for any N")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
 
 
@@ -91,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         level=args.level,
         train_turns=args.train_turns,
+        workers=args.workers,
     )
     counts = summary["counts"]
     total = sum(c["records"] for c in counts.values())

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import random
@@ -802,10 +803,20 @@ def _dump_records(records: list[dict[str, Any]]) -> str:
     return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n"
 
 
+def _render_sample(job: tuple) -> tuple[bytes, bytes, dict[str, Any]]:
+    """(image digest, PNG bytes, record) of one sample; a top-level function so that worker
+    processes can run it."""
+    seed, split, index, image_size, attempt, level, turns = job
+    img, rec = generate_sample(seed, split, index, image_size, attempt=attempt, level=level, turns=turns)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return hashlib.blake2b(img.tobytes(), digest_size=16).digest(), buf.getvalue(), rec
+
+
 def generate_dataset(out_dir: str | Path, *, num_train: int, num_val: int, num_test: int,
                      image_size: int = 512, seed: int = 0, progress: bool = True,
                      overwrite: bool = False, level: "str | Level" = "standard",
-                     train_turns: int | None = None) -> dict[str, Any]:
+                     train_turns: int | None = None, workers: int = 1) -> dict[str, Any]:
     """Write a dataset to ``out_dir`` and return its summary (``meta.json`` plus ``out_dir``
     and ``seconds``).
 
@@ -813,10 +824,15 @@ def generate_dataset(out_dir: str | Path, *, num_train: int, num_val: int, num_t
     relative to ``out_dir``), ``meta.json`` and ``corpus.txt`` (every question and answer, one
     per line, plus the built-in vocabulary, for tokenizer training). ``level`` picks the scene
     difficulty (:data:`LEVELS`); ``train_turns`` asks up to that many questions per training
-    image (validation and test records keep the default one or two).
+    image (validation and test records keep the default one or two). ``workers`` > 1 renders
+    and PNG-encodes the images in that many processes; the output is byte-identical to
+    ``workers=1`` (every sample is a pure function of its index, and duplicates are resolved
+    in index order in this process).
     """
     num = {"train": num_train, "val": num_val, "test": num_test}
     _check_args(num, image_size, seed)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SynthDataError(f"workers must be a positive integer, got {workers!r}")
     lvl = get_level(level)
     _check_turns("train_turns", train_turns)
     _font(12)  # fail early, before touching the output directory, if text cannot be rendered
@@ -832,23 +848,27 @@ def generate_dataset(out_dir: str | Path, *, num_train: int, num_val: int, num_t
     seen: set[bytes] = set()
     corpus: list[str] = []
     counts: dict[str, Any] = {}
+    pool = None
+    if workers > 1:
+        import multiprocessing
+
+        pool = multiprocessing.Pool(workers)
     try:
         for split in SPLITS:
             img_dir = out / "images" / split
             img_dir.mkdir(parents=True, exist_ok=True)
             records = []
-            for i in range(num[split]):
-                attempt = 0
-                while True:  # splits (and samples) never share an image
-                    img, rec = generate_sample(seed, split, i, image_size, attempt=attempt, level=lvl,
-                                               turns=train_turns if split == "train" else None)
-                    digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
-                    if digest not in seen:
-                        seen.add(digest)
-                        break
-                    attempt += 1
-                rel = f"images/{split}/{i:06d}.png"
-                img.save(out / rel, format="PNG", compress_level=6)
+            jobs = [(seed, split, i, image_size, 0, lvl, train_turns if split == "train" else None)
+                    for i in range(num[split])]
+            rendered = (pool.imap(_render_sample, jobs, chunksize=32) if pool is not None
+                        else map(_render_sample, jobs))
+            for job, (digest, png, rec) in zip(jobs, rendered):
+                while digest in seen:  # splits (and samples) never share an image: draw again
+                    job = job[:4] + (job[4] + 1,) + job[5:]
+                    digest, png, rec = _render_sample(job)
+                seen.add(digest)
+                rel = f"images/{split}/{job[2]:06d}.png"
+                (out / rel).write_bytes(png)
                 records.append({"id": rec["id"], "image": rel, **{k: v for k, v in rec.items() if k != "id"}})
                 for q in rec["qa"]:
                     corpus.append(q["question"])
@@ -861,6 +881,8 @@ def generate_dataset(out_dir: str | Path, *, num_train: int, num_val: int, num_t
             counts[split] = {"records": len(records), "question_types": by_type, "turn_types": turns,
                              "multi_turn": sum(len(r["qa"]) > 1 for r in records)}
     finally:
+        if pool is not None:
+            pool.terminate()
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
