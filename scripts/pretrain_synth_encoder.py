@@ -26,6 +26,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -100,6 +101,10 @@ class Objective:
         self.pos_weight = torch.full((int(self.binary.sum()),), 4.0)
         self.text_loss_weight = text_loss_weight
 
+    def to(self, device: torch.device) -> Objective:
+        self.binary, self.pos_weight = self.binary.to(device), self.pos_weight.to(device)
+        return self
+
     @property
     def num_outputs(self) -> int:
         return self.n + len(self.text_sets)
@@ -172,31 +177,52 @@ def _to_uint8(img, size: int, first: bool) -> torch.Tensor:
     return q.to(torch.uint8)
 
 
-def load_images(records: list[dict], root: str, size: int, desc: str) -> torch.Tensor:
-    """uint8 [N, 3, size, size], preprocessed exactly as the VLM sees them (fastvlm.processing)."""
+def _pool_init() -> None:
+    torch.set_num_threads(1)  # as DataLoader workers do: a forked worker must not use the parent's OpenMP pool
+
+
+def _map(fn, jobs: list, workers: int, desc: str):
+    """fn over jobs in order, in `workers` processes when > 1, with a progress bar."""
     from tqdm import tqdm
 
+    if workers <= 1:
+        return [fn(j) for j in tqdm(jobs, desc=desc, unit="img", dynamic_ncols=True)]
+    import multiprocessing
+
+    with multiprocessing.Pool(workers, initializer=_pool_init) as pool:
+        return list(tqdm(pool.imap(fn, jobs, chunksize=64), total=len(jobs), desc=desc, unit="img",
+                         dynamic_ncols=True))
+
+
+def _load_one(job: tuple) -> np.ndarray:
     from fastvlm.processing import load_image
 
-    out = torch.empty(len(records), 3, size, size, dtype=torch.uint8)
-    for i, r in enumerate(tqdm(records, desc=desc, unit="img", dynamic_ncols=True)):
-        out[i] = _to_uint8(load_image(os.path.join(root, r["image"])), size, i == 0)
-    return out
+    path, size = job
+    return _to_uint8(load_image(path), size, False).numpy()
 
 
-def reading_images(n: int, seed: int, data_size: int, size: int, level: str) -> tuple[torch.Tensor, list[dict]]:
+def load_images(records: list[dict], root: str, size: int, desc: str, workers: int = 1) -> torch.Tensor:
+    """uint8 [N, 3, size, size], preprocessed exactly as the VLM sees them (fastvlm.processing)."""
+    from fastvlm.processing import load_image
+
+    _to_uint8(load_image(os.path.join(root, records[0]["image"])), size, True)  # the k/255 check
+    arrays = _map(_load_one, [(os.path.join(root, r["image"]), size) for r in records], workers, desc)
+    return torch.from_numpy(np.stack(arrays))
+
+
+def _reading_one(job: tuple) -> tuple[np.ndarray, dict]:
+    seed, i, data_size, size, level = job
+    img, scene = generate_reading_scene(seed, i, data_size, level=level)
+    return _to_uint8(img, size, i == 0).numpy(), scene
+
+
+def reading_images(n: int, seed: int, data_size: int, size: int, level: str,
+                   workers: int = 1) -> tuple[torch.Tensor, list[dict]]:
     """n text-rich scenes (3-6 words and numbers each, `generate_reading_scene`) rendered at the
     data's resolution and preprocessed to `size`, with their scenes: many more reading positives
     per step than the QA images (at most two texts each), where reading never took hold."""
-    from tqdm import tqdm
-
-    out = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    scenes = []
-    for i in tqdm(range(n), desc="reading images", unit="img", dynamic_ncols=True):
-        img, scene = generate_reading_scene(seed, i, data_size, level=level)
-        out[i] = _to_uint8(img, size, i == 0)
-        scenes.append(scene)
-    return out, scenes
+    out = _map(_reading_one, [(seed, i, data_size, size, level) for i in range(n)], workers, "reading images")
+    return torch.from_numpy(np.stack([a for a, _ in out])), [sc for _, sc in out]
 
 
 def main() -> int:
@@ -217,11 +243,22 @@ def main() -> int:
                         "by softmax, plus sub-cell object positions (see Objective)")
     p.add_argument("--text-loss-weight", type=float, default=1.0,
                    help="reading objective: weight of the word and digit cross-entropy")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or mps (default auto: cuda when available, else cpu)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that load and render the images before training (default 1)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="time the first steps and lower --steps so that training fits in this many seconds "
+                        "(the log records the steps run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--out", required=True, help="output .safetensors (the encoder's train-form weights)")
     args = p.parse_args()
     if args.reading_images < 0:
         p.error(f"--reading-images must be >= 0, got {args.reading_images}")
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
 
     from safetensors.torch import save_file
 
@@ -236,34 +273,41 @@ def main() -> int:
     labels = label_space(LEVELS[args.level].words, where=args.objective == "reading")
     train = load_split(os.path.join(args.data, "train.json"))[: args.num_train]
     val = load_split(os.path.join(args.data, "val.json"))[:200]
-    X = load_images(train, args.data, args.image_size, "train images")
+    X = load_images(train, args.data, args.image_size, "train images", args.workers)
     Y = torch.stack([targets(r["scene"], grid, labels) for r in train])
     if args.reading_images:
         data_size = train[0]["scene"]["image_size"]
-        Xr, scenes = reading_images(args.reading_images, args.seed, data_size, args.image_size, args.level)
+        Xr, scenes = reading_images(args.reading_images, args.seed, data_size, args.image_size, args.level,
+                                    args.workers)
         X = torch.cat([X, Xr])
         Y = torch.cat([Y, torch.stack([targets(sc, grid, labels) for sc in scenes])])
         del Xr
-    Xv = load_images(val, args.data, args.image_size, "val images")
+    Xv = load_images(val, args.data, args.image_size, "val images", args.workers)
     Yv = torch.stack([targets(r["scene"], grid, labels) for r in val])
+    # the whole uint8 set on the device (20,000 images at 256 px: 3.9 GB), so a step moves nothing
+    encoder, X, Y, Xv, Yv = (t.to(device) for t in (encoder, X, Y, Xv, Yv))
     with torch.no_grad():
         width = encoder(X[:1].float() / 255).shape[-1]
-    objective = Objective(args.objective, labels, LEVELS[args.level].words, args.text_loss_weight)
-    head = nn.Linear(width, objective.num_outputs)
+    objective = Objective(args.objective, labels, LEVELS[args.level].words, args.text_loss_weight).to(device)
+    head = nn.Linear(width, objective.num_outputs).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
     decay = [q for q in params if q.dim() > 1]
     no_decay = [q for q in params if q.dim() <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr)
-    warm = max(1, args.steps // 30)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm))))
+    plan = {"steps": args.steps, "warm": max(1, args.steps // 30)}  # --max-seconds may shorten it
+
+    def lr_factor(s: int) -> float:
+        warm, steps = plan["warm"], plan["steps"]
+        return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     groups = label_groups(labels)
 
     def evaluate() -> dict:
         encoder.eval()
         with torch.no_grad():
-            logits = head(encoder(Xv.float() / 255))
+            logits = torch.cat([head(encoder(x.float() / 255)) for x in Xv.split(100)])
         encoder.train()
         pred = objective.predict(logits)
         tp = (pred & (Yv > 0)).sum().item()
@@ -279,9 +323,24 @@ def main() -> int:
     g = torch.Generator().manual_seed(args.seed)
     log = []
     t0 = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="pretrain encoder", unit="step", dynamic_ncols=True)
-    for step in bar:
-        idx = torch.randint(0, len(X), (args.batch_size,), generator=g)
+    timed = (10, 30)  # steps between which --max-seconds measures the step time
+    bar = tqdm(total=args.steps, desc="pretrain encoder", unit="step", dynamic_ncols=True)
+    step = 0
+    while step < plan["steps"]:
+        if args.max_seconds and step in timed:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step == timed[0]:
+                t_timed = time.perf_counter()
+            else:
+                per_step = (time.perf_counter() - t_timed) / (timed[1] - timed[0])
+                fit = int((args.max_seconds - (time.perf_counter() - t0)) / (per_step * 1.1)) + step
+                if fit < plan["steps"]:
+                    plan.update(steps=max(fit, step + 1), warm=min(plan["warm"], max(1, fit // 30)))
+                    bar.total = plan["steps"]
+                    tqdm.write(f"{per_step * 1000:.1f} ms/step: {plan['steps']} steps fit in --max-seconds "
+                               f"{args.max_seconds:g}")
+        idx = torch.randint(0, len(X), (args.batch_size,), generator=g).to(device)
         logits = head(encoder(X[idx].float() / 255))
         loss = objective.loss(logits, Y[idx])
         opt.zero_grad(set_to_none=True)
@@ -289,18 +348,23 @@ def main() -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % 100 == 0 or step + 1 == args.steps:
-            rec = {"step": step + 1, "loss": round(loss.item(), 5), **evaluate(),
+        step += 1
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 100 == 0 or step == plan["steps"]:
+            rec = {"step": step, "loss": round(loss.item(), 5), **evaluate(),
                    "seconds": round(time.perf_counter() - t0, 1)}
             log.append(rec)
             tqdm.write(json.dumps(rec))
+    bar.close()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     save_file(state, args.out + ".tmp", metadata={"format": "pt", "what": "FastViTHD train-form weights"})
     os.replace(args.out + ".tmp", args.out)
     with open(os.path.splitext(args.out)[0] + ".log.json", "w") as f:
-        json.dump({"args": vars(args), "labels": list(labels), "grid": grid, "log": log}, f, indent=1)
+        json.dump({"args": vars(args), "steps_run": plan["steps"], "device": str(device), "labels": list(labels),
+                   "grid": grid, "log": log}, f, indent=1)
     print(f"wrote {args.out} ({len(state)} tensors); final {log[-1]}")
     return 0
 

@@ -4,6 +4,7 @@ per-cell targets, the loss and the decision rule that the pretraining and the pr
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ WORDS = LEVELS["basic"].words
 def pse():
     spec = importlib.util.spec_from_file_location("pretrain_synth_encoder", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # so that worker processes can unpickle its functions
     spec.loader.exec_module(mod)
     return mod
 
@@ -109,3 +111,36 @@ def test_reading_scenes_give_many_text_targets(pse):
         assert y[:, words].sum() == n_words  # every word of the basic level lands in exactly one cell
         total += len(scene["texts"])
     assert total >= 30
+
+
+def test_parallel_loading_matches_serial(pse, tmp_path):
+    from fastvlm.data.synth import generate_dataset, load_split
+
+    generate_dataset(tmp_path, num_train=6, num_val=0, num_test=0, image_size=128, level="basic", progress=False)
+    records = load_split(tmp_path / "train.json")
+    one = pse.load_images(records, str(tmp_path), 128, "x", workers=1)
+    assert one.shape == (6, 3, 128, 128) and one.dtype == torch.uint8
+    assert torch.equal(one, pse.load_images(records, str(tmp_path), 128, "x", workers=2))
+    x1, s1 = pse.reading_images(5, 0, 128, 128, "basic", workers=1)
+    x2, s2 = pse.reading_images(5, 0, 128, 128, "basic", workers=2)
+    assert torch.equal(x1, x2) and s1 == s2
+
+
+def test_max_seconds_shortens_the_run(tmp_path):
+    import json
+    import subprocess
+
+    from fastvlm.data.synth import generate_dataset
+    from fastvlm.tokenization import train_bpe_tokenizer
+
+    data = tmp_path / "data"
+    generate_dataset(data, num_train=12, num_val=4, num_test=0, image_size=128, level="basic", progress=False)
+    train_bpe_tokenizer((data / "corpus.txt").read_text().splitlines(), 300).save_pretrained(str(data / "tokenizer"))
+    out = tmp_path / "enc.safetensors"
+    cmd = [sys.executable, str(SCRIPT), "--data", str(data), "--image-size", "128", "--steps", "5000",
+           "--batch-size", "2", "--max-seconds", "3", "--device", "cpu", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = json.loads((tmp_path / "enc.log.json").read_text())
+    assert log["device"] == "cpu" and 30 < log["steps_run"] < 5000
+    assert log["log"][-1]["step"] == log["steps_run"] and out.is_file()

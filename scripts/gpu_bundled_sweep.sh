@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The bundled model's recipe on one CUDA GPU, several encoder pretrainings side by side, each followed by
+# stage 1, stage 2 and the test-split eval (README, "The bundled model"). Run from the repository root:
+#
+#   OUT=runs/gpu-sweep bash scripts/gpu_bundled_sweep.sh
+#
+# Work happens in WORK (default /tmp/fastvlm-sweep); OUT receives a few files: logs.tgz (every log, metrics
+# and eval summary), each variant's encoder and the best variant's final model (best-model.tgz).
+# Everything is bounded by DEADLINE seconds from the start (default 500), so whatever finished comes back
+# even when a step is slower than planned. TINY=1 runs the same steps at toy sizes (a CPU smoke test).
+set -u -o pipefail
+OUT=${OUT:-runs/gpu-sweep}
+WORK=${WORK:-/tmp/fastvlm-sweep}
+TINY=${TINY:-0}
+DEADLINE=${DEADLINE:-500}
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+T0=$(date +%s)
+left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
+log() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+PY=${PY:-python3}
+FV="$PY -m fastvlm.cli"
+
+if [ "$TINY" = 1 ]; then
+  NTRAIN=160 NVAL=16 NTEST=32 NREAD=64 PRE_S=5 S1=4 S2=4 DEV=cpu; SYNTH_WORKERS=2; VW=1; THREADS=1; BS=8
+else
+  NTRAIN=20000 NVAL=500 NTEST=1000 NREAD=20000 PRE_S=${PRE_S:-150} S1=1200 S2=400 DEV=cuda; SYNTH_WORKERS=12; VW=3; BS=128
+  THREADS=3
+fi
+
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, transformers, accelerate, tokenizers, safetensors; print('torch', torch.__version__,
+'| transformers', transformers.__version__, '| accelerate', accelerate.__version__, '| cuda', torch.cuda.is_available())"
+
+if [ "$TINY" != 1 ]; then  # the CUDA checks, beside the training
+  ( timeout 200 $PY -m pytest tests/test_fast_paths.py -q -k cuda -p no:cacheprovider
+    timeout 200 $PY -m pytest -m slow tests/test_train_gpu.py -q -p no:cacheprovider ) > "$WORK/gpu-tests.log" 2>&1 &
+fi
+
+D=${DATA:-$WORK/data}
+log "data"
+$FV data synth --out "$D" --num-train $NTRAIN --num-val $NVAL --num-test $NTEST --image-size 256 --level basic \
+  --train-turns 7 --seed 0 --workers $SYNTH_WORKERS --no-progress --overwrite | tee "$WORK/data.log"
+if [ -d .dev/basic256/tokenizer ]; then cp -r .dev/basic256/tokenizer "$D/"; else $FV data tokenizer "$D" --out "$D/tokenizer" --vocab-size 512; fi
+sha256sum "$D"/{train,val,test}.json | tee -a "$WORK/data.log"
+
+common=(--set tokenizer="$D/tokenizer" --set data.train="$D/train.json" --set data.val="$D/val.json"
+        --set data.image_folder="$D")
+size=(--set data.image_size=256 --set init.vision.image_size=256)  # stage 1 only: stage 2 takes the model's
+
+# variant NAME SEED "encoder flags" "recipe --set flags (encoder shape)"
+variant() {
+  local name=$1 seed=$2 enc=$3 shape=$4 o="$WORK/$1"
+  mkdir -p "$o"
+  log "$name: encoder"
+  OMP_NUM_THREADS=$THREADS timeout $(left) $PY scripts/pretrain_synth_encoder.py --data "$D" --image-size 256 \
+    --device $DEV --workers $VW --max-seconds $PRE_S --steps 20000 --batch-size $BS --seed $seed --lr 5e-3 \
+    --set init.vision.layer_scale_init_value=0.01 $shape $enc --out "$o/encoder.safetensors" \
+    > "$o/encoder.log" 2>&1 || { log "$name: encoder failed"; tail -5 "$o/encoder.log"; return; }
+  log "$name: stage 1"
+  OMP_NUM_THREADS=$THREADS timeout $(left) $FV train synth_stage1 --output-dir "$o/stage1" "${common[@]}" "${size[@]}" $shape \
+    --set init.vision_tower="$o/encoder.safetensors" --set train.max_steps=$S1 --set train.seed=$((42 + seed)) \
+    --no-progress > "$o/stage1.log" 2>&1 || { log "$name: stage 1 failed"; tail -5 "$o/stage1.log"; return; }
+  log "$name: stage 2"
+  OMP_NUM_THREADS=$THREADS timeout $(left) $FV train synth_stage2 --output-dir "$o/stage2" "${common[@]}" \
+    --set model="$o/stage1/final" --set train.max_steps=$S2 --set train.seed=$((42 + seed)) --no-progress \
+    > "$o/stage2.log" 2>&1 || { log "$name: stage 2 failed"; tail -5 "$o/stage2.log"; }
+  for st in stage1 stage2; do
+    [ -d "$o/$st/final" ] || continue
+    log "$name: eval $st"
+    OMP_NUM_THREADS=$THREADS timeout $(left) $FV eval --model "$o/$st/final" --task synth --data "$D/test.json" \
+      --out "$o/eval-$st" --dtype fp32 --device $DEV --batch-size 64 > "$o/eval-$st.log" 2>&1 \
+      && $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], d['scores']['accuracy'],
+{k: round(v['accuracy'], 3) for k, v in d['breakdown']['question_type'].items()})" "$o/eval-$st/summary.json" "$name $st"
+  done
+  # keep the weights small enough to come back: the final models only
+  rm -rf "$o"/stage1/step_* "$o"/stage2/step_*
+}
+
+WIDE="--set init.vision.embed_dims=[48,96,192,192,384]"
+variant binary 0 "" "" &
+variant reading 0 "--objective reading --reading-images $NREAD" "" &
+variant reading-wide 0 "--objective reading --reading-images $NREAD" "$WIDE" &
+variant reading-seed1 1 "--objective reading --reading-images $NREAD" "" &
+wait
+log "variants done; packing"
+cd "$WORK"
+best=$($PY - <<'PYEOF'
+import glob, json
+scores = []
+for f in glob.glob("*/eval-stage*/summary.json"):
+    scores.append((json.load(open(f))["scores"]["accuracy"], f.split("/")[1] == "eval-stage2", f.split("/")[0]))
+print(max(scores)[2] if scores else "")
+PYEOF
+)
+tar czf "$OUT/logs.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' --exclude=data --exclude='checkpoint-*' .
+for v in */encoder.safetensors; do cp "$v" "$OUT/encoder-${v%%/*}.safetensors"; done
+if [ -n "$best" ]; then
+  st=$([ -d "$best/stage2/final" ] && echo stage2 || echo stage1)
+  tar czf "$OUT/best-model.tgz" -C "$best/$st" final && echo "best: $best ($st)" | tee "$OUT/best.txt"
+fi
+ls -la "$OUT"
+log "done"
