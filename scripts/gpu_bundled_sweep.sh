@@ -3,15 +3,23 @@
 # stage 1, stage 2 and the test-split eval (README, "The bundled model"). Run from the repository root:
 #
 #   OUT=runs/gpu-sweep bash scripts/gpu_bundled_sweep.sh
+#   RES=128 STAGE2=0 VARIANTS="reading reading-seed1" OUT=runs/gpu-128 bash scripts/gpu_bundled_sweep.sh
+#
+# RES is the input resolution (the data stays 256 px), VARIANTS picks among binary, reading, reading-wide and
+# reading-seed1 (default all four), STAGE2=0 stops after stage 1.
 #
 # Work happens in WORK (default /tmp/fastvlm-sweep); OUT receives a few files: logs.tgz (every log, metrics
-# and eval summary), each variant's encoder and the best variant's final model (best-model.tgz).
+# and eval summary), and per variant its encoder and its last final model (model-NAME.tgz: stage 2's, else
+# stage 1's).
 # Everything is bounded by DEADLINE seconds from the start (default 500), so whatever finished comes back
 # even when a step is slower than planned. TINY=1 runs the same steps at toy sizes (a CPU smoke test).
 set -u -o pipefail
 OUT=${OUT:-runs/gpu-sweep}
 WORK=${WORK:-/tmp/fastvlm-sweep}
 TINY=${TINY:-0}
+RES=${RES:-256}
+STAGE2=${STAGE2:-1}
+VARIANTS=${VARIANTS:-binary reading reading-wide reading-seed1}
 DEADLINE=${DEADLINE:-500}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -46,25 +54,27 @@ sha256sum "$D"/{train,val,test}.json | tee -a "$WORK/data.log"
 
 common=(--set tokenizer="$D/tokenizer" --set data.train="$D/train.json" --set data.val="$D/val.json"
         --set data.image_folder="$D")
-size=(--set data.image_size=256 --set init.vision.image_size=256)  # stage 1 only: stage 2 takes the model's
+size=(--set data.image_size=$RES --set init.vision.image_size=$RES)  # stage 1 only: stage 2 takes the model's
 
 # variant NAME SEED "encoder flags" "recipe --set flags (encoder shape)"
 variant() {
   local name=$1 seed=$2 enc=$3 shape=$4 o="$WORK/$1"
   mkdir -p "$o"
   log "$name: encoder"
-  OMP_NUM_THREADS=$THREADS timeout $(left) $PY scripts/pretrain_synth_encoder.py --data "$D" --image-size 256 \
-    --device $DEV --workers $VW --max-seconds $PRE_S --steps 20000 --batch-size $BS --seed $seed --lr 5e-3 \
+  OMP_NUM_THREADS=$THREADS timeout $(left) $PY scripts/pretrain_synth_encoder.py --data "$D" --image-size $RES \
+    --device $DEV --workers $VW --max-seconds $PRE_S --steps ${STEPS:-20000} --batch-size $BS --seed $seed --lr 5e-3 \
     --set init.vision.layer_scale_init_value=0.01 $shape $enc --out "$o/encoder.safetensors" \
     > "$o/encoder.log" 2>&1 || { log "$name: encoder failed"; tail -5 "$o/encoder.log"; return; }
   log "$name: stage 1"
   OMP_NUM_THREADS=$THREADS timeout $(left) $FV train synth_stage1 --output-dir "$o/stage1" "${common[@]}" "${size[@]}" $shape \
     --set init.vision_tower="$o/encoder.safetensors" --set train.max_steps=$S1 --set train.seed=$((42 + seed)) \
     --no-progress > "$o/stage1.log" 2>&1 || { log "$name: stage 1 failed"; tail -5 "$o/stage1.log"; return; }
+  if [ "$STAGE2" = 1 ]; then
   log "$name: stage 2"
   OMP_NUM_THREADS=$THREADS timeout $(left) $FV train synth_stage2 --output-dir "$o/stage2" "${common[@]}" \
     --set model="$o/stage1/final" --set train.max_steps=$S2 --set train.seed=$((42 + seed)) --no-progress \
     > "$o/stage2.log" 2>&1 || { log "$name: stage 2 failed"; tail -5 "$o/stage2.log"; }
+  fi
   for st in stage1 stage2; do
     [ -d "$o/$st/final" ] || continue
     log "$name: eval $st"
@@ -78,26 +88,25 @@ variant() {
 }
 
 WIDE="--set init.vision.embed_dims=[48,96,192,192,384]"
-variant binary 0 "" "" &
-variant reading 0 "--objective reading --reading-images $NREAD" "" &
-variant reading-wide 0 "--objective reading --reading-images $NREAD" "$WIDE" &
-variant reading-seed1 1 "--objective reading --reading-images $NREAD" "" &
+READING="--objective reading --reading-images $NREAD"
+for v in $VARIANTS; do
+  case $v in
+    binary) variant binary 0 "" "" & ;;
+    reading) variant reading 0 "$READING" "" & ;;
+    reading-wide) variant reading-wide 0 "$READING" "$WIDE" & ;;
+    reading-seed1) variant reading-seed1 1 "$READING" "" & ;;
+    *) echo "unknown variant $v"; exit 2 ;;
+  esac
+done
 wait
 log "variants done; packing"
 cd "$WORK"
-best=$($PY - <<'PYEOF'
-import glob, json
-scores = []
-for f in glob.glob("*/eval-stage*/summary.json"):
-    scores.append((json.load(open(f))["scores"]["accuracy"], f.split("/")[1] == "eval-stage2", f.split("/")[0]))
-print(max(scores)[2] if scores else "")
-PYEOF
-)
-tar czf "$OUT/logs.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' --exclude=data --exclude='checkpoint-*' .
+tar czf "$OUT/logs.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' --exclude=data --exclude='step_*' .
 for v in */encoder.safetensors; do cp "$v" "$OUT/encoder-${v%%/*}.safetensors"; done
-if [ -n "$best" ]; then
-  st=$([ -d "$best/stage2/final" ] && echo stage2 || echo stage1)
-  tar czf "$OUT/best-model.tgz" -C "$best/$st" final && echo "best: $best ($st)" | tee "$OUT/best.txt"
-fi
+for v in */; do
+  v=${v%/}; [ -d "$v/stage1/final" ] || continue
+  st=$([ -d "$v/stage2/final" ] && echo stage2 || echo stage1)
+  tar czf "$OUT/model-$v.tgz" -C "$v/$st" final && echo "model-$v.tgz: $st"
+done
 ls -la "$OUT"
 log "done"
