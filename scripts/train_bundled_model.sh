@@ -26,7 +26,8 @@ for R in 128 256; do
   #    encoder; this is the small model's stand-in for MobileCLIP), with 20,000 extra text-rich scenes and
   #    the text learned as softmax classes per cell (`--objective reading`): 914 steps of 128 images.
   #    On the H200: 169 s at 256 px (four runs sharing the GPU; the run had --steps 20000 --max-seconds 150,
-  #    which settled on 914 steps and warmed up for 30 steps at a lower rate), 45 s at 128 px. Validation F1
+  #    which then decided the step count after 30 steps, settled on 914, and so warmed up for those 30 at a
+  #    lower rate; --max-seconds now decides before training and equals --steps N exactly), 45 s at 128 px. Validation F1
   #    per cell at 256 px: word 0.87, digit 0.73, shape 0.96; at 128 px: word 0.22, digit 0.25, shape 0.87.
   #    On this CPU a step of 128 images takes several seconds: use a GPU (--device auto picks it).
   python scripts/pretrain_synth_encoder.py --data "$D" --image-size $R --objective reading --reading-images 20000 \
