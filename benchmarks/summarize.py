@@ -59,10 +59,11 @@ def main_table(r, res=1024) -> str:
                      f"**{ms(x['ttft_s'])}**", num((x.get("decode_tokens_per_s") or {}).get("median"), "{:.1f}"),
                      num(x.get("ttft_over_transformers"), "{:.2f}x"), num(x.get("ttft_over_transformers_fresh"), "{:.2f}x"),
                      num(rf.get("ttft_over_roofline"), "{:.2f}x"), num(rf.get("encoder_fraction_of_peak"), "{:.0%}"), num(rf.get("prefill_fraction_of_peak"), "{:.0%}"),
-                     num(dec, "{:.0%}"), num(x.get("peak_mb"), "{:,.0f}")])
+                     num(dec, "{:.0%}"), num(rf.get("decode_fraction_of_bound_paired"), "{:.0%}"),
+                     num(x.get("peak_mb"), "{:,.0f}")])
     return table(["model", "dtype", "mode", "encoder ms", "projector ms", "prefill ms", "TTFT ms", "decode tok/s",
                   "TTFT / transformers", "TTFT / transformers in a fresh process", "TTFT / roofline", "encoder % of matmul peak", "prefill % of peak",
-                  "decode % of bandwidth bound", "process peak RSS MB"], rows)
+                  "decode % of bandwidth bound", "... of each round's own bound", "process peak RSS MB"], rows)
 
 
 def accuracy_table(r) -> str:

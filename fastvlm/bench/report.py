@@ -42,9 +42,11 @@ def format_report(report: dict[str, Any]) -> str:
     if roof:
         mm = ", ".join(f"{k} {v['gflops_best']:.0f}" for k, v in roof.get("matmul", {}).items())
         bw = roof.get("read_bandwidth", {}).get("gbps_best")
-        parts.append(f"roofline (best of repeats): matmul GFLOP/s {mm} | memory read {_num(bw, '{:.1f}')} GB/s")
+        per_round = [x for r in report["results"] for x in r.get("roofline", {}).get("read_bandwidth_per_round_gbps", [])]
+        drift = f" at the start; {min(per_round):.1f}-{max(per_round):.1f} GB/s at the rounds' starts" if per_round else ""
+        parts.append(f"roofline (best of repeats): matmul GFLOP/s {mm} | memory read {_num(bw, '{:.1f}')} GB/s{drift}")
     headers = ["model", "dtype", "mode", "res", "tokens", "encode ms", "proj ms", "prefill ms", "TTFT ms",
-               "decode tok/s", "peak MB", "TTFT/HF", "TTFT/HF fresh", "TTFT/roof", "dec %bound"]
+               "decode tok/s", "peak MB", "TTFT/HF", "TTFT/HF fresh", "TTFT/roof", "dec %bound", "dec %bound/round"]
     rows = []
     for r in report["results"] + report["transformers"]:
         rf = r.get("roofline", {})
@@ -55,6 +57,8 @@ def format_report(report: dict[str, Any]) -> str:
             _num(r.get("ttft_over_transformers")), _num(r.get("ttft_over_transformers_fresh")),
             _num(rf.get("ttft_over_roofline")),
             _num(None if rf.get("decode_fraction_of_bound") is None else 100 * rf["decode_fraction_of_bound"], "{:.0f}%"),
+            _num(None if rf.get("decode_fraction_of_bound_paired") is None
+                 else 100 * rf["decode_fraction_of_bound_paired"], "{:.0f}%"),
         ])
     parts.append(_table(headers, rows))
     if report.get("accuracy"):

@@ -114,6 +114,18 @@ def _roofline_fields(res: dict[str, Any], enc_flops: int, pre_flops: int, peak: 
     return out
 
 
+def _paired_decode_fields(rounds: list[dict[str, Any]], mode: str, decode_bytes: int) -> dict[str, Any]:
+    """Each round's decode speed over the bound from the bandwidth read at that round's start; the median."""
+    pairs = [(r["_before"], r[mode]["decode_tokens_per_s"]) for r in rounds
+             if r.get("_before") and mode in r and r[mode].get("decode_tokens_per_s")]
+    if not pairs:
+        return {}
+    import statistics
+
+    return {"read_bandwidth_per_round_gbps": [bw for bw, _ in pairs],
+            "decode_fraction_of_bound_paired": statistics.median(tps * decode_bytes / (bw * 1e9) for bw, tps in pairs)}
+
+
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     from ..checkpoints import read_config
     from ..config import get_preset
@@ -252,8 +264,12 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                     runners = {m: (lambda v=v: v.run(ids, px, cfg.new_tokens)) for m, v in variants.items()}
                     if hf is not None and res in hf_res:
                         runners["transformers"] = lambda: hf.run(ids, px, cfg.new_tokens)
+                    # the memory read bandwidth drifts by 2x within minutes on a shared machine: read it at
+                    # the start of every round too, so that each decode is compared with its own bound
+                    before = ((lambda: core.read_bandwidth(device, mbytes=cfg.bandwidth_mb, repeats=3)["gbps_best"])
+                              if cfg.roofline and cfg.new_tokens > 1 else None)
                     samples, rounds = suite.interleaved(runners, cfg.warmup, cfg.repeats,
-                                                        label=f"{name} {dname} {res}px")
+                                                        label=f"{name} {dname} {res}px", before_round=before)
                     for m, smp in samples.items():
                         summ = smp.summary()
                         # the port holds the same LLM weights (its vocabulary padded by <1%): count ours
@@ -267,6 +283,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                         }
                         row["roofline"] = _roofline_fields(summ, flops["encoder"][res], flops["prefill"][res],
                                                            peaks.get(dtype), dec_bytes, bandwidth)
+                        row["roofline"].update(_paired_decode_fields(rounds, m, dec_bytes))
                         if m != "transformers" and "transformers" in samples:
                             row["ttft_over_transformers"] = suite.ratio_of_medians_per_round(rounds, m, "transformers")
                             row["encode_over_transformers"] = suite.ratio_of_medians_per_round(
