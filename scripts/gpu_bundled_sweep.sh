@@ -22,6 +22,7 @@ STAGE2=${STAGE2:-1}
 VARIANTS=${VARIANTS:-binary reading reading-wide reading-seed1}
 DEADLINE=${DEADLINE:-500}
 mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd)  # packing runs from inside WORK
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
@@ -49,6 +50,7 @@ D=${DATA:-$WORK/data}
 log "data"
 $FV data synth --out "$D" --num-train $NTRAIN --num-val $NVAL --num-test $NTEST --image-size 256 --level basic \
   --train-turns 7 --seed 0 --workers $SYNTH_WORKERS --no-progress --overwrite | tee "$WORK/data.log"
+# the shipped model's tokenizer when this checkout has it (the project's dev data), else the same command trains one
 if [ -d .dev/basic256/tokenizer ]; then cp -r .dev/basic256/tokenizer "$D/"; else $FV data tokenizer "$D" --out "$D/tokenizer" --vocab-size 512; fi
 sha256sum "$D"/{train,val,test}.json | tee -a "$WORK/data.log"
 
@@ -70,10 +72,10 @@ variant() {
     --set init.vision_tower="$o/encoder.safetensors" --set train.max_steps=$S1 --set train.seed=$((42 + seed)) \
     --no-progress > "$o/stage1.log" 2>&1 || { log "$name: stage 1 failed"; tail -5 "$o/stage1.log"; return; }
   if [ "$STAGE2" = 1 ]; then
-  log "$name: stage 2"
-  OMP_NUM_THREADS=$THREADS timeout $(left) $FV train synth_stage2 --output-dir "$o/stage2" "${common[@]}" \
-    --set model="$o/stage1/final" --set train.max_steps=$S2 --set train.seed=$((42 + seed)) --no-progress \
-    > "$o/stage2.log" 2>&1 || { log "$name: stage 2 failed"; tail -5 "$o/stage2.log"; }
+    log "$name: stage 2"
+    OMP_NUM_THREADS=$THREADS timeout $(left) $FV train synth_stage2 --output-dir "$o/stage2" "${common[@]}" \
+      --set model="$o/stage1/final" --set train.max_steps=$S2 --set train.seed=$((42 + seed)) --no-progress \
+      > "$o/stage2.log" 2>&1 || { log "$name: stage 2 failed"; tail -5 "$o/stage2.log"; }
   fi
   for st in stage1 stage2; do
     [ -d "$o/$st/final" ] || continue
@@ -83,7 +85,7 @@ variant() {
       && $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], d['scores']['accuracy'],
 {k: round(v['accuracy'], 3) for k, v in d['breakdown']['question_type'].items()})" "$o/eval-$st/summary.json" "$name $st"
   done
-  # keep the weights small enough to come back: the final models only
+  # the intermediate checkpoints (weights and optimizer state) are not needed once the final models exist
   rm -rf "$o"/stage1/step_* "$o"/stage2/step_*
 }
 
