@@ -63,7 +63,7 @@ def main_table(r, res=1024) -> str:
                      num(x.get("peak_mb"), "{:,.0f}")])
     return table(["model", "dtype", "mode", "encoder ms", "projector ms", "prefill ms", "TTFT ms", "decode tok/s",
                   "TTFT / transformers", "TTFT / transformers in a fresh process", "TTFT / roofline", "encoder % of matmul peak", "prefill % of peak",
-                  "decode % of bandwidth bound", "... of each round's own bound", "process peak RSS MB"], rows)
+                  "decode % of bandwidth bound", "... of each run's own bound", "process peak RSS MB"], rows)
 
 
 def accuracy_table(r) -> str:

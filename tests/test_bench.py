@@ -67,9 +67,9 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
         assert r["image_tokens"] == (r["resolution"] // 64) ** 2 and r["peak_mb"] > 0
         assert r["roofline"]["encoder_gflop"] > 0 and r["roofline"]["ttft_roofline_s"] > 0
         assert r["decode_tokens_per_s"]["median"] > 0
-        # each round's decode against the bandwidth read at that round's start (one timed round here)
+        # each run's decode against the bandwidth read right before it (one timed round here)
         rf = r["roofline"]
-        (bw,) = rf["read_bandwidth_per_round_gbps"]
+        (bw,) = rf["read_bandwidth_per_run_gbps"]
         bytes_per_token = rf["decode_bytes_per_token"]
         assert rf["decode_fraction_of_bound_paired"] == pytest.approx(
             r["decode_tokens_per_s"]["median"] * bytes_per_token / (bw * 1e9))
@@ -82,7 +82,7 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert any("transformers" in n for n in report["notes"])
     printed = capsys.readouterr().out
     assert "TTFT ms" in printed and "accuracy against our fp32 exact path" in printed
-    assert "dec %bound/round" in printed and "GB/s at the rounds' starts" in printed
+    assert "dec %bound/run" in printed and "GB/s right before the timed runs" in printed
 
 
 @pytest.mark.slow

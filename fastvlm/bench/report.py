@@ -42,11 +42,12 @@ def format_report(report: dict[str, Any]) -> str:
     if roof:
         mm = ", ".join(f"{k} {v['gflops_best']:.0f}" for k, v in roof.get("matmul", {}).items())
         bw = roof.get("read_bandwidth", {}).get("gbps_best")
-        per_round = [x for r in report["results"] for x in r.get("roofline", {}).get("read_bandwidth_per_round_gbps", [])]
-        drift = f" at the start; {min(per_round):.1f}-{max(per_round):.1f} GB/s at the rounds' starts" if per_round else ""
+        per_run = [x for r in report["results"] + report["transformers"]
+                   for x in r.get("roofline", {}).get("read_bandwidth_per_run_gbps", [])]
+        drift = f" at the start; {min(per_run):.1f}-{max(per_run):.1f} GB/s right before the timed runs" if per_run else ""
         parts.append(f"roofline (best of repeats): matmul GFLOP/s {mm} | memory read {_num(bw, '{:.1f}')} GB/s{drift}")
     headers = ["model", "dtype", "mode", "res", "tokens", "encode ms", "proj ms", "prefill ms", "TTFT ms",
-               "decode tok/s", "peak MB", "TTFT/HF", "TTFT/HF fresh", "TTFT/roof", "dec %bound", "dec %bound/round"]
+               "decode tok/s", "peak MB", "TTFT/HF", "TTFT/HF fresh", "TTFT/roof", "dec %bound", "dec %bound/run"]
     rows = []
     for r in report["results"] + report["transformers"]:
         rf = r.get("roofline", {})

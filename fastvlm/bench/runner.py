@@ -115,14 +115,14 @@ def _roofline_fields(res: dict[str, Any], enc_flops: int, pre_flops: int, peak: 
 
 
 def _paired_decode_fields(rounds: list[dict[str, Any]], mode: str, decode_bytes: int) -> dict[str, Any]:
-    """Each round's decode speed over the bound from the bandwidth read at that round's start; the median."""
-    pairs = [(r["_before"], r[mode]["decode_tokens_per_s"]) for r in rounds
-             if r.get("_before") and mode in r and r[mode].get("decode_tokens_per_s")]
+    """Each run's decode speed over the bound from the bandwidth read right before that run; the median."""
+    pairs = [(r[mode]["before_run"], r[mode]["decode_tokens_per_s"]) for r in rounds
+             if mode in r and r[mode].get("before_run") and r[mode].get("decode_tokens_per_s")]
     if not pairs:
         return {}
     import statistics
 
-    return {"read_bandwidth_per_round_gbps": [bw for bw, _ in pairs],
+    return {"read_bandwidth_per_run_gbps": [bw for bw, _ in pairs],
             "decode_fraction_of_bound_paired": statistics.median(tps * decode_bytes / (bw * 1e9) for bw, tps in pairs)}
 
 
@@ -264,12 +264,12 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                     runners = {m: (lambda v=v: v.run(ids, px, cfg.new_tokens)) for m, v in variants.items()}
                     if hf is not None and res in hf_res:
                         runners["transformers"] = lambda: hf.run(ids, px, cfg.new_tokens)
-                    # the memory read bandwidth drifts by 2x within minutes on a shared machine: read it at
-                    # the start of every round too, so that each decode is compared with its own bound
+                    # the memory read bandwidth drifts by 2x within minutes on a shared machine: read it right
+                    # before every timed run too, so that each decode is compared with its own bound
                     before = ((lambda: core.read_bandwidth(device, mbytes=cfg.bandwidth_mb, repeats=3)["gbps_best"])
                               if cfg.roofline and cfg.new_tokens > 1 else None)
                     samples, rounds = suite.interleaved(runners, cfg.warmup, cfg.repeats,
-                                                        label=f"{name} {dname} {res}px", before_round=before)
+                                                        label=f"{name} {dname} {res}px", before_run=before)
                     for m, smp in samples.items():
                         summ = smp.summary()
                         # the port holds the same LLM weights (its vocabulary padded by <1%): count ours

@@ -299,24 +299,26 @@ QUIET = {"max_wait_s": 0.0, "busy_below": 15.0}  # set by the CLI (--quiet-wait)
 
 
 def interleaved(runners: dict[str, Callable[[], dict[str, Any]]], warmup: int, repeats: int,
-                log_fn=log, label: str = "", before_round: Optional[Callable[[], Any]] = None,
+                log_fn=log, label: str = "", before_run: Optional[Callable[[], Any]] = None,
                 ) -> tuple[dict[str, Samples], list[dict[str, dict[str, Any]]]]:
     """Run every runner once per round; rounds after `warmup` are recorded.
 
     With QUIET["max_wait_s"] > 0, each timed run starts only once the machine is idle
     (or that many seconds have passed); the wait and the CPU use seen are recorded.
-    `before_round`, when given, runs at the start of every timed round and its result is
-    kept under the round's "_before" key (the runner uses it to read the memory bandwidth
-    next to the decode it bounds).
+    `before_run`, when given, runs right before every timed run (after the quiet wait) and its
+    result is kept in that run's result under "before_run" (the runner reads the memory
+    bandwidth there, next to the decode it bounds).
     """
     samples = {k: Samples() for k in runners}
     rounds: list[dict[str, dict[str, Any]]] = []
     for r in range(warmup + repeats):
         this: dict[str, dict[str, Any]] = {}
-        before = before_round() if before_round is not None and r >= warmup else None
         for name, fn in runners.items():
             quiet = core.wait_for_quiet(QUIET["max_wait_s"], QUIET["busy_below"]) if r >= warmup else {}
+            before = before_run() if before_run is not None and r >= warmup else None
             res = fn()
+            if before is not None:
+                res["before_run"] = before
             if quiet:
                 res["quiet_wait_s"] = quiet["waited_s"]
                 res["busy_before_percent"] = quiet["busy_percent"]
@@ -326,8 +328,6 @@ def interleaved(runners: dict[str, Callable[[], dict[str, Any]]], warmup: int, r
         tag = "warm-up" if r < warmup else f"round {r - warmup + 1}/{repeats}"
         log_fn(f"{label} {tag}: " + ", ".join(f"{k} TTFT {v['ttft_s'] * 1000:.0f} ms" for k, v in this.items()))
         if r >= warmup:
-            if before is not None:
-                this["_before"] = before
             rounds.append(this)
         gc.collect()
     return samples, rounds
