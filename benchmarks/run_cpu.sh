@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmark behind benchmarks/results/README.md (run from the repository root).
 #   bash benchmarks/run_cpu.sh            # everything below, one step after the other
-#   bash benchmarks/run_cpu.sh main       # one step: profile | main | fresh | sweep | 1.5b | 7b
+#   bash benchmarks/run_cpu.sh main       # one step: profile | main | fresh | paired | sweep | 1.5b | 7b
 # On a shared machine every timed run first waits (up to QUIET_WAIT s) for the CPUs to go idle;
 # the waits and the load average are recorded in each JSON.
 set -u -o pipefail
@@ -27,6 +27,11 @@ step main && fastvlm bench --preset fastvlm-0.5b --dtypes fp32 bf16 --modes exac
 step fresh && fastvlm bench --preset fastvlm-0.5b --dtypes fp32 bf16 --modes fast --resolutions 1024 --repeats 5 \
     --baselines transformers --transformers-fresh-process --no-accuracy --quiet-wait "$QW" --out "$OUT" \
     --name bench-0.5b-cpu-fresh
+
+# bf16 fast path against the port, each decode paired with the bandwidth read right before its run
+step paired && fastvlm bench --preset fastvlm-0.5b --dtypes bf16 --modes fast --resolutions 1024 --repeats 7 \
+    --baselines transformers --transformers-fresh-process --no-accuracy --quiet-wait "$QW" --out "$OUT" \
+    --name bench-0.5b-cpu-bf16-paired
 
 # TTFT against resolution, 256 to 2048 px (every 256; any step of 64 works: --resolutions 256:2048:64)
 step sweep && fastvlm bench --preset fastvlm-0.5b --dtypes bf16 --modes exact fast --resolutions 256:2048:256 \

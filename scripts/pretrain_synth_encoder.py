@@ -177,7 +177,7 @@ def _to_uint8(img, size: int, first: bool) -> torch.Tensor:
     x = preprocess_image(img, size)
     q = torch.round(x * 255)
     if first and (q / 255 - x).abs().max() > 1e-6:
-        raise SystemExit("preprocessing is not k/255 valued; store floats instead")
+        raise ValueError("preprocessing is not k/255 valued; store floats instead")  # crosses the worker pool
     return q.to(torch.uint8)
 
 
@@ -201,16 +201,14 @@ def _map(fn, jobs: list, workers: int, desc: str):
 def _load_one(job: tuple) -> np.ndarray:
     from fastvlm.processing import load_image
 
-    path, size = job
-    return _to_uint8(load_image(path), size, False).numpy()
+    path, size, first = job
+    return _to_uint8(load_image(path), size, first).numpy()
 
 
 def load_images(records: list[dict], root: str, size: int, desc: str, workers: int = 1) -> torch.Tensor:
     """uint8 [N, 3, size, size], preprocessed exactly as the VLM sees them (fastvlm.processing)."""
-    from fastvlm.processing import load_image
-
-    _to_uint8(load_image(os.path.join(root, records[0]["image"])), size, True)  # the k/255 check
-    arrays = _map(_load_one, [(os.path.join(root, r["image"]), size) for r in records], workers, desc)
+    arrays = _map(_load_one, [(os.path.join(root, r["image"]), size, i == 0) for i, r in enumerate(records)],
+                  workers, desc)
     return torch.from_numpy(np.stack(arrays))
 
 
@@ -277,7 +275,7 @@ def main() -> int:
     p.add_argument("--text-loss-weight", type=float, default=1.0,
                    help="reading objective: weight of the word and digit cross-entropy")
     p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N or mps (default auto: cuda when available, else cpu)")
+                   help="cpu, cuda, cuda:N or mps (default auto: CUDA, else MPS, else CPU)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes that load and render the images before training (default 1)")
     p.add_argument("--max-seconds", type=float, default=None,
@@ -290,7 +288,13 @@ def main() -> int:
         p.error(f"--reading-images must be >= 0, got {args.reading_images}")
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    from fastvlm.errors import FastVLMError
+    from fastvlm.model import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except FastVLMError as e:
+        p.error(str(e))
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
 
     from safetensors.torch import save_file

@@ -275,7 +275,7 @@ class Samples:
 
     def add(self, result: dict[str, Any]) -> None:
         for k, v in result.items():
-            if k != "tokens":
+            if k not in ("tokens", "before_run"):  # before_run: paired per run by the runner, not summarised
                 self.values.setdefault(k, []).append(v)
 
     def summary(self) -> dict[str, Any]:
