@@ -154,7 +154,7 @@ def profile_decode(steps: int, max_wait: float = 0.0) -> dict:
     if kernels.available(torch.bfloat16):
         variants["native kernels"] = True
     for name, on in variants.items():
-        kernels.use_decode_kernels(lm, on)
+        model.optimize_for_inference("fast", decode_kernels=on)  # the fast path's decode attention too
         with torch.inference_mode():
             cache = DynamicCache()
             out = lm(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
@@ -179,6 +179,8 @@ def profile_decode(steps: int, max_wait: float = 0.0) -> dict:
             with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
                 step()
         cats: dict[str, float] = {}
+        ops = {evt.key: (evt.self_cpu_time_total / 1e6, evt.count) for evt in prof.key_averages()
+               if evt.self_cpu_time_total > 0}
         for evt in prof.key_averages():
             k = evt.key
             if evt.self_cpu_time_total <= 0:
@@ -198,8 +200,9 @@ def profile_decode(steps: int, max_wait: float = 0.0) -> dict:
         res[name] = {"step_s": {"median": statistics.median(times), "min": min(times)},
                      "tokens_per_s_median": 1 / statistics.median(times),
                      "profiled_self_cpu_s": total,
-                     "categories_s": dict(sorted(cats.items(), key=lambda kv: -kv[1]))}
-    kernels.use_decode_kernels(lm, False)
+                     "categories_s": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+                     "top_ops": [{"op": k, "self_cpu_s": round(t, 6), "calls": n}
+                                 for k, (t, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:15]]}
     return res
 
 

@@ -298,7 +298,8 @@ class FastVLM(nn.Module):
         fused into oneDNN convolutions on CPU, SDPA attention; see `fastvlm.vision.fused`)
         and, on CPUs, a faster single-query GQA attention for decode steps
         (`generation.use_packed_gqa_attention`) plus, on AVX-512 CPUs with a C compiler,
-        native matrix-vector kernels for batch-1 decoding (`fastvlm.kernels`).
+        native matrix-vector kernels for batch-1 decoding (`fastvlm.kernels`) and, in bf16,
+        Qwen2 decode steps as three native calls per layer (`fastvlm.kernels.decode_layer`).
         compile: also `torch.compile` the fused encoder (inductor with weight freezing; the
         first call per input shape compiles, which takes minutes on a small CPU).
         quantize "int8": int8 dynamic quantization of the language model's linear layers
@@ -330,6 +331,9 @@ class FastVLM(nn.Module):
         if decode_kernels is None:
             decode_kernels = fast and device.type == "cpu" and kernels.available(self.dtype)
         n_kernels = kernels.use_decode_kernels(self.language_model, bool(decode_kernels))
+        from .kernels.decode_layer import LeanQwen2DecoderLayer
+
+        n_lean = sum(type(m) is LeanQwen2DecoderLayer for m in self.language_model.modules())
         packed_gqa = use_packed_gqa_attention(self.language_model, fast and device.type == "cpu")
         self.inference_settings = {
             "mode": mode,
@@ -340,6 +344,7 @@ class FastVLM(nn.Module):
             "quantize": quantize or self.inference_settings.get("quantize"),
             "decode_kernels": bool(decode_kernels) and n_kernels > 0,
             "decode_attention": "packed-gqa sdpa" if packed_gqa else "sdpa",
+            "decode_layers": "native bf16 steps" if n_lean and self.dtype == torch.bfloat16 else "transformers",
         }
         return self
 

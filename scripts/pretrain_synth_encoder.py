@@ -45,23 +45,37 @@ from fastvlm.data.synth import (
 BINS = 4  # sub-cell position bins per axis
 
 
-def label_space(words: tuple[str, ...], where: bool = False) -> dict[str, int]:
+WHERE = ("none", "cell", "image")
+
+
+def label_space(words: tuple[str, ...], where: str = "none", grid: int = 4) -> dict[str, int]:
     """Index of every label: colour-shape pairs, colours, shapes, words, tens and units digits of
-    numbers; with `where`, also where inside its cell an object of each colour lies (BINS bins
-    per axis): two objects a position question compares often share a cell, and a cell-level
-    label cannot tell which is left of the other."""
+    numbers; then where the objects lie, per colour, by `where`:
+
+    - ``cell``: which of BINS equal parts of its cell, per axis (two objects a position question
+      compares often share a cell, and a cell-level label cannot tell which is left of the other);
+    - ``image``: where in the whole image, as ordinal thresholds: ``xgt {colour} {b}`` holds when
+      the centre lies right of b/K of the width, for b = 1 .. K-1, K = grid * BINS (``ygt``: below).
+      A token's own position in the grid is not in what the LLM's attention reads from it (RoPE
+      acts on queries and keys, not values), so a model that must compare two objects' positions
+      needs them written into the features; as thresholds, one linear read-out gives the coordinate.
+    """
+    if where not in WHERE:
+        raise ValueError(f"unknown where {where!r}; choose one of {', '.join(WHERE)}")
     names = [f"{c} {s}" for c in COLORS for s in SHAPES] + [f"color {c}" for c in COLORS]
     names += [f"shape {s}" for s in SHAPES] + [f"word {w}" for w in words]
     names += [f"tens {d}" for d in range(10)] + [f"units {d}" for d in range(10)]
-    if where:
+    if where == "cell":
         names += [f"{axis} {c} {b}" for axis in ("xbin", "ybin") for c in COLORS for b in range(BINS)]
+    elif where == "image":
+        names += [f"{axis} {c} {b}" for axis in ("xgt", "ygt") for c in COLORS for b in range(1, grid * BINS)]
     return {n: i for i, n in enumerate(names)}
 
 
 def label_groups(labels: dict[str, int]) -> dict[str, list[int]]:
     """Label indices per group: colour_shape, colour, shape, word, digit, where."""
     kinds = {"color": "colour", "shape": "shape", "word": "word", "tens": "digit", "units": "digit",
-             "xbin": "where", "ybin": "where"}
+             "xbin": "where", "ybin": "where", "xgt": "where", "ygt": "where"}
     groups: dict[str, list[int]] = {}
     for name, i in labels.items():
         groups.setdefault(kinds.get(name.split(" ")[0], "colour_shape"), []).append(i)
@@ -85,8 +99,8 @@ class Objective:
 
     ``binary`` (the shipped model's encoder): every label independent, binary cross-entropy
     with positives weighted 4x (they are rare: a few per cell), so the loss is not "always no".
-    ``reading``: objects as in ``binary``, plus where in its cell each colour lies (``label_space(
-    where=True)``); text as which word, tens digit and units digit (or nothing) the cell holds,
+    ``reading``: objects as in ``binary`` (with the `where` labels of ``label_space``, by default
+    where in its cell each colour lies); text as which word, tens digit and units digit (or nothing) the cell holds,
     by softmax cross-entropy (soft targets when a cell holds several), since as binary labels a
     word is a positive in about one cell in a hundred and the encoder never left "always no".
     The head has one logit per label, plus (reading) a "nothing" logit per text group.
@@ -149,15 +163,22 @@ def targets(scene: dict, grid: int, labels: dict[str, int]) -> torch.Tensor:
         g = min(v / size * grid, grid - 1e-6)
         return min(int((g - int(g)) * BINS), BINS - 1)
 
-    where = f"xbin {next(iter(COLORS))} 0" in labels  # the label space has the sub-cell labels
+    first = next(iter(COLORS))
+    where = "cell" if f"xbin {first} 0" in labels else "image" if f"xgt {first} 1" in labels else "none"
     for o in scene["objects"]:
         k = cell(*o["center"])
         y[k, labels[f"{o['color']} {o['shape']}"]] = 1
         y[k, labels[f"color {o['color']}"]] = 1  # factorised too: each has many more positives to learn from
         y[k, labels[f"shape {o['shape']}"]] = 1
-        if where:
+        if where == "cell":
             y[k, labels[f"xbin {o['color']} {sub_bin(o['center'][0])}"]] = 1
             y[k, labels[f"ybin {o['color']} {sub_bin(o['center'][1])}"]] = 1
+        elif where == "image":
+            for axis, v in zip(("xgt", "ygt"), o["center"]):
+                b = 1
+                while f"{axis} {o['color']} {b}" in labels and v > b * size / (grid * BINS):
+                    y[k, labels[f"{axis} {o['color']} {b}"]] = 1
+                    b += 1
     for t in scene["texts"]:
         x0, y0, x1, y1 = t["bbox"]
         k = cell((x0 + x1) / 2, (y0 + y1) / 2)
@@ -169,6 +190,31 @@ def targets(scene: dict, grid: int, labels: dict[str, int]) -> torch.Tensor:
             y[k, labels[f"tens {t['text'][-2]}"]] = 1
             y[k, labels[f"units {t['text'][-1]}"]] = 1
     return y
+
+
+def position_accuracy(pred: torch.Tensor, scenes: list[dict], grid: int, labels: dict[str, int]) -> float:
+    """With ``where="image"`` labels: the share of the position questions a scene allows (pairs of
+    objects apart by the synthetic data's margin on an axis) that the predicted coordinates get
+    right. An object's coordinate is the number of its colour's thresholds predicted in its cell."""
+    from fastvlm.data.synth import _position_margin
+
+    k = grid * BINS
+    right = total = 0
+    for p, sc in zip(pred, scenes):
+        size, m = sc["image_size"], _position_margin(sc["image_size"])
+
+        def coord(o, axis):
+            c = min(int(o["center"][1] / size * grid), grid - 1) * grid + min(int(o["center"][0] / size * grid), grid - 1)
+            return sum(bool(p[c, labels[f"{axis}gt {o['color']} {b}"]]) for b in range(1, k))
+
+        objs = sc["objects"]
+        for i, a in enumerate(objs):
+            for b in objs[i + 1:]:
+                for axis, lo, hi in (("x", 0, 2), ("y", 1, 3)):
+                    if a["bbox"][hi] + m <= b["bbox"][lo] or b["bbox"][hi] + m <= a["bbox"][lo]:
+                        total += 1
+                        right += (coord(a, axis) < coord(b, axis)) == (a["center"][lo] < b["center"][lo])
+    return round(right / max(1, total), 4)
 
 
 def _to_uint8(img, size: int, first: bool) -> torch.Tensor:
@@ -272,6 +318,10 @@ def main() -> int:
     p.add_argument("--objective", default="binary", choices=OBJECTIVES,
                    help="binary: every label by BCE (the shipped model's encoder); reading: words and digits "
                         "by softmax, plus sub-cell object positions (see Objective)")
+    p.add_argument("--where", default=None, choices=WHERE,
+                   help="labels for where each object lies, per colour: within its cell (default with the "
+                        "reading objective), in the whole image as ordinal thresholds, or none (default with "
+                        "binary); see label_space")
     p.add_argument("--text-loss-weight", type=float, default=1.0,
                    help="reading objective: weight of the word and digit cross-entropy")
     p.add_argument("--device", default="auto",
@@ -281,6 +331,9 @@ def main() -> int:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time 20 steps first, then train min(--steps, what fits in this many seconds) steps: "
                         "the same run as --steps with that number (the log records it as steps_run)")
+    p.add_argument("--head-steps", type=int, default=0,
+                   help="train only the new head for the first N steps: when init.vision_tower gives a pretrained "
+                        "encoder, so a random head's gradients do not disturb its features (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--out", required=True, help="output .safetensors (the encoder's train-form weights)")
     args = p.parse_args()
@@ -307,7 +360,8 @@ def main() -> int:
                                        f"data.image_size={args.image_size}", *args.set], validate=False)
     encoder = build_model(recipe).vision_tower.train()
     grid = args.image_size // 64
-    labels = label_space(LEVELS[args.level].words, where=args.objective == "reading")
+    where = args.where or ("cell" if args.objective == "reading" else "none")
+    labels = label_space(LEVELS[args.level].words, where=where, grid=grid)
     train = load_split(os.path.join(args.data, "train.json"))[: args.num_train]
     val = load_split(os.path.join(args.data, "val.json"))[:200]
     X = load_images(train, args.data, args.image_size, "train images", args.workers)
@@ -352,6 +406,8 @@ def main() -> int:
         out = {"val_f1": round(f1, 4), "val_cells_exact": round(cells, 4)}
         # per label group: the overall F1 is dominated by the many shape and colour positives
         out.update({f"val_f1_{g}": v for g, v in group_f1(pred, Yv, groups).items()})
+        if where == "image":
+            out["val_position_acc"] = position_accuracy(pred, [r["scene"] for r in val], grid, labels)
         return out
 
     from tqdm import tqdm
@@ -362,8 +418,9 @@ def main() -> int:
     bar = tqdm(range(steps), desc="pretrain encoder", unit="step", dynamic_ncols=True)
     for step in bar:
         idx = torch.randint(0, len(X), (args.batch_size,), generator=g).to(device)
-        logits = head(encoder(X[idx].float() / 255))
-        loss = objective.loss(logits, Y[idx])
+        with torch.set_grad_enabled(step >= args.head_steps):
+            feats = encoder(X[idx].float() / 255)
+        loss = objective.loss(head(feats), Y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -43,6 +43,8 @@ def main() -> int:
     p.add_argument("--level", default="basic")
     p.add_argument("--objective", default="binary", choices=("binary", "reading"),
                    help="labels, loss and decision rule of the probe (scripts/pretrain_synth_encoder.py)")
+    p.add_argument("--where", default=None, choices=("none", "cell", "image"),
+                   help="position labels (default: cell with --objective reading, else none)")
     p.add_argument("--num-train", type=int, default=3000, help="training images for the probe (default 3000)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
@@ -58,8 +60,9 @@ def main() -> int:
                                            f"data.train={os.path.join(a.data, 'train.json')}",
                                            f"init.vision_tower={a.encoder}", f"init.vision.image_size={a.image_size}"])
     model = build_model(rec).eval()
-    labels = pse.label_space(LEVELS[a.level].words, where=a.objective == "reading")
     grid = a.image_size // 64
+    labels = pse.label_space(LEVELS[a.level].words, where=a.where or ("cell" if a.objective == "reading" else "none"),
+                             grid=grid)
     with open(os.path.join(a.data, "train.json")) as f:
         train = json.load(f)[:a.num_train]
     with open(os.path.join(a.data, "val.json")) as f:

@@ -31,7 +31,7 @@ def _names(labels, row):
 
 
 def test_targets_per_cell(pse):
-    labels = pse.label_space(WORDS, where=True)
+    labels = pse.label_space(WORDS, where="cell")
     scene = {"image_size": 256,
              "objects": [{"color": "red", "shape": "circle", "center": [70, 10]},
                          {"color": "blue", "shape": "star", "center": [250, 250]}],
@@ -52,6 +52,34 @@ def test_targets_per_cell(pse):
     assert _names(plain, pse.targets(scene, 4, plain)[1]) == ["color red", "red circle", "shape circle"]
 
 
+def test_image_position_labels_are_ordinal_thresholds(pse):
+    labels = pse.label_space(WORDS, where="image", grid=4)  # K = 16 bins of 16 px per axis
+    assert sum(n.startswith("xgt red ") for n in labels) == 15
+    scene = {"image_size": 256, "texts": [],
+             "objects": [{"color": "red", "shape": "circle", "center": [70, 10]},
+                         {"color": "blue", "shape": "star", "center": [250, 250]}]}
+    y = pse.targets(scene, 4, labels)
+    # 70 px is past 4 of the 16-px thresholds (16, 32, 48, 64), 10 px past none
+    assert _names(labels, y[1]) == ["color red", "red circle", "shape circle"] + [f"xgt red {b}" for b in range(1, 5)]
+    assert sum(n.startswith("xgt blue") for n in _names(labels, y[15])) == 15
+    assert sum(n.startswith("ygt blue") for n in _names(labels, y[15])) == 15
+    assert "where" in pse.label_groups(labels) and len(pse.label_groups(labels)["where"]) == 2 * 7 * 15
+    with pytest.raises(ValueError, match="unknown where"):
+        pse.label_space(WORDS, where="grid")
+
+    # the encoder-level position metric: exact targets score 1, swapped coordinates score 0
+    scene = {"image_size": 256, "texts": [],
+             "objects": [{"color": "red", "shape": "circle", "center": [40, 40], "bbox": [30, 30, 50, 50]},
+                         {"color": "blue", "shape": "star", "center": [200, 150], "bbox": [190, 140, 210, 160]}]}
+    y = pse.targets(scene, 4, labels) > 0
+    assert pse.position_accuracy(y[None], [scene], 4, labels) == 1.0
+    swapped = {**scene, "objects": [dict(scene["objects"][0], center=[200, 150]),
+                                     dict(scene["objects"][1], center=[40, 40])]}
+    wrong = pse.targets(swapped, 4, labels) > 0
+    # the labels now sit in the other objects' cells: each object reads no thresholds, a tie, wrong
+    assert pse.position_accuracy(wrong[None], [scene], 4, labels) == 0.0
+
+
 def test_binary_objective_is_weighted_bce(pse):
     labels = pse.label_space(WORDS)
     obj = pse.Objective("binary", labels, WORDS)
@@ -65,7 +93,7 @@ def test_binary_objective_is_weighted_bce(pse):
 
 
 def test_objective_text_is_a_softmax_over_words_and_nothing(pse):
-    labels = pse.label_space(WORDS, where=True)
+    labels = pse.label_space(WORDS, where="cell")
     obj = pse.Objective("reading", labels, WORDS)
     n_out = obj.num_outputs
     assert n_out == len(labels) + 3

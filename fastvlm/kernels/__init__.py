@@ -59,7 +59,7 @@ def _compiler() -> Optional[str]:
 def _build(cc: str, flags: set[str]) -> str:
     with open(_SOURCE, "rb") as f:
         src = f.read()
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + " ".join(sorted(flags)).encode() + cc.encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join(_FLAGS + ["-lm"]).encode() + " ".join(sorted(flags)).encode() + cc.encode()).hexdigest()[:16]
     cache = os.environ.get("FASTVLM_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastvlm", "kernels")
     os.makedirs(cache, exist_ok=True)
     lib = os.path.join(cache, f"libfastvlm_cpu_{key}.so")
@@ -67,7 +67,7 @@ def _build(cc: str, flags: set[str]) -> str:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            subprocess.run([cc, *_FLAGS, _SOURCE, "-o", tmp], check=True, capture_output=True, timeout=120)
+            subprocess.run([cc, *_FLAGS, _SOURCE, "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
             os.replace(tmp, lib)  # atomic: concurrent builders never see a half-written file
         finally:
             if os.path.exists(tmp):
@@ -98,8 +98,14 @@ def load() -> Optional[ctypes.CDLL]:
                     getattr(lib, name).argtypes = [ptr] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                 lib.fastvlm_gemv_f32.restype = None
                 if lib.fastvlm_has_bf16():
-                    lib.fastvlm_gemv_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-                    lib.fastvlm_gemv_bf16.restype = None
+                    P, L, F, N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+                    for name, args in (
+                            ("fastvlm_gemv_bf16", [P] * 4 + [L, L, N]),
+                            ("fastvlm_qwen2_attn_in_bf16", [P, P, F] + [P] * 8 + [L] * 4 + [P, P, N]),
+                            ("fastvlm_qwen2_attn_out_bf16", [P, P, P, L, P, F, L, P, P, N]),
+                            ("fastvlm_qwen2_mlp_bf16", [P] * 5 + [L, L, P, P, N])):
+                        getattr(lib, name).argtypes = args
+                        getattr(lib, name).restype = None
             except (OSError, subprocess.SubprocessError, AttributeError) as e:
                 lib, why = None, f"build failed: {getattr(e, 'stderr', b'') or e}"
         _state["lib"], _state["why"] = lib, why
@@ -154,7 +160,11 @@ class DecodeLinear(nn.Linear):
 
 
 def use_decode_kernels(module: nn.Module, enabled: bool = True) -> int:
-    """Swap every plain nn.Linear under `module` to DecodeLinear (or back); returns how many DecodeLinears remain."""
+    """Swap every plain nn.Linear under `module` to DecodeLinear (or back), and its Qwen2 decoder
+    layers to the native bf16 decode step (`decode_layer.use_lean_decode_layers`) where the bf16
+    kernels exist; returns how many DecodeLinears remain."""
+    from .decode_layer import use_lean_decode_layers
+
     n = 0
     for m in module.modules():
         if enabled and type(m) is nn.Linear:
@@ -162,6 +172,7 @@ def use_decode_kernels(module: nn.Module, enabled: bool = True) -> int:
         elif not enabled and type(m) is DecodeLinear:
             m.__class__ = nn.Linear
         n += type(m) is DecodeLinear
+    use_lean_decode_layers(module, enabled)
     return n
 
 

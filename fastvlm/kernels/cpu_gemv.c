@@ -9,6 +9,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 static inline uint16_t f32_to_bf16(float f) {
@@ -32,30 +33,132 @@ static inline float bf16_to_f32(uint16_t h) {
  * the dot-product latency; x stays in L1. */
 
 #ifdef __AVX512BF16__
+static inline float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t I) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 128 <= I; i += 128) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + i + 64), (__m512bh)_mm512_loadu_si512(x + i + 64));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + i + 96), (__m512bh)_mm512_loadu_si512(x + i + 96));
+    }
+    for (; i + 32 <= I; i += 32)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+    if (i < I) {
+        const __mmask32 m = (__mmask32)((1ull << (I - i)) - 1ull);
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, w + i),
+                              (__m512bh)_mm512_maskz_loadu_epi16(m, x + i));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
 void fastvlm_gemv_bf16(const uint16_t *W, const uint16_t *x, const uint16_t *b, uint16_t *y,
                        int64_t O, int64_t I, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t o = 0; o < O; o++) {
-        const uint16_t *w = W + o * I;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        int64_t i = 0;
-        for (; i + 128 <= I; i += 128) {
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
-            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + i + 64), (__m512bh)_mm512_loadu_si512(x + i + 64));
-            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + i + 96), (__m512bh)_mm512_loadu_si512(x + i + 96));
-        }
-        for (; i + 32 <= I; i += 32)
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-        if (i < I) {
-            const __mmask32 m = (__mmask32)((1ull << (I - i)) - 1ull);
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, w + i),
-                                  (__m512bh)_mm512_maskz_loadu_epi16(m, x + i));
-        }
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        float s = dot_bf16(W + o * I, x, I);
         if (b) s += bf16_to_f32(b[o]);
         y[o] = f32_to_bf16(s);
+    }
+}
+
+/* ---- one Qwen2 decoder layer's decode step (batch 1, one new token), in three calls ----
+ * Each reproduces transformers' bf16 arithmetic: every tensor the PyTorch module computes is
+ * rounded to bf16 at the same points here (RMSNorm statistics in fp32; rotary products and
+ * sums, residual adds, SiLU and its product each rounded once), so the results differ from
+ * the module's only by the order of fp32 sums. The time they remove is the ~100 small
+ * PyTorch ops per layer around the matrix-vector products. */
+
+static inline float bf(uint16_t h) { return bf16_to_f32(h); }
+static inline float rnd(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* 1 / sqrt(mean(x^2) + eps), in fp32 */
+static float rms_inv(const uint16_t *x, int64_t H, float eps) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= H; i += 16) {
+        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16));
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < H; i++) s += bf(x[i]) * bf(x[i]);
+    return 1.0f / sqrtf(s / (float)H + eps);
+}
+
+/* out = w * bf16(x * r), as Qwen2RMSNorm */
+static void rms_apply(const uint16_t *x, const uint16_t *w, float r, uint16_t *out, int64_t H) {
+    for (int64_t i = 0; i < H; i++) out[i] = f32_to_bf16(bf(w[i]) * rnd(bf(x[i]) * r));
+}
+
+/* Rows [0, O) of the stacked matrices W0 (O0 rows), W1, W2 (with optional biases) into y. */
+static inline float stacked_row(int64_t r, const uint16_t *const *W, const uint16_t *const *B,
+                                const int64_t *O, const uint16_t *x, int64_t I) {
+    int j = 0;
+    while (r >= O[j]) r -= O[j++];
+    float s = dot_bf16(W[j] + r * I, x, I);
+    return B[j] ? s + bf(B[j][r]) : s;
+}
+
+/* h = RMSNorm(x); qkv = [q_proj(h), k_proj(h), v_proj(h)]; rotary on the q and k heads, in place.
+ * cos/sin: [D] bf16 for this position; heads of D (even) values, nq query heads then nkv key heads. */
+void fastvlm_qwen2_attn_in_bf16(const uint16_t *x, const uint16_t *norm_w, float eps,
+                                const uint16_t *Wq, const uint16_t *bq, const uint16_t *Wk, const uint16_t *bk,
+                                const uint16_t *Wv, const uint16_t *bv, const uint16_t *cosv, const uint16_t *sinv,
+                                int64_t nq, int64_t nkv, int64_t D, int64_t H, uint16_t *h, uint16_t *qkv,
+                                int nthreads) {
+    const uint16_t *W[3] = {Wq, Wk, Wv}, *B[3] = {bq, bk, bv};
+    const int64_t O[3] = {nq * D, nkv * D, nkv * D};
+    const int64_t rows = O[0] + O[1] + O[2], half = D / 2;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp single
+        rms_apply(x, norm_w, rms_inv(x, H, eps), h, H);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) qkv[r] = f32_to_bf16(stacked_row(r, W, B, O, h, H));
+#pragma omp for schedule(static)
+        for (int64_t head = 0; head < nq + nkv; head++) {
+            uint16_t *v = qkv + head * D;
+            uint16_t tmp[512];
+            for (int64_t j = 0; j < D; j++) {  /* q * cos + rotate_half(q) * sin, each product rounded */
+                float rot = j < half ? -bf(v[j + half]) : bf(v[j - half]);
+                tmp[j] = f32_to_bf16(rnd(bf(v[j]) * bf(cosv[j])) + rnd(rot * bf(sinv[j])));
+            }
+            memcpy(v, tmp, (size_t)D * sizeof(uint16_t));
+        }
+    }
+}
+
+/* x1 = x + o_proj(attn); h = RMSNorm(x1) */
+void fastvlm_qwen2_attn_out_bf16(const uint16_t *x, const uint16_t *attn, const uint16_t *Wo, int64_t A,
+                                 const uint16_t *norm_w, float eps, int64_t H, uint16_t *x1, uint16_t *h,
+                                 int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < H; o++) x1[o] = f32_to_bf16(bf(x[o]) + rnd(dot_bf16(Wo + o * A, attn, A)));
+#pragma omp single
+        rms_apply(x1, norm_w, rms_inv(x1, H, eps), h, H);
+    }
+}
+
+/* out = x1 + down_proj(silu(gate_proj(h)) * up_proj(h)); gu: scratch of 2 * I */
+void fastvlm_qwen2_mlp_bf16(const uint16_t *x1, const uint16_t *h, const uint16_t *Wg, const uint16_t *Wu,
+                            const uint16_t *Wd, int64_t H, int64_t I, uint16_t *gu, uint16_t *out, int nthreads) {
+    const uint16_t *W[2] = {Wg, Wu}, *B[2] = {0, 0};
+    const int64_t O[2] = {I, I};
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < 2 * I; r++) gu[r] = f32_to_bf16(stacked_row(r, W, B, O, h, H));
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < I; i++) {
+            float g = bf(gu[i]);
+            gu[i] = f32_to_bf16(rnd(g / (1.0f + expf(-g))) * bf(gu[I + i]));
+        }
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < H; o++) out[o] = f32_to_bf16(bf(x1[o]) + rnd(dot_bf16(Wd + o * I, gu, I)));
     }
 }
 #endif

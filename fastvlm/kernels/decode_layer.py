@@ -1,0 +1,138 @@
+"""A Qwen2 decoder layer whose batch-1 bf16 decode steps run as three native calls.
+
+A 0.5B decode step on the 2-core Zen 4 spent about 37 ms streaming the weights through the
+native matrix-vector kernel and another ~12 ms in the ~100 small PyTorch ops per layer around
+it (RMSNorms, rotary, residual adds, SiLU, views, dispatch). `LeanQwen2DecoderLayer` keeps
+transformers' module, parameters and state dict, and runs a one-token step as:
+
+1. `fastvlm_qwen2_attn_in_bf16`: input RMSNorm, q/k/v projections (one pass over the three
+   matrices), rotary embedding;
+2. the KV cache update and attention stay PyTorch's (the cache object is transformers');
+3. `fastvlm_qwen2_attn_out_bf16`: o_proj, residual add, post-attention RMSNorm;
+4. `fastvlm_qwen2_mlp_bf16`: gate and up projections (one pass), SiLU times up, down
+   projection, residual add.
+
+Every intermediate is rounded to bf16 where the PyTorch module rounds it, so a step differs
+from the module's only by the order of fp32 sums (tests/test_decode_layer.py checks logits
+and greedy tokens). Anything else (prefill, batches, fp32, grads, masks, LoRA-wrapped or
+quantized projections, an unknown transformers calling convention) takes the module's own
+forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+
+def _standard_linear(m: nn.Module) -> bool:
+    from . import DecodeLinear
+
+    return type(m) in (nn.Linear, DecodeLinear)
+
+
+def _bf16_weight(m: nn.Module) -> bool:
+    w = m.weight
+    return (w.dtype == torch.bfloat16 and w.is_contiguous() and w.device.type == "cpu"
+            and (m.bias is None or (m.bias.dtype == torch.bfloat16 and m.bias.is_contiguous())))
+
+
+def _layer_ok(layer) -> bool:
+    """The layer has the exact structure the native step implements (checked every step: cheap)."""
+    a, m = layer.self_attn, layer.mlp
+    projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+    return (all(_standard_linear(p) and _bf16_weight(p) for p in projs)
+            and a.o_proj.bias is None and m.gate_proj.bias is None and m.up_proj.bias is None
+            and m.down_proj.bias is None
+            and getattr(a, "sliding_window", None) is None
+            and getattr(layer, "_lean_act", None) == "silu"
+            and layer.input_layernorm.weight.dtype == torch.bfloat16
+            and layer.post_attention_layernorm.weight.dtype == torch.bfloat16)
+
+
+def _lean_step(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+    from . import load
+
+    lib = load()
+    a, m = layer.self_attn, layer.mlp
+    D = a.head_dim
+    nq = a.q_proj.out_features // D
+    nkv = a.k_proj.out_features // D
+    H = x.shape[-1]
+    inter = m.gate_proj.out_features
+    threads = torch.get_num_threads()
+    x = x.contiguous()
+    h = torch.empty(H, dtype=torch.bfloat16)
+    qkv = torch.empty((nq + 2 * nkv) * D, dtype=torch.bfloat16)
+    ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+    lib.fastvlm_qwen2_attn_in_bf16(
+        x.data_ptr(), ln1.weight.data_ptr(), float(ln1.variance_epsilon),
+        a.q_proj.weight.data_ptr(), _ptr(a.q_proj.bias), a.k_proj.weight.data_ptr(), _ptr(a.k_proj.bias),
+        a.v_proj.weight.data_ptr(), _ptr(a.v_proj.bias), cos.data_ptr(), sin.data_ptr(),
+        nq, nkv, D, H, h.data_ptr(), qkv.data_ptr(), threads)
+    q = qkv[: nq * D].view(1, nkv, nq // nkv, D)  # query heads sharing a KV head, as one block
+    k = qkv[nq * D: (nq + nkv) * D].view(1, nkv, 1, D)
+    v = qkv[(nq + nkv) * D:].view(1, nkv, 1, D)
+    k, v = cache.update(k, v, a.layer_idx)
+    attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=a.scaling).contiguous()
+    x1 = torch.empty_like(x)
+    lib.fastvlm_qwen2_attn_out_bf16(x.data_ptr(), attn.data_ptr(), a.o_proj.weight.data_ptr(), nq * D,
+                                    ln2.weight.data_ptr(), float(ln2.variance_epsilon), H, x1.data_ptr(),
+                                    h.data_ptr(), threads)
+    gu = torch.empty(2 * inter, dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    lib.fastvlm_qwen2_mlp_bf16(x1.data_ptr(), h.data_ptr(), m.gate_proj.weight.data_ptr(),
+                               m.up_proj.weight.data_ptr(), m.down_proj.weight.data_ptr(), H, inter,
+                               gu.data_ptr(), out.data_ptr(), threads)
+    return out
+
+
+def _ptr(t) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class LeanQwen2DecoderLayer(Qwen2DecoderLayer):
+    """Qwen2DecoderLayer with native batch-1 bf16 decode steps (see the module's docstring)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("past_key_value")))
+        pe = kwargs.get("position_embeddings")
+        returns_tuple = getattr(self, "_lean_returns_tuple", None)
+        if (not args and returns_tuple is not None and cache is not None and pe is not None
+                and kwargs.get("attention_mask") is None and not kwargs.get("output_attentions")
+                and hidden_states.dim() == 3 and hidden_states.shape[:2] == (1, 1)
+                and hidden_states.dtype == torch.bfloat16 and hidden_states.device.type == "cpu"
+                and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+                and pe[0].numel() == self.self_attn.head_dim and pe[0].dtype == torch.bfloat16
+                and _layer_ok(self)):
+            cos, sin = (t.contiguous() for t in pe)
+            out = _lean_step(self, hidden_states, cos, sin, cache)
+            return (out,) if returns_tuple else out
+        out = super().forward(hidden_states, *args, **kwargs)
+        # transformers 4.x layers return a tuple, 5.x a tensor: learnt from the first (prefill) call
+        self._lean_returns_tuple = isinstance(out, tuple)
+        return out
+
+
+def use_lean_decode_layers(language_model: nn.Module, enabled: bool = True) -> int:
+    """Swap the Qwen2 decoder layers of `language_model` to LeanQwen2DecoderLayer (or back).
+
+    Returns how many lean layers remain. Needs the bf16 native kernels (`fastvlm.kernels`);
+    without them, or for a model that is not Qwen2, nothing is swapped.
+    """
+    from . import available
+
+    can = enabled and available(torch.bfloat16)
+    n = 0
+    for mod in language_model.modules():
+        if can and type(mod) is Qwen2DecoderLayer:
+            act = getattr(getattr(mod.mlp, "config", None), "hidden_act", None)
+            head_dim = getattr(mod.self_attn, "head_dim", 0)
+            if head_dim % 2 == 0 and 0 < head_dim <= 512:  # the native rotary's scratch holds 512
+                mod.__class__ = LeanQwen2DecoderLayer
+                mod._lean_act = act
+        elif not can and type(mod) is LeanQwen2DecoderLayer:
+            mod.__class__ = Qwen2DecoderLayer
+        n += type(mod) is LeanQwen2DecoderLayer
+    return n
