@@ -48,7 +48,10 @@ BINS = 4  # sub-cell position bins per axis
 WHERE = ("none", "cell", "image")
 
 
-def label_space(words: tuple[str, ...], where: str = "none", grid: int = 4) -> dict[str, int]:
+MAX_COUNT = 4  # the synthetic scenes hold at most 4 objects
+
+
+def label_space(words: tuple[str, ...], where: str = "none", grid: int = 4, counts: bool = False) -> dict[str, int]:
     """Index of every label: colour-shape pairs, colours, shapes, words, tens and units digits of
     numbers; then where the objects lie, per colour, by `where`:
 
@@ -59,6 +62,10 @@ def label_space(words: tuple[str, ...], where: str = "none", grid: int = 4) -> d
       A token's own position in the grid is not in what the LLM's attention reads from it (RoPE
       acts on queries and keys, not values), so a model that must compare two objects' positions
       needs them written into the features; as thresholds, one linear read-out gives the coordinate.
+
+    With `counts`, every cell also learns how many objects of each colour, of each shape and in
+    all the whole image holds, as thresholds ``count {what} {k}`` (at least k, k = 1 .. MAX_COUNT):
+    the same in every cell, so whichever token the LLM reads, it finds the totals there.
     """
     if where not in WHERE:
         raise ValueError(f"unknown where {where!r}; choose one of {', '.join(WHERE)}")
@@ -69,13 +76,15 @@ def label_space(words: tuple[str, ...], where: str = "none", grid: int = 4) -> d
         names += [f"{axis} {c} {b}" for axis in ("xbin", "ybin") for c in COLORS for b in range(BINS)]
     elif where == "image":
         names += [f"{axis} {c} {b}" for axis in ("xgt", "ygt") for c in COLORS for b in range(1, grid * BINS)]
+    if counts:
+        names += [f"count {w} {k}" for w in (*COLORS, *SHAPES, "all") for k in range(1, MAX_COUNT + 1)]
     return {n: i for i, n in enumerate(names)}
 
 
 def label_groups(labels: dict[str, int]) -> dict[str, list[int]]:
     """Label indices per group: colour_shape, colour, shape, word, digit, where."""
     kinds = {"color": "colour", "shape": "shape", "word": "word", "tens": "digit", "units": "digit",
-             "xbin": "where", "ybin": "where", "xgt": "where", "ygt": "where"}
+             "xbin": "where", "ybin": "where", "xgt": "where", "ygt": "where", "count": "count"}
     groups: dict[str, list[int]] = {}
     for name, i in labels.items():
         groups.setdefault(kinds.get(name.split(" ")[0], "colour_shape"), []).append(i)
@@ -179,6 +188,12 @@ def targets(scene: dict, grid: int, labels: dict[str, int]) -> torch.Tensor:
                 while f"{axis} {o['color']} {b}" in labels and v > b * size / (grid * BINS):
                     y[k, labels[f"{axis} {o['color']} {b}"]] = 1
                     b += 1
+    if "count all 1" in labels:
+        objs = scene["objects"]
+        for w in (*COLORS, *SHAPES, "all"):
+            n = sum(w in ("all", o["color"], o["shape"]) for o in objs)
+            for k in range(1, min(n, MAX_COUNT) + 1):
+                y[:, labels[f"count {w} {k}"]] = 1
     for t in scene["texts"]:
         x0, y0, x1, y1 = t["bbox"]
         k = cell((x0 + x1) / 2, (y0 + y1) / 2)
@@ -199,21 +214,37 @@ def position_accuracy(pred: torch.Tensor, scenes: list[dict], grid: int, labels:
     from fastvlm.data.synth import _position_margin
 
     k = grid * BINS
+
+    def coord(p: torch.Tensor, o: dict, axis: str, size: int) -> int:
+        c = min(int(o["center"][1] / size * grid), grid - 1) * grid + min(int(o["center"][0] / size * grid), grid - 1)
+        return sum(bool(p[c, labels[f"{axis}gt {o['color']} {b}"]]) for b in range(1, k))
+
     right = total = 0
     for p, sc in zip(pred, scenes):
         size, m = sc["image_size"], _position_margin(sc["image_size"])
-
-        def coord(o, axis):
-            c = min(int(o["center"][1] / size * grid), grid - 1) * grid + min(int(o["center"][0] / size * grid), grid - 1)
-            return sum(bool(p[c, labels[f"{axis}gt {o['color']} {b}"]]) for b in range(1, k))
-
         objs = sc["objects"]
         for i, a in enumerate(objs):
             for b in objs[i + 1:]:
                 for axis, lo, hi in (("x", 0, 2), ("y", 1, 3)):
                     if a["bbox"][hi] + m <= b["bbox"][lo] or b["bbox"][hi] + m <= a["bbox"][lo]:
                         total += 1
-                        right += (coord(a, axis) < coord(b, axis)) == (a["center"][lo] < b["center"][lo])
+                        right += (coord(p, a, axis, size) < coord(p, b, axis, size)) == (a["center"][lo] < b["center"][lo])
+    return round(right / max(1, total), 4)
+
+
+def count_accuracy(pred: torch.Tensor, scenes: list[dict], labels: dict[str, int]) -> float:
+    """With ``counts`` labels: how often the count read from the predictions (thresholds held,
+    by majority over the cells) equals the true count, over every colour, shape and "all" of
+    every scene (mostly zeros; the count questions ask about present objects, see synth)."""
+    right = total = 0
+    for p, sc in zip(pred, scenes):
+        for w in (*COLORS, *SHAPES, "all"):
+            n = sum(w in ("all", o["color"], o["shape"]) for o in sc["objects"])
+            if n == 0 and w != "all":
+                continue  # absent kinds are most of the pairs and easy; the questions ask about present ones
+            held = p[:, [labels[f"count {w} {k}"] for k in range(1, MAX_COUNT + 1)]].float().mean(0) > 0.5
+            right += int(held.sum()) == min(n, MAX_COUNT)
+            total += 1
     return round(right / max(1, total), 4)
 
 
@@ -322,6 +353,9 @@ def main() -> int:
                    help="labels for where each object lies, per colour: within its cell (default with the "
                         "reading objective), in the whole image as ordinal thresholds, or none (default with "
                         "binary); see label_space")
+    p.add_argument("--counts", action="store_true",
+                   help="every cell also learns the whole image's object counts per colour, per shape and in all "
+                        "(see label_space)")
     p.add_argument("--text-loss-weight", type=float, default=1.0,
                    help="reading objective: weight of the word and digit cross-entropy")
     p.add_argument("--device", default="auto",
@@ -361,7 +395,7 @@ def main() -> int:
     encoder = build_model(recipe).vision_tower.train()
     grid = args.image_size // 64
     where = args.where or ("cell" if args.objective == "reading" else "none")
-    labels = label_space(LEVELS[args.level].words, where=where, grid=grid)
+    labels = label_space(LEVELS[args.level].words, where=where, grid=grid, counts=args.counts)
     train = load_split(os.path.join(args.data, "train.json"))[: args.num_train]
     val = load_split(os.path.join(args.data, "val.json"))[:200]
     X = load_images(train, args.data, args.image_size, "train images", args.workers)
@@ -408,6 +442,8 @@ def main() -> int:
         out.update({f"val_f1_{g}": v for g, v in group_f1(pred, Yv, groups).items()})
         if where == "image":
             out["val_position_acc"] = position_accuracy(pred, [r["scene"] for r in val], grid, labels)
+        if args.counts:
+            out["val_count_acc"] = count_accuracy(pred, [r["scene"] for r in val], labels)
         return out
 
     from tqdm import tqdm

@@ -45,6 +45,7 @@ def main() -> int:
                    help="labels, loss and decision rule of the probe (scripts/pretrain_synth_encoder.py)")
     p.add_argument("--where", default=None, choices=("none", "cell", "image"),
                    help="position labels (default: cell with --objective reading, else none)")
+    p.add_argument("--counts", action="store_true", help="also probe the whole image's object counts per cell")
     p.add_argument("--num-train", type=int, default=3000, help="training images for the probe (default 3000)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
@@ -62,7 +63,7 @@ def main() -> int:
     model = build_model(rec).eval()
     grid = a.image_size // 64
     labels = pse.label_space(LEVELS[a.level].words, where=a.where or ("cell" if a.objective == "reading" else "none"),
-                             grid=grid)
+                             grid=grid, counts=a.counts)
     with open(os.path.join(a.data, "train.json")) as f:
         train = json.load(f)[:a.num_train]
     with open(os.path.join(a.data, "val.json")) as f:
@@ -89,8 +90,13 @@ def main() -> int:
     with torch.no_grad():
         pred = objective.predict(head(fv))
     f1 = pse.group_f1(pred, yv, pse.label_groups(labels))
-    result = {"encoder": a.encoder, "image_size": a.image_size, "objective": a.objective,
-              "probe_train_images": len(train), "val_images": len(val), "steps": a.steps, "val_f1_per_group": f1}
+    result = {"encoder": a.encoder, "image_size": a.image_size, "objective": a.objective, "where": a.where,
+              "counts": a.counts, "probe_train_images": len(train), "val_images": len(val), "steps": a.steps,
+              "val_f1_per_group": f1}
+    if a.where == "image":  # the position questions' accuracy the probed coordinates give
+        result["val_position_acc"] = pse.position_accuracy(pred, [r["scene"] for r in val], grid, labels)
+    if a.counts:
+        result["val_count_acc"] = pse.count_accuracy(pred, [r["scene"] for r in val], labels)
     print(json.dumps(result))
     if a.out:
         with open(a.out, "w") as f:

@@ -80,6 +80,25 @@ def test_image_position_labels_are_ordinal_thresholds(pse):
     assert pse.position_accuracy(wrong[None], [scene], 4, labels) == 0.0
 
 
+def test_count_labels_are_global_thresholds(pse):
+    labels = pse.label_space(WORDS, counts=True)
+    scene = {"image_size": 256, "texts": [],
+             "objects": [{"color": "red", "shape": "circle", "center": [70, 10]},
+                         {"color": "red", "shape": "star", "center": [250, 250]},
+                         {"color": "blue", "shape": "star", "center": [130, 130]}]}
+    y = pse.targets(scene, 4, labels)
+    want = ["count all 1", "count all 2", "count all 3", "count blue 1", "count circle 1", "count red 1",
+            "count red 2", "count star 1", "count star 2"]
+    for cell in (0, 5, 15):  # the same totals in every cell, empty or not
+        assert [n for n in _names(labels, y[cell]) if n.startswith("count")] == want
+    assert pse.label_groups(labels)["count"] == [labels[n] for n in labels if n.startswith("count")]
+    # the count read back from exact targets is right for every present kind; one threshold off is wrong
+    assert pse.count_accuracy((y > 0)[None], [scene], labels) == 1.0
+    off = (y > 0).clone()
+    off[:, labels["count all 3"]] = False
+    assert pse.count_accuracy(off[None], [scene], labels) == 0.8  # red, blue, circle, star right; all wrong
+
+
 def test_binary_objective_is_weighted_bce(pse):
     labels = pse.label_space(WORDS)
     obj = pse.Objective("binary", labels, WORDS)
