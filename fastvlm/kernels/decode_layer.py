@@ -25,26 +25,28 @@ import torch
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
+from . import (  # this module is imported from the package's functions only
+    DecodeLinear,
+    available,
+    load,
+)
 
-def _standard_linear(m: nn.Module) -> bool:
-    from . import DecodeLinear
-
-    return type(m) in (nn.Linear, DecodeLinear)
+_LINEARS = (nn.Linear, DecodeLinear)
 
 
-def _bf16_weight(m: nn.Module) -> bool:
-    w = m.weight
-    return (w.dtype == torch.bfloat16 and w.is_contiguous() and w.device.type == "cpu"
-            and (m.bias is None or (m.bias.dtype == torch.bfloat16 and m.bias.is_contiguous())))
+def _bf16_linear(m: nn.Module) -> bool:
+    w, b = m.weight, m.bias
+    return (type(m) in _LINEARS and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
+            and (b is None or (b.dtype == torch.bfloat16 and b.is_contiguous())))
 
 
 def _layer_ok(layer) -> bool:
     """The layer has the exact structure the native step implements (checked every step: cheap)."""
     a, m = layer.self_attn, layer.mlp
-    projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-    return (all(_standard_linear(p) and _bf16_weight(p) for p in projs)
-            and a.o_proj.bias is None and m.gate_proj.bias is None and m.up_proj.bias is None
-            and m.down_proj.bias is None
+    return (_bf16_linear(a.q_proj) and _bf16_linear(a.k_proj) and _bf16_linear(a.v_proj)
+            and _bf16_linear(a.o_proj) and a.o_proj.bias is None
+            and _bf16_linear(m.gate_proj) and _bf16_linear(m.up_proj) and _bf16_linear(m.down_proj)
+            and m.gate_proj.bias is None and m.up_proj.bias is None and m.down_proj.bias is None
             and getattr(a, "sliding_window", None) is None
             and getattr(layer, "_lean_act", None) == "silu"
             and layer.input_layernorm.weight.dtype == torch.bfloat16
@@ -52,8 +54,6 @@ def _layer_ok(layer) -> bool:
 
 
 def _lean_step(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
-    from . import load
-
     lib = load()
     a, m = layer.self_attn, layer.mlp
     D = a.head_dim
@@ -121,8 +121,6 @@ def use_lean_decode_layers(language_model: nn.Module, enabled: bool = True) -> i
     Returns how many lean layers remain. Needs the bf16 native kernels (`fastvlm.kernels`);
     without them, or for a model that is not Qwen2, nothing is swapped.
     """
-    from . import available
-
     can = enabled and available(torch.bfloat16)
     n = 0
     for mod in language_model.modules():
