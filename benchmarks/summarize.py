@@ -137,6 +137,8 @@ def main() -> int:
         ("bench-0.5b-cpu.json", "0.5B architecture at 1024 px, CPU", [main_table, accuracy_table, baselines_table]),
         ("bench-0.5b-cpu-fresh.json", "0.5B at 1024 px, CPU: transformers in this process and in a fresh one",
          [main_table]),
+        ("bench-0.5b-cpu-bf16-paired.json", "0.5B at 1024 px, CPU bf16: each decode against the bandwidth read "
+         "right before its run", [main_table]),
         ("bench-0.5b-sweep-cpu.json", "0.5B, TTFT against resolution, CPU bf16", [sweep_table]),
         ("bench-1.5b-cpu.json", "1.5B architecture, CPU", [lambda r: main_table(r, 512), main_table]),
         ("bench-7b-cpu.json", "7B architecture, CPU", [main_table]),
@@ -152,6 +154,20 @@ def main() -> int:
             print(fn(r) + "\n")
         for n in r.get("notes", []):
             print(f"- note: {n}")
+        print()
+    for name in sorted(f for f in os.listdir(d) if f.startswith("decode-step-") and f.endswith(".json")):
+        r = load(d, name)
+        bw = sorted(r["read_bandwidth_gbps_per_round"])
+        print(f"### One decode step per CPU path, interleaved (`{name}`)\n")
+        print(f"{r['machine'].get('cpu_model', '')}, {r['machine']['threads']} threads, torch {r['machine'].get('torch')}; {r['preset']} {r['dtype']}, "
+              f"context {r['context']}, {r['rounds']} rounds; read bandwidth {bw[0]}-{bw[-1]} GB/s "
+              f"(median {bw[len(bw) // 2]}); greedy tokens equal to the modules': "
+              f"{r['greedy_tokens_same_as_modules']} of {r['greedy_tokens']}\n")
+        print("Command: `" + r["command"] + "`\n")
+        print("| path | step ms (median) | tokens/s | of the paired bandwidth bound |\n|---|---|---|---|")
+        for v, row in r["variants"].items():
+            print(f"| {v} | {row['step_ms_median']:.1f} | {row['tokens_per_s']:.1f} | "
+                  f"{100 * row['fraction_of_bound_paired']:.0f}% |")
         print()
     for name in ("profile-cpu.json", "profile-cpu-default-allocator.json"):
         p = load(d, name)

@@ -344,7 +344,7 @@ class FastVLM(nn.Module):
             "quantize": quantize or self.inference_settings.get("quantize"),
             "decode_kernels": bool(decode_kernels) and n_kernels > 0,
             "decode_attention": "packed-gqa sdpa" if packed_gqa else "sdpa",
-            "decode_layers": "native bf16 steps" if n_lean and self.dtype == torch.bfloat16 else "transformers",
+            "decode_layers": "native bf16 steps" if n_lean else "transformers",
         }
         return self
 

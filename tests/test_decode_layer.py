@@ -131,8 +131,10 @@ def test_everything_else_takes_the_module():
             model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
                   use_cache=True, **{KW: cache})
             assert not calls
-            # fp32 weights: the module
+            # fp32 weights: the module (a bf16 model cast after the swap falls back at run time; an
+            # fp32 model is not swapped at all)
             model32 = copy.deepcopy(model).float()
+            assert use_lean_decode_layers(copy.deepcopy(model32)) == 0
             cache = DynamicCache()
             model32(input_ids=ids[:1], use_cache=True, **{KW: cache})
             model32(input_ids=ids[:1, :1], use_cache=True, **{KW: cache})

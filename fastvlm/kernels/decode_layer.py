@@ -118,19 +118,23 @@ class LeanQwen2DecoderLayer(Qwen2DecoderLayer):
 def use_lean_decode_layers(language_model: nn.Module, enabled: bool = True) -> int:
     """Swap the Qwen2 decoder layers of `language_model` to LeanQwen2DecoderLayer (or back).
 
-    Returns how many lean layers remain. Needs the bf16 native kernels (`fastvlm.kernels`);
-    without them, or for a model that is not Qwen2, nothing is swapped.
+    Only layers whose weights are bf16 now are swapped (call again after changing the dtype):
+    an fp32 layer would only ever fall back, and the check costs it time (0-3 ms per 0.5B step
+    in 11 of 15 rounds, benchmarks/results/decode-step-cpu-fp32.json). Returns how many lean
+    layers remain. Needs the bf16 native kernels (`fastvlm.kernels`); without them, or for a
+    model that is not Qwen2, nothing is swapped.
     """
     can = enabled and available(torch.bfloat16)
     n = 0
     for mod in language_model.modules():
-        if can and type(mod) is Qwen2DecoderLayer:
-            act = getattr(getattr(mod.mlp, "config", None), "hidden_act", None)
-            head_dim = getattr(mod.self_attn, "head_dim", 0)
-            if head_dim % 2 == 0 and 0 < head_dim <= 512:  # the native rotary's scratch holds 512
-                mod.__class__ = LeanQwen2DecoderLayer
-                mod._lean_act = act
-        elif not can and type(mod) is LeanQwen2DecoderLayer:
-            mod.__class__ = Qwen2DecoderLayer
-        n += type(mod) is LeanQwen2DecoderLayer
+        if type(mod) not in (Qwen2DecoderLayer, LeanQwen2DecoderLayer):
+            continue
+        head_dim = getattr(mod.self_attn, "head_dim", 0)
+        w = getattr(mod.self_attn.q_proj, "weight", None)  # a method on quantized linears
+        lean = (can and isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16
+                and head_dim % 2 == 0 and 0 < head_dim <= 512)  # the native rotary's scratch holds 512
+        mod.__class__ = LeanQwen2DecoderLayer if lean else Qwen2DecoderLayer
+        if lean:
+            mod._lean_act = getattr(getattr(mod.mlp, "config", None), "hidden_act", None)
+        n += lean
     return n
