@@ -12,9 +12,10 @@ transformers' module, parameters and state dict, and runs a one-token step as:
 4. `fastvlm_qwen2_mlp_bf16`: gate and up projections (one pass), SiLU times up, down
    projection, residual add.
 
-Every intermediate is rounded to bf16 where the PyTorch module rounds it, so a step differs
-from the module's only by the order of fp32 sums (tests/test_decode_layer.py checks logits
-and greedy tokens). Anything else (prefill, batches, fp32, grads, masks, LoRA-wrapped or
+Every intermediate is rounded to bf16 where the PyTorch module rounds it, so a step can differ
+from the module's (with the same matrix-vector kernel) only through the order of the RMSNorm's
+fp32 sum and SiLU's exp; on the Zen 4 used here the logits are bit-identical
+(tests/test_decode_layer.py checks logits, cache and greedy tokens). Anything else (prefill, batches, fp32, grads, masks, LoRA-wrapped or
 quantized projections, an unknown transformers calling convention) takes the module's own
 forward.
 """
