@@ -137,8 +137,8 @@ def main() -> int:
         ("bench-0.5b-cpu.json", "0.5B architecture at 1024 px, CPU", [main_table, accuracy_table, baselines_table]),
         ("bench-0.5b-cpu-fresh.json", "0.5B at 1024 px, CPU: transformers in this process and in a fresh one",
          [main_table]),
-        ("bench-0.5b-cpu-bf16-paired.json", "0.5B at 1024 px, CPU bf16: each decode against the bandwidth read "
-         "right before its run", [main_table]),
+        ("bench-0.5b-cpu-bf16-paired.json",
+         "0.5B at 1024 px, CPU bf16: each decode against the bandwidth read right before its run", [main_table]),
         ("bench-0.5b-sweep-cpu.json", "0.5B, TTFT against resolution, CPU bf16", [sweep_table]),
         ("bench-1.5b-cpu.json", "1.5B architecture, CPU", [lambda r: main_table(r, 512), main_table]),
         ("bench-7b-cpu.json", "7B architecture, CPU", [main_table]),

@@ -66,9 +66,10 @@ void fastvlm_gemv_bf16(const uint16_t *W, const uint16_t *x, const uint16_t *b, 
 /* ---- one Qwen2 decoder layer's decode step (batch 1, one new token), in three calls ----
  * Each reproduces transformers' bf16 arithmetic: every tensor the PyTorch module computes is
  * rounded to bf16 at the same points here (RMSNorm statistics in fp32; rotary products and
- * sums, residual adds, SiLU and its product each rounded once), so the results differ from
- * the module's only by the order of fp32 sums. The time they remove is the ~100 small
- * PyTorch ops per layer around the matrix-vector products. */
+ * sums, residual adds, SiLU and its product each rounded once), so the results can differ from
+ * the module's only through the RMSNorm's fp32 sum order and SiLU's exp (bit-identical on the
+ * Zen 4 this was written on). The time they remove is the ~100 small PyTorch ops per layer
+ * around the matrix-vector products. */
 
 static inline float bf(uint16_t h) { return bf16_to_f32(h); }
 static inline float rnd(float f) { return bf16_to_f32(f32_to_bf16(f)); }
@@ -92,7 +93,7 @@ static void rms_apply(const uint16_t *x, const uint16_t *w, float r, uint16_t *o
     for (int64_t i = 0; i < H; i++) out[i] = f32_to_bf16(bf(w[i]) * rnd(bf(x[i]) * r));
 }
 
-/* Rows [0, O) of the stacked matrices W0 (O0 rows), W1, W2 (with optional biases) into y. */
+/* Row r of the matrices W[0], W[1], ... stacked (O[j] rows each), plus its bias where B[j] is set. */
 static inline float stacked_row(int64_t r, const uint16_t *const *W, const uint16_t *const *B,
                                 const int64_t *O, const uint16_t *x, int64_t I) {
     int j = 0;
