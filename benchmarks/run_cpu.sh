@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmark behind benchmarks/results/README.md (run from the repository root).
 #   bash benchmarks/run_cpu.sh            # everything below, one step after the other
-#   bash benchmarks/run_cpu.sh main       # one step: profile | main | fresh | paired | sweep | 1.5b | 7b
+#   bash benchmarks/run_cpu.sh main       # one step: profile | main | fresh | paired | decode | sweep | 1.5b | 7b
 # On a shared machine every timed run first waits (up to QUIET_WAIT s) for the CPUs to go idle;
 # the waits and the load average are recorded in each JSON.
 set -u -o pipefail
@@ -32,6 +32,15 @@ step fresh && fastvlm bench --preset fastvlm-0.5b --dtypes fp32 bf16 --modes fas
 step paired && fastvlm bench --preset fastvlm-0.5b --dtypes bf16 --modes fast --resolutions 1024 --repeats 7 \
     --baselines transformers --transformers-fresh-process --no-accuracy --quiet-wait "$QW" --out "$OUT" \
     --name bench-0.5b-cpu-bf16-paired
+
+# one decode step per CPU path (native decode layers / transformers' layers on the same kernels / PyTorch),
+# interleaved, each round against its own bandwidth reading; the machine's memory state decides which of the
+# committed files a run resembles (decode-step-cpu-bf16.json: fast state; -2: slow), so run it twice, apart
+step decode && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-step-cpu-bf16.json" \
+    && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-step-cpu-bf16-2.json" \
+    && python benchmarks/decode_step.py --dtype fp32 --rounds 15 --out "$OUT/decode-step-cpu-fp32.json"
+# the matrix-vector kernel against variants of it and a plain read (prints; the committed log is two runs)
+step decode && python benchmarks/gemv_variants/run.py --huge-pages
 
 # TTFT against resolution, 256 to 2048 px (every 256; any step of 64 works: --resolutions 256:2048:64)
 step sweep && fastvlm bench --preset fastvlm-0.5b --dtypes bf16 --modes exact fast --resolutions 256:2048:256 \
