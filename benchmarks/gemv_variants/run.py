@@ -5,7 +5,7 @@
 
 Compiles variants.c with the flags of fastvlm.kernels, then times, interleaved per round, on a
 [2 x 151936, 896] bf16 matrix (two Qwen2-0.5B lm_heads, 544 MB; random values):
-  a        the kernel fastvlm.kernels ships (one row at a time, 4 accumulators)
+  a        the kernel fastvlm.kernels ships (compiled from its source; one row at a time, 4 accumulators)
   pf1k/4k  the same with software prefetches 1 / 4 KB ahead of each row
   2r       two rows per pass (two streams per thread)
   c_read   a plain AVX-512 read of the same bytes (no arithmetic)
@@ -51,7 +51,7 @@ def main() -> int:
     a = p.parse_args()
     so = os.path.join(tempfile.mkdtemp(), "variants.so")
     subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11",
-                    os.path.join(HERE, "variants.c"), "-o", so], check=True)
+                    os.path.join(HERE, "variants.c"), "-o", so, "-lm"], check=True)
     lib = ctypes.CDLL(so)
     P, L, N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for n in ("gv_a", "gv_2r"):

@@ -1,24 +1,13 @@
-/* Variants of fastvlm's bf16 matrix-vector kernel (fastvlm/kernels/cpu_gemv.c) and a plain read of the
- * same bytes, for benchmarks/gemv_variants/run.py. Not part of the package. */
-#include <immintrin.h>
-#include <stdint.h>
-#include <string.h>
-static inline uint16_t f2b(float f){uint32_t u;memcpy(&u,&f,4);u+=0x7fffu+((u>>16)&1u);return (uint16_t)(u>>16);}
-static inline float dot(const uint16_t *w, const uint16_t *x, int64_t I) {
-    __m512 a0=_mm512_setzero_ps(),a1=_mm512_setzero_ps(),a2=_mm512_setzero_ps(),a3=_mm512_setzero_ps();
-    int64_t i=0;
-    for(;i+128<=I;i+=128){
-        a0=_mm512_dpbf16_ps(a0,(__m512bh)_mm512_loadu_si512(w+i),(__m512bh)_mm512_loadu_si512(x+i));
-        a1=_mm512_dpbf16_ps(a1,(__m512bh)_mm512_loadu_si512(w+i+32),(__m512bh)_mm512_loadu_si512(x+i+32));
-        a2=_mm512_dpbf16_ps(a2,(__m512bh)_mm512_loadu_si512(w+i+64),(__m512bh)_mm512_loadu_si512(x+i+64));
-        a3=_mm512_dpbf16_ps(a3,(__m512bh)_mm512_loadu_si512(w+i+96),(__m512bh)_mm512_loadu_si512(x+i+96));
-    }
-    for(;i+32<=I;i+=32) a0=_mm512_dpbf16_ps(a0,(__m512bh)_mm512_loadu_si512(w+i),(__m512bh)_mm512_loadu_si512(x+i));
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0,a1),_mm512_add_ps(a2,a3)));
-}
+/* Variants of fastvlm's bf16 matrix-vector kernel (fastvlm/kernels/cpu_gemv.c, included below) and a
+ * plain read of the same bytes, for benchmarks/gemv_variants/run.py. Not part of the package. */
+/* the package's kernel itself: variant "a" is exactly what fastvlm ships */
+#include "../../fastvlm/kernels/cpu_gemv.c"
+
+#define f2b f32_to_bf16
+#define dot dot_bf16
+
 void gv_a(const uint16_t*W,const uint16_t*x,uint16_t*y,int64_t O,int64_t I,int nt){
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for(int64_t o=0;o<O;o++) y[o]=f2b(dot(W+o*I,x,I));
+    fastvlm_gemv_bf16(W, x, 0, y, O, I, nt);
 }
 /* prefetch DIST bytes ahead in the thread's stream */
 void gv_pf(const uint16_t*W,const uint16_t*x,uint16_t*y,int64_t O,int64_t I,int nt,int64_t dist){
