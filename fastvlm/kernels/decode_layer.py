@@ -1,8 +1,9 @@
 """A Qwen2 decoder layer whose batch-1 bf16 decode steps run as three native calls.
 
-A 0.5B decode step on the 2-core Zen 4 spent about 37 ms streaming the weights through the
-native matrix-vector kernel and another ~12 ms in the ~100 small PyTorch ops per layer around
-it (RMSNorms, rotary, residual adds, SiLU, views, dispatch). `LeanQwen2DecoderLayer` keeps
+A 0.5B decode step on the 2-core Zen 4 took 44.0 ms with transformers' layers around the native
+matrix-vector kernel, of which streaming the weights through the kernel alone takes 32.8 ms
+(benchmarks/results/decode-step-cpu-bf16-2.json); much of the rest is the ~100 small PyTorch
+ops per layer (RMSNorms, rotary, residual adds, SiLU, views, dispatch). `LeanQwen2DecoderLayer` keeps
 transformers' module, parameters and state dict, and runs a one-token step as:
 
 1. `fastvlm_qwen2_attn_in_bf16`: input RMSNorm, q/k/v projections (one pass over the three
