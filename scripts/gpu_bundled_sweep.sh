@@ -8,6 +8,12 @@
 # RES is the input resolution (the data stays 256 px), VARIANTS picks among binary, reading, reading-wide and
 # reading-seed1 (default all four), STAGE2=0 stops after stage 1.
 #
+# The LM sweep: ENCODER=path skips the pretraining and gives every variant that (train-form) encoder, S1 sets
+# stage 1's steps, and the lm-* variants change the LM's size and the stage seeds (README, "The bundled model"):
+#
+#   ENCODER=.dev/r5/encoder-reading-seed1.safetensors S1=2400 STAGE2=0 \
+#     VARIANTS="lm3 lm3-seed2 lm256x4 lm256x6 lm384x4" OUT=runs/gpu-lm bash scripts/gpu_bundled_sweep.sh
+#
 # Work happens in WORK (default /tmp/fastvlm-sweep); OUT receives a few files: logs.tgz (every log, metrics
 # and eval summary), and per variant its encoder and its last final model (model-NAME.tgz: stage 2's, else
 # stage 1's).
@@ -33,7 +39,8 @@ FV="$PY -m fastvlm.cli"
 if [ "$TINY" = 1 ]; then
   NTRAIN=160 NVAL=16 NTEST=32 NREAD=64 PRE_S=5 S1=4 S2=4 DEV=cpu; SYNTH_WORKERS=2; VW=1; THREADS=1; BS=8
 else
-  NTRAIN=20000 NVAL=500 NTEST=1000 NREAD=20000 PRE_S=${PRE_S:-150} S1=1200 S2=400 DEV=cuda; SYNTH_WORKERS=12; VW=3; BS=128
+  NTRAIN=20000 NVAL=500 NTEST=1000 NREAD=20000 PRE_S=${PRE_S:-150} S1=${S1:-2400} S2=400 DEV=cuda; SYNTH_WORKERS=12
+  VW=3; BS=128
   THREADS=3
 fi
 
@@ -58,17 +65,21 @@ common=(--set tokenizer="$D/tokenizer" --set data.train="$D/train.json" --set da
         --set data.image_folder="$D")
 size=(--set data.image_size=$RES --set init.vision.image_size=$RES)  # stage 1 only: stage 2 takes the model's
 
-# variant NAME SEED "encoder flags" "recipe --set flags (encoder shape)"
+# variant NAME SEED "encoder flags" "recipe --set flags (encoder shape)" ["stage 1 --set flags (LM shape)"]
 variant() {
-  local name=$1 seed=$2 enc=$3 shape=$4 o="$WORK/$1"
+  local name=$1 seed=$2 enc=$3 shape=$4 lm=${5:-} o="$WORK/$1"
   mkdir -p "$o"
-  log "$name: encoder"
-  OMP_NUM_THREADS=$THREADS timeout $(left) $PY scripts/pretrain_synth_encoder.py --data "$D" --image-size $RES \
-    --device $DEV --workers $VW --max-seconds $PRE_S --steps ${STEPS:-20000} --batch-size $BS --seed $seed --lr 5e-3 \
-    --set init.vision.layer_scale_init_value=0.01 $shape $enc --out "$o/encoder.safetensors" \
-    > "$o/encoder.log" 2>&1 || { log "$name: encoder failed"; tail -5 "$o/encoder.log"; return; }
+  if [ -n "${ENCODER:-}" ]; then
+    cp "$ENCODER" "$o/encoder.safetensors"
+  else
+    log "$name: encoder"
+    OMP_NUM_THREADS=$THREADS timeout $(left) $PY scripts/pretrain_synth_encoder.py --data "$D" --image-size $RES \
+      --device $DEV --workers $VW --max-seconds $PRE_S --steps ${STEPS:-20000} --batch-size $BS --seed $seed --lr 5e-3 \
+      --set init.vision.layer_scale_init_value=0.01 $shape $enc --out "$o/encoder.safetensors" \
+      > "$o/encoder.log" 2>&1 || { log "$name: encoder failed"; tail -5 "$o/encoder.log"; return; }
+  fi
   log "$name: stage 1"
-  OMP_NUM_THREADS=$THREADS timeout $(left) $FV train synth_stage1 --output-dir "$o/stage1" "${common[@]}" "${size[@]}" $shape \
+  OMP_NUM_THREADS=$THREADS timeout $(left) $FV train synth_stage1 --output-dir "$o/stage1" "${common[@]}" "${size[@]}" $shape $lm \
     --set init.vision_tower="$o/encoder.safetensors" --set train.max_steps=$S1 --set train.seed=$((42 + seed)) \
     --no-progress > "$o/stage1.log" 2>&1 || { log "$name: stage 1 failed"; tail -5 "$o/stage1.log"; return; }
   if [ "$STAGE2" = 1 ]; then
@@ -90,6 +101,11 @@ variant() {
 }
 
 WIDE="--set init.vision.embed_dims=[48,96,192,192,384]"
+# lm HIDDEN LAYERS HEADS KV_HEADS INTERMEDIATE: stage 1 flags for a Qwen2 LM of that shape
+lm() {
+  echo "--set init.text.hidden_size=$1 --set init.text.num_hidden_layers=$2 --set init.text.max_window_layers=$2" \
+    "--set init.text.num_attention_heads=$3 --set init.text.num_key_value_heads=$4 --set init.text.intermediate_size=$5"
+}
 READING="--objective reading --reading-images $NREAD"
 for v in $VARIANTS; do
   case $v in
@@ -97,6 +113,12 @@ for v in $VARIANTS; do
     reading) variant reading 0 "$READING" "" & ;;
     reading-wide) variant reading-wide 0 "$READING" "$WIDE" & ;;
     reading-seed1) variant reading-seed1 1 "$READING" "" & ;;
+    # the LM sweep (with ENCODER): the shipped 3-layer, 192-wide LM at two seeds, then wider and deeper ones
+    lm3) variant lm3 1 "" "" & ;;
+    lm3-seed2) variant lm3-seed2 2 "" "" & ;;
+    lm256x4) variant lm256x4 1 "" "" "$(lm 256 4 4 2 768)" & ;;
+    lm256x6) variant lm256x6 1 "" "" "$(lm 256 6 4 2 768)" & ;;
+    lm384x4) variant lm384x4 1 "" "" "$(lm 384 4 6 2 1024)" & ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
 done
@@ -104,7 +126,7 @@ wait
 log "variants done; packing"
 cd "$WORK"
 tar czf "$OUT/logs.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' --exclude=data --exclude='step_*' .
-for v in */encoder.safetensors; do cp "$v" "$OUT/encoder-${v%%/*}.safetensors"; done
+[ -n "${ENCODER:-}" ] || for v in */encoder.safetensors; do cp "$v" "$OUT/encoder-${v%%/*}.safetensors"; done
 for v in */; do
   v=${v%/}; [ -d "$v/stage1/final" ] || continue
   st=$([ -d "$v/stage2/final" ] && echo stage2 || echo stage1)
