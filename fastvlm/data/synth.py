@@ -548,6 +548,19 @@ def derive_answer(scene: dict[str, Any], question_type: str, params: dict[str, A
         if b["bbox"][hi] + m <= a["bbox"][lo]:
             return words[1]
         raise SynthDataError("the two objects are not separated by a clear margin")
+    if question_type == "half":  # training-only (scripts/add_relation_turns.py): one object's half of the image
+        color, shape = params["a"]
+        o = _unique(objs, color=color, shape=shape)
+        if o is None:
+            raise SynthDataError(f"not exactly one {color} {shape}")
+        mid, m = scene["image_size"] / 2, _position_margin(scene["image_size"])
+        lo, hi = (0, 2) if params["axis"] == "x" else (1, 3)
+        words = ("left", "right") if params["axis"] == "x" else ("top", "bottom")
+        if o["bbox"][hi] + m <= mid:
+            return words[0]
+        if o["bbox"][lo] >= mid + m:
+            return words[1]
+        raise SynthDataError("the object is not clearly inside one half")
     if question_type == "exists":
         return "yes" if any(o["color"] == params["color"] and o["shape"] == params["shape"] for o in objs) else "no"
     if question_type in ("read_word", "read_number"):

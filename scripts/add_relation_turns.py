@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Add relational training turns to a synthetic split: a curriculum for the position questions.
+
+The bundled model answers "Is the A above or below the B?" near chance while a linear probe reads both
+objects' coordinates from the encoder's tokens (README, "The bundled model"). This writes a copy of a
+training split where each record also asks
+
+- up to ``--position N`` more pair questions of the test's own form (pairs and axes the record does not ask
+  yet, either way round, so no answer can be copied from an earlier turn), and
+- up to ``--halves M`` one-object questions, "Is the A in the top or bottom half of the image?" (or left or
+  right half), answerable only where the object lies clearly inside one half,
+
+every answer derived from the record's stored scene (``fastvlm.data.synth.derive_answer`` for the pairs).
+The added turns go at random places after the first (which holds ``<image>``), in ``conversations`` and
+in ``qa`` (as types ``position`` and ``half``, so ``validate_record`` re-derives them too); the first turn and
+``question_type`` stay as they were, and the added turns are also listed under ``added_turns``. Only for
+training: the validation and test splits stay as generated.
+
+  python scripts/add_relation_turns.py --data data/synth/train.json --out data/synth/train_rel.json \\
+      --position 2 --halves 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from fastvlm.data.synth import SynthDataError, _unique, derive_answer, load_split
+
+HALF_TEMPLATES = {
+    "x": "Is the {a} in the left or right half of the image?",
+    "y": "Is the {a} in the top or bottom half of the image?",
+}
+PAIR_TEMPLATES = {"x": "Is the {a} left or right of the {b}?", "y": "Is the {a} above or below the {b}?"}
+
+
+def half_answer(scene: dict[str, Any], color: str, shape: str, axis: str) -> str:
+    """Which half of the image the unique ``color shape`` object lies in (outside the position margin)."""
+    return derive_answer(scene, "half", {"a": [color, shape], "axis": axis})
+
+
+def _pair_key(a: list[str], b: list[str], axis: str) -> tuple:
+    return frozenset((tuple(a), tuple(b))), axis  # a pair asked either way round is the same question
+
+
+def _asked(record: dict[str, Any]) -> set:
+    return {_pair_key(q["params"]["a"], q["params"]["b"], q["params"]["axis"])
+            for q in record.get("qa", []) if q.get("question_type") == "position"}
+
+
+def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, n_halves: int) -> list[dict]:
+    """The turns to add to one record: (question, answer, kind) dicts, every answer derived from the scene."""
+    scene, asked = record["scene"], _asked(record)
+    uniq = [o for o in scene["objects"] if _unique(scene["objects"], color=o["color"], shape=o["shape"])]
+    pairs, halves = [], []
+    for a in uniq:
+        name_a = f"{a['color']} {a['shape']}"
+        for axis in ("x", "y"):
+            try:
+                halves.append((HALF_TEMPLATES[axis].format(a=name_a),
+                               half_answer(scene, a["color"], a["shape"], axis),
+                               {"a": [a["color"], a["shape"]], "axis": axis}))
+            except SynthDataError:
+                pass
+            for b in uniq:
+                if b is a:
+                    continue
+                params = {"a": [a["color"], a["shape"]], "b": [b["color"], b["shape"]], "axis": axis}
+                try:
+                    answer = derive_answer(scene, "position", params)
+                except SynthDataError:
+                    continue
+                key = _pair_key(params["a"], params["b"], axis)
+                if key not in asked:
+                    pairs.append((PAIR_TEMPLATES[axis].format(a=name_a, b=f"{b['color']} {b['shape']}"), answer,
+                                  key, params))
+    out = []
+    rng.shuffle(pairs)
+    for question, answer, key, params in pairs:  # one question per pair and axis, whichever way round
+        if len(out) < n_position and key not in asked:
+            asked.add(key)
+            out.append({"question": question, "answer": answer, "kind": "position", "params": params})
+    for question, answer, params in rng.sample(halves, min(n_halves, len(halves))):
+        out.append({"question": question, "answer": answer, "kind": "half", "params": params})
+    return out
+
+
+def add_turns(record: dict[str, Any], turns: list[dict], rng: random.Random) -> dict[str, Any]:
+    """The record with ``turns`` at random slots after the first, in ``conversations`` and (kept aligned
+    with it, so ``validate_record`` re-derives every answer) ``qa``."""
+    convs, qa = list(record["conversations"]), list(record.get("qa", []))
+    for t in turns:
+        k = rng.randrange(1, len(convs) // 2 + 1)  # a turn slot after the first
+        convs[2 * k:2 * k] = [{"from": "human", "value": t["question"]}, {"from": "gpt", "value": t["answer"]}]
+        if "qa" in record:
+            qa.insert(k, {"question_type": t["kind"], "question": t["question"], "answer": t["answer"],
+                          "text_size": None, "params": t["params"]})
+    out = dict(record, conversations=convs, added_turns=turns)
+    if "qa" in record:
+        out["qa"] = qa
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="a synthetic training split (JSON) with its scenes")
+    ap.add_argument("--out", required=True, help="where to write the extended split (JSON)")
+    ap.add_argument("--position", type=int, default=2, help="extra pair questions per record (default 2)")
+    ap.add_argument("--halves", type=int, default=2, help="one-object half questions per record (default 2)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.position < 0 or args.halves < 0:
+        ap.error("--position and --halves must be >= 0")
+    if Path(args.out).resolve() == Path(args.data).resolve():
+        ap.error("--out must differ from --data")
+    records = load_split(args.data)
+    if records and "scene" not in records[0]:
+        ap.error(f"{args.data}: records have no 'scene' (not a split written by `fastvlm data synth`)")
+    rng = random.Random(f"relation-turns/{args.seed}")
+    counts: Counter = Counter()
+    out = []
+    for rec in records:
+        turns = relation_turns(rec, rng, args.position, args.halves)
+        counts.update(f"{t['kind']}:{t['answer']}" for t in turns)
+        out.append(add_turns(rec, turns, rng))
+    Path(args.out).write_text(json.dumps(out))
+    print(f"wrote {len(out)} records to {args.out}; added turns by kind and answer: {dict(sorted(counts.items()))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""scripts/add_relation_turns.py: the relational curriculum for the bundled model's training split.
+Every added answer must follow from the scene, no added pair may repeat one already asked (either way
+round), and the first turn (the one with <image>) must stay first."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastvlm.data.synth import (
+    derive_answer,
+    generate_dataset,
+    load_split,
+    validate_record,
+)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "add_relation_turns.py"
+
+
+@pytest.fixture(scope="module")
+def art():
+    spec = importlib.util.spec_from_file_location("add_relation_turns", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rel")
+    generate_dataset(out, num_train=35, num_val=0, num_test=0, image_size=256, level="basic", train_turns=7,
+                     progress=False)
+    return out
+
+
+def _name(text: str) -> tuple[str, str]:
+    color, shape = text.split()
+    return color, shape
+
+
+def test_half_answer(art):
+    scene = {"image_size": 256, "objects": [
+        {"color": "red", "shape": "circle", "bbox": [10, 10, 40, 40]},       # top left
+        {"color": "blue", "shape": "star", "bbox": [200, 120, 230, 150]},    # right; straddles the middle row
+        {"color": "blue", "shape": "circle", "bbox": [140, 200, 170, 230]}], "texts": []}  # bottom right
+    assert art.half_answer(scene, "red", "circle", "x") == "left"
+    assert art.half_answer(scene, "red", "circle", "y") == "top"
+    assert art.half_answer(scene, "blue", "star", "x") == "right"
+    assert art.half_answer(scene, "blue", "circle", "y") == "bottom"
+    with pytest.raises(Exception, match="not clearly inside one half"):
+        art.half_answer(scene, "blue", "star", "y")
+    with pytest.raises(Exception, match="not exactly one"):
+        art.half_answer(scene, "green", "star", "y")
+
+
+def test_added_turns_follow_from_the_scene(art, split, tmp_path):
+    out = tmp_path / "train_rel.json"
+    assert art.main(["--data", str(split / "train.json"), "--out", str(out), "--position", "3", "--halves", "2"]) == 0
+    before, after = load_split(split / "train.json"), load_split(out)
+    assert len(before) == len(after)
+    added = {"position": 0, "half": 0}
+    for b, a in zip(before, after):
+        validate_record(a, split)  # every turn, added or not, re-derives from the scene
+        as_qa = [{"question_type": t["kind"], "question": t["question"], "answer": t["answer"], "text_size": None,
+                  "params": t["params"]} for t in a["added_turns"]]
+        assert [q for q in a["qa"] if q not in as_qa] == b["qa"]  # the added turns, and nothing else
+        assert a["question_type"] == b["question_type"]
+        assert a["conversations"][:2] == b["conversations"][:2]  # <image> turn first
+        assert len(a["conversations"]) == len(b["conversations"]) + 2 * len(a["added_turns"])
+        asked = {t["value"] for t in a["conversations"] if t["from"] == "human"}
+        pairs = set()
+        for q in b["qa"]:
+            if q["question_type"] == "position":
+                p = q["params"]
+                pairs.add((frozenset((tuple(p["a"]), tuple(p["b"]))), p["axis"]))
+        for t in a["added_turns"]:
+            added[t["kind"]] += 1
+            assert t["question"] in asked
+            i = [c["value"] for c in a["conversations"]].index(t["question"])
+            assert a["conversations"][i + 1] == {"from": "gpt", "value": t["answer"]}
+            q = t["question"]
+            if t["kind"] == "position":
+                axis = "x" if "left or right of" in q else "y"
+                first, second = q[len("Is the "):-1].split(" left or right of the " if axis == "x" else
+                                                          " above or below the ")
+                params = {"a": list(_name(first)), "b": list(_name(second)), "axis": axis}
+                assert derive_answer(a["scene"], "position", params) == t["answer"]
+                key = (frozenset((tuple(params["a"]), tuple(params["b"]))), axis)
+                assert key not in pairs, "a pair was asked twice (the answer could be copied)"
+                pairs.add(key)
+            else:
+                axis = "x" if "left or right half" in q else "y"
+                color, shape = _name(q[len("Is the "):q.index(" in the ")])
+                assert art.half_answer(a["scene"], color, shape, axis) == t["answer"]
+        assert sum(t["kind"] == "position" for t in a["added_turns"]) <= 3
+        assert sum(t["kind"] == "half" for t in a["added_turns"]) <= 2
+    assert added["position"] > 0 and added["half"] > 0
+    # deterministic by seed
+    again = tmp_path / "again.json"
+    art.main(["--data", str(split / "train.json"), "--out", str(again), "--position", "3", "--halves", "2"])
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_bad_arguments(art, split, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        art.main(["--data", str(split / "train.json"), "--out", str(split / "train.json")])
+    assert "--out must differ" in capsys.readouterr().err
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"id": "a", "conversations": []}]))
+    with pytest.raises(SystemExit):
+        art.main(["--data", str(plain), "--out", str(tmp_path / "o.json")])
+    assert "no 'scene'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        art.main(["--data", str(split / "train.json"), "--out", str(tmp_path / "o.json"), "--halves", "-1"])
+
+
+def test_turn_slots_are_after_the_first(art):
+    rec = {"conversations": [{"from": "human", "value": "<image>\nq0"}, {"from": "gpt", "value": "a0"},
+                             {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}]}
+    turns = [{"question": f"x{i}", "answer": f"y{i}", "kind": "half", "params": {}} for i in range(5)]
+    for seed in range(20):
+        out = art.add_turns(rec, turns, random.Random(seed))["conversations"]
+        assert out[0]["value"].startswith("<image>") and len(out) == 14
+        assert [c["from"] for c in out] == ["human", "gpt"] * 7
+        for i in range(5):
+            j = [c["value"] for c in out].index(f"x{i}")
+            assert out[j + 1]["value"] == f"y{i}"
