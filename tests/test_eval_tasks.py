@@ -359,6 +359,34 @@ def test_synth_breakdown_per_type_and_text_size(tmp_path):
     assert bd["text_size"]["[32,48)"]["anls"] == pytest.approx((0.75 + 1) / 2)
 
 
+def test_synth_breakdown_follows_the_asked_turn(tmp_path):
+    # A two-turn synthetic record: the top level describes the first turn (a position question), but the
+    # evaluation asks the last turn (a count); its breakdown must say "count". Before this was fixed, 29
+    # of the bundled model's 143 "position" items were count/colour/... questions answered correctly.
+    conv = [{"from": "human", "value": "<image>\nIs the red star above or below the blue circle?"},
+            {"from": "gpt", "value": "below"},
+            {"from": "human", "value": "How many stars are there?"}, {"from": "gpt", "value": "1"}]
+    qa = [{"question_type": "position", "question": "Is the red star above or below the blue circle?",
+           "answer": "below", "text_size": None, "params": {}},
+          {"question_type": "read_word", "question": "How many stars are there?", "answer": "1",
+           "text_size": 6, "params": {}}]
+    p = write_json(tmp_path / "synth.json", [
+        {"id": "m", "image": "m.png", "conversations": conv, "qa": qa, "question_type": "position",
+         "answer": "below", "text_size": None},
+        {"id": "s", "image": "s.png", "conversations": conv[:2], "qa": qa[:1], "question_type": "position",
+         "answer": "below", "text_size": None},
+        {"id": "x", "image": "x.png", "conversations": conv, "qa": qa[:1], "question_type": "position"},  # misaligned
+    ])  # fmt: skip
+    m, single, misaligned = TASKS["synth"].load(p)
+    assert m.prompt == "How many stars are there?" and m.references == ["1"]
+    assert m.extra["question_type"] == "read_word" and m.extra["text_size"] == 6
+    assert single.extra["question_type"] == "position" and single.extra["text_size"] is None
+    assert misaligned.extra["question_type"] == "position"  # a qa list that does not match is ignored
+    bd = TASKS["synth"].score([m, single], ["1", "above"])["breakdown"]["question_type"]
+    assert bd == {"read_word": {"n": 1, "accuracy": 1.0, "anls": 1.0},
+                  "position": {"n": 1, "accuracy": 0.0, "anls": 0.0}}
+
+
 def test_text_size_bucket():
     assert text_size_bucket(5) == "<8"
     assert text_size_bucket(8) == "[8,12)"

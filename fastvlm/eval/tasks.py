@@ -538,7 +538,8 @@ def read_llava(data: PathLike, image_root: Optional[PathLike] = None) -> list[Sa
       own ``prompt``.
 
     Other scalar fields (e.g. ``question_type``, ``text_size`` of the synthetic set) are
-    kept in ``extra`` and drive the per-type breakdowns.
+    kept in ``extra`` and drive the per-type breakdowns; where a ``qa`` list describes each
+    turn (the synthetic set), the asked (last) turn's entry gives them.
     """
     path = _path(data)
     doc = _load_json_or_lines(path)
@@ -582,6 +583,15 @@ def read_llava(data: PathLike, image_root: Optional[PathLike] = None) -> list[Sa
             question = conv[human[-1]]["value"]
             references = [conv[last_gpt]["value"].strip()]
             extra["from_conversation"] = True
+            # A record may describe each turn in a `qa` list, one entry per human/gpt pair (the synthetic
+            # set's layout), while its top-level `question_type`/`text_size` describe the first turn: the
+            # breakdown must follow the turn that is asked, the last one.
+            qa = raw.get("qa")
+            if isinstance(qa, list) and len(qa) * 2 == len(conv) and all(isinstance(q, dict) for q in qa):
+                asked = qa[sum(t["from"].lower() in _GPT_ROLES for t in conv[: last_gpt + 1]) - 1]
+                for key in ("question_type", "text_size"):
+                    if key in asked and (asked[key] is None or isinstance(asked[key], (str, int, float, bool))):
+                        extra[key] = asked[key]
             if human[-1] > 0:
                 extra["history"] = [{"from": t["from"], "value": t["value"]} for t in conv[: human[-1]]]
         else:
