@@ -16,6 +16,10 @@ in ``qa`` (as types ``position`` and ``half``, so ``validate_record`` re-derives
 ``question_type`` stay as they were, and the added turns are also listed under ``added_turns``. Only for
 training: the validation and test splits stay as generated.
 
+Tried once for the bundled model and not kept: its stage 1 on such a split (``--position 2 --halves 2``) scored
+69.4% with position at 55%, against 81.7% without the added turns (README; benchmarks/results/bundled/
+relation-curriculum/).
+
   python scripts/add_relation_turns.py --data data/synth/train.json --out data/synth/train_rel.json \\
       --position 2 --halves 2
 """
@@ -53,7 +57,7 @@ def _asked(record: dict[str, Any]) -> set:
 
 
 def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, n_halves: int) -> list[dict]:
-    """The turns to add to one record: (question, answer, kind) dicts, every answer derived from the scene."""
+    """The turns to add to one record: {question, answer, kind, params} dicts, every answer derived from the scene."""
     scene, asked = record["scene"], _asked(record)
     uniq = [o for o in scene["objects"] if _unique(scene["objects"], color=o["color"], shape=o["shape"])]
     pairs, halves = [], []
