@@ -42,11 +42,6 @@ HALF_TEMPLATES = {
 PAIR_TEMPLATES = {"x": "Is the {a} left or right of the {b}?", "y": "Is the {a} above or below the {b}?"}
 
 
-def half_answer(scene: dict[str, Any], color: str, shape: str, axis: str) -> str:
-    """Which half of the image the unique ``color shape`` object lies in (outside the position margin)."""
-    return derive_answer(scene, "half", {"a": [color, shape], "axis": axis})
-
-
 def _pair_key(a: list[str], b: list[str], axis: str) -> tuple:
     return frozenset((tuple(a), tuple(b))), axis  # a pair asked either way round is the same question
 
@@ -64,10 +59,9 @@ def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, 
     for a in uniq:
         name_a = f"{a['color']} {a['shape']}"
         for axis in ("x", "y"):
+            half = {"a": [a["color"], a["shape"]], "axis": axis}
             try:
-                halves.append((HALF_TEMPLATES[axis].format(a=name_a),
-                               half_answer(scene, a["color"], a["shape"], axis),
-                               {"a": [a["color"], a["shape"]], "axis": axis}))
+                halves.append((HALF_TEMPLATES[axis].format(a=name_a), derive_answer(scene, "half", half), half))
             except SynthDataError:
                 pass
             for b in uniq:
@@ -79,12 +73,12 @@ def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, 
                 except SynthDataError:
                     continue
                 key = _pair_key(params["a"], params["b"], axis)
-                if key not in asked:
+                if key not in asked:  # the record's own pairs never enter the (seeded) shuffle below
                     pairs.append((PAIR_TEMPLATES[axis].format(a=name_a, b=f"{b['color']} {b['shape']}"), answer,
                                   key, params))
     out = []
     rng.shuffle(pairs)
-    for question, answer, key, params in pairs:  # one question per pair and axis, whichever way round
+    for question, answer, key, params in pairs:  # each pair once, whichever way round
         if len(out) < n_position and key not in asked:
             asked.add(key)
             out.append({"question": question, "answer": answer, "kind": "position", "params": params})

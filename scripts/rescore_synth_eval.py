@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             ap.error(f"{path}: no prediction for {len(missing)} samples (first: {missing[0]})")
         res = task.score(samples, [pred[s.id] for s in samples])
-        out["runs"][name] = {"predictions": path, **res}
+        out["runs"][name] = {"predictions": path, "scores": res["scores"], "breakdown": res["breakdown"]}
         by_type = {k: round(100 * v["accuracy"], 1) for k, v in sorted(res["breakdown"]["question_type"].items())}
         print(f"{name}: {100 * res['scores']['accuracy']:.1f}% {by_type}")
     with open(args.out, "w") as f:

@@ -44,19 +44,23 @@ def _name(text: str) -> tuple[str, str]:
     return color, shape
 
 
-def test_half_answer(art):
+def half(scene, color, shape, axis):
+    return derive_answer(scene, "half", {"a": [color, shape], "axis": axis})
+
+
+def test_half_answer():
     scene = {"image_size": 256, "objects": [
         {"color": "red", "shape": "circle", "bbox": [10, 10, 40, 40]},       # top left
         {"color": "blue", "shape": "star", "bbox": [200, 120, 230, 150]},    # right; straddles the middle row
         {"color": "blue", "shape": "circle", "bbox": [140, 200, 170, 230]}], "texts": []}  # bottom right
-    assert art.half_answer(scene, "red", "circle", "x") == "left"
-    assert art.half_answer(scene, "red", "circle", "y") == "top"
-    assert art.half_answer(scene, "blue", "star", "x") == "right"
-    assert art.half_answer(scene, "blue", "circle", "y") == "bottom"
+    assert half(scene, "red", "circle", "x") == "left"
+    assert half(scene, "red", "circle", "y") == "top"
+    assert half(scene, "blue", "star", "x") == "right"
+    assert half(scene, "blue", "circle", "y") == "bottom"
     with pytest.raises(Exception, match="not clearly inside one half"):
-        art.half_answer(scene, "blue", "star", "y")
+        half(scene, "blue", "star", "y")
     with pytest.raises(Exception, match="not exactly one"):
-        art.half_answer(scene, "green", "star", "y")
+        half(scene, "green", "star", "y")
 
 
 def test_added_turns_follow_from_the_scene(art, split, tmp_path):
@@ -97,7 +101,7 @@ def test_added_turns_follow_from_the_scene(art, split, tmp_path):
             else:
                 axis = "x" if "left or right half" in q else "y"
                 color, shape = _name(q[len("Is the "):q.index(" in the ")])
-                assert art.half_answer(a["scene"], color, shape, axis) == t["answer"]
+                assert half(a["scene"], color, shape, axis) == t["answer"]
         assert sum(t["kind"] == "position" for t in a["added_turns"]) <= 3
         assert sum(t["kind"] == "half" for t in a["added_turns"]) <= 2
     assert added["position"] > 0 and added["half"] > 0

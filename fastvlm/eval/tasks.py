@@ -523,6 +523,10 @@ _STANDARD_KEYS = {
 }  # fmt: skip
 
 
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
 def read_llava(data: PathLike, image_root: Optional[PathLike] = None) -> list[Sample]:
     """Generic LLaVA-format JSON (a list) or JSON lines with reference answers.
 
@@ -564,7 +568,7 @@ def read_llava(data: PathLike, image_root: Optional[PathLike] = None) -> list[Sa
         extra: dict[str, Any] = {
             k: v
             for k, v in raw.items()
-            if k not in _STANDARD_KEYS and (v is None or isinstance(v, (str, int, float, bool)))
+            if k not in _STANDARD_KEYS and _is_scalar(v)
         }
         if "prompt" in raw:
             extra["prompt"] = r.get("prompt", str)
@@ -589,9 +593,7 @@ def read_llava(data: PathLike, image_root: Optional[PathLike] = None) -> list[Sa
             qa = raw.get("qa")
             if isinstance(qa, list) and len(qa) * 2 == len(conv) and all(isinstance(q, dict) for q in qa):
                 asked = qa[sum(t["from"].lower() in _GPT_ROLES for t in conv[: last_gpt + 1]) - 1]
-                for key in ("question_type", "text_size"):
-                    if key in asked and (asked[key] is None or isinstance(asked[key], (str, int, float, bool))):
-                        extra[key] = asked[key]
+                extra.update({k: asked[k] for k in ("question_type", "text_size") if k in asked and _is_scalar(asked[k])})
             if human[-1] > 0:
                 extra["history"] = [{"from": t["from"], "value": t["value"]} for t in conv[: human[-1]]]
         else:
