@@ -7,8 +7,8 @@ training split where each record also asks
 
 - up to ``--position N`` more pair questions of the test's own form (pairs and axes the record does not ask
   yet, either way round, so no answer can be copied from an earlier turn), and
-- up to ``--halves M`` one-object questions, "Is the A in the top or bottom half of the image?" (or left or
-  right half), answerable only where the object lies clearly inside one half,
+- up to ``--halves M`` one-object questions, "Is the A above or below the middle of the image?" (or left or
+  right of it), answerable only where the object lies clearly inside one half,
 
 every answer derived from the record's stored scene (``fastvlm.data.synth.derive_answer`` for the pairs).
 The added turns go at random places after the first (which holds ``<image>``), in ``conversations`` and
@@ -18,7 +18,12 @@ training: the validation and test splits stay as generated.
 
 Tried once for the bundled model and not kept: its stage 1 on such a split (``--position 2 --halves 2``) scored
 69.4% with position at 55%, against 81.7% without the added turns (README; benchmarks/results/bundled/
-relation-curriculum/).
+relation-curriculum/). That run asked the halves as "in the top or bottom half of the image?" (commit 92b4457);
+"top" and "bottom" are three and four byte-level tokens of the bundled tokenizer, and an LM trained on such
+questions alone did not learn the vertical ones in 300 steps (it answered "top" to all). They now take the pair questions'
+one-token words. Asked alone (scripts/single_question_split.py), the one-object questions are learned (80-82% on
+the test scenes) and the pair questions are not (chance after 1,000 steps), also when both are trained
+together (benchmarks/results/bundled/position-diagnostics/).
 
   python scripts/add_relation_turns.py --data data/synth/train.json --out data/synth/train_rel.json \\
       --position 2 --halves 2
@@ -35,9 +40,9 @@ from typing import Any
 
 from fastvlm.data.synth import SynthDataError, _unique, derive_answer, load_split
 
-HALF_TEMPLATES = {
-    "x": "Is the {a} in the left or right half of the image?",
-    "y": "Is the {a} in the top or bottom half of the image?",
+HALF_TEMPLATES = {  # answered with the pair questions' own words, each one token of the bundled tokenizer
+    "x": "Is the {a} left or right of the middle of the image?",
+    "y": "Is the {a} above or below the middle of the image?",
 }
 PAIR_TEMPLATES = {"x": "Is the {a} left or right of the {b}?", "y": "Is the {a} above or below the {b}?"}
 

@@ -54,9 +54,9 @@ def test_half_answer():
         {"color": "blue", "shape": "star", "bbox": [200, 120, 230, 150]},    # right; straddles the middle row
         {"color": "blue", "shape": "circle", "bbox": [140, 200, 170, 230]}], "texts": []}  # bottom right
     assert half(scene, "red", "circle", "x") == "left"
-    assert half(scene, "red", "circle", "y") == "top"
+    assert half(scene, "red", "circle", "y") == "above"
     assert half(scene, "blue", "star", "x") == "right"
-    assert half(scene, "blue", "circle", "y") == "bottom"
+    assert half(scene, "blue", "circle", "y") == "below"
     with pytest.raises(Exception, match="not clearly inside one half"):
         half(scene, "blue", "star", "y")
     with pytest.raises(Exception, match="not exactly one"):
@@ -99,8 +99,8 @@ def test_added_turns_follow_from_the_scene(art, split, tmp_path):
                 assert key not in pairs, "a pair was asked twice (the answer could be copied)"
                 pairs.add(key)
             else:
-                axis = "x" if "left or right half" in q else "y"
-                color, shape = _name(q[len("Is the "):q.index(" in the ")])
+                axis = "x" if "left or right of the middle" in q else "y"
+                color, shape = _name(q[len("Is the "):q.index(" left or right" if axis == "x" else " above or below")])
                 assert half(a["scene"], color, shape, axis) == t["answer"]
         assert sum(t["kind"] == "position" for t in a["added_turns"]) <= 3
         assert sum(t["kind"] == "half" for t in a["added_turns"]) <= 2
@@ -135,3 +135,55 @@ def test_turn_slots_are_after_the_first(art):
         for i in range(5):
             j = [c["value"] for c in out].index(f"x{i}")
             assert out[j + 1]["value"] == f"y{i}"
+
+
+@pytest.fixture(scope="module")
+def sqs(art):  # imports add_relation_turns itself; `art` first so both scripts share one module
+    path = SCRIPT.parent / "single_question_split.py"
+    spec = importlib.util.spec_from_file_location("single_question_split", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_single_question_split_position(sqs, split, tmp_path):
+    records = load_split(split / "train.json")
+    out = tmp_path / "pos.json"
+    assert sqs.main(["--data", str(split / "train.json"), "--out", str(out), "--kind", "position"]) == 0
+    got = load_split(out)
+    want = [(r["id"], q["question"], q["answer"]) for r in records for q in r["qa"] if q["question_type"] == "position"]
+    assert [(g["id"].rsplit("-p", 1)[0], g["conversations"][0]["value"], g["answer"]) for g in got] == \
+        [(i, "<image>\n" + q, a) for i, q, a in want]
+    for g in got:
+        validate_record(g, split)  # the answer re-derives from the scene
+        assert len(g["conversations"]) == 2 and g["question_type"] == "position"
+    # --asked-only keeps the turn an evaluation asks: the last; here (7-turn training records) only where it is a
+    # position question
+    asked = sqs.split_records(records, "position", asked_only=True)
+    assert [a["id"] for a in asked] == [f"{r['id']}-p{len(r['qa']) - 1}" for r in records
+                                        if r["qa"][-1]["question_type"] == "position"]
+
+
+def test_single_question_split_half(sqs, split, tmp_path):
+    got = sqs.split_records(load_split(split / "train.json"), "half", per_record=2)
+    assert got and {g["answer"] for g in got} <= {"left", "right", "above", "below"}
+    for g in got:
+        validate_record(g, split)
+        q = g["conversations"][0]["value"]
+        assert q.startswith("<image>\nIs the ") and q.endswith(" the middle of the image?")
+        assert g["qa"][0]["question_type"] == "half" and "question_type" not in g
+    per = {}
+    for g in got:
+        per[g["id"].rsplit("-h", 1)[0]] = per.get(g["id"].rsplit("-h", 1)[0], 0) + 1
+    assert max(per.values()) <= 2
+    assert sqs.split_records(load_split(split / "train.json"), "half", per_record=2) == got  # deterministic
+
+
+def test_single_question_split_bad_input(sqs, tmp_path, capsys):
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"id": "a", "conversations": []}]))
+    with pytest.raises(SystemExit):
+        sqs.main(["--data", str(plain), "--out", str(tmp_path / "o.json"), "--kind", "position"])
+    assert "record 'a' has no 'scene'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown kind"):
+        sqs.split_records([], "count")

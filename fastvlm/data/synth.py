@@ -555,7 +555,7 @@ def derive_answer(scene: dict[str, Any], question_type: str, params: dict[str, A
             raise SynthDataError(f"not exactly one {color} {shape}")
         mid, m = scene["image_size"] / 2, _position_margin(scene["image_size"])
         lo, hi = (0, 2) if params["axis"] == "x" else (1, 3)
-        words = ("left", "right") if params["axis"] == "x" else ("top", "bottom")
+        words = ("left", "right") if params["axis"] == "x" else ("above", "below")  # one token each
         if o["bbox"][hi] + m <= mid:
             return words[0]
         if o["bbox"][lo] >= mid + m:
