@@ -3,7 +3,19 @@
 # encoder's train form (scripts/gpu_bundled_sweep.sh variant reading-seed1).
 set -euo pipefail
 D=${D:-data/synth}; ENC=${ENC:-encoder-256.safetensors}; O=${O:-runs/relation-curriculum}
-python scripts/add_relation_turns.py --data "$D/train.json" --out "$D/train_rel.json" --position 2 --halves 2
+# the script as of commit 92b4457: its one-object questions read "in the top or bottom half of the image?" (now
+# "above or below the middle of the image?", one-token answers; position-diagnostics/)
+git show 92b4457:scripts/add_relation_turns.py > /tmp/add_relation_turns_92b4457.py
+python - "$D" <<'PY'  # with that commit's fastvlm.data.synth, whose `half` answers were top/bottom
+import importlib.util, json, sys, types, subprocess
+src = subprocess.run(["git", "show", "92b4457:fastvlm/data/synth.py"], capture_output=True, text=True, check=True).stdout
+old = types.ModuleType("fastvlm.data.synth"); exec(compile(src, "synth@92b4457", "exec"), old.__dict__)
+sys.modules["fastvlm.data.synth"] = old
+spec = importlib.util.spec_from_file_location("art", "/tmp/add_relation_turns_92b4457.py")
+art = importlib.util.module_from_spec(spec); spec.loader.exec_module(art)
+d = sys.argv[1]
+sys.exit(art.main(["--data", f"{d}/train.json", "--out", f"{d}/train_rel.json", "--position", "2", "--halves", "2"]))
+PY
 export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 OMP_NUM_THREADS=2 fastvlm train synth_stage1 --output-dir "$O/stage1" --set tokenizer="$D/tokenizer" \
   --set data.train="$D/train_rel.json" --set data.val="$D/val.json" --set data.image_folder="$D" \
