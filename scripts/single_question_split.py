@@ -35,10 +35,12 @@ from fastvlm.data.synth import load_split
 KINDS = ("position", "half")
 
 
-def single(record: dict[str, Any], rid: str, question: str, answer: str, qa: dict[str, Any]) -> dict[str, Any]:
+def single(record: dict[str, Any], rid: str, qa: dict[str, Any]) -> dict[str, Any]:
+    """One record asking the question of `qa` (a `qa` entry) about `record`'s image."""
     out = {"id": rid, "image": record["image"],
-           "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}],
-           "answer": answer, "qa": [qa], "scene": record["scene"]}
+           "conversations": [{"from": "human", "value": "<image>\n" + qa["question"]},
+                             {"from": "gpt", "value": qa["answer"]}],
+           "answer": qa["answer"], "qa": [qa], "scene": record["scene"]}
     if qa["question_type"] != "half":  # a training-only type: named in `qa` (which the evaluation reads), not here
         out["question_type"] = qa["question_type"]
     return out
@@ -46,6 +48,7 @@ def single(record: dict[str, Any], rid: str, question: str, answer: str, qa: dic
 
 def split_records(records: list[dict[str, Any]], kind: str, *, asked_only: bool = False, per_record: int = 1,
                   seed: int = 0) -> list[dict[str, Any]]:
+    """The one-question records of `kind` that `records` (a synthetic split, with scenes) give."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     rng = random.Random(seed)
@@ -57,12 +60,12 @@ def split_records(records: list[dict[str, Any]], kind: str, *, asked_only: bool 
             asked = len(r["conversations"]) // 2 - 1
             for i, q in enumerate(r["qa"]):
                 if q["question_type"] == "position" and (not asked_only or i == asked):
-                    out.append(single(r, f"{r['id']}-p{i}", q["question"], q["answer"], q))
+                    out.append(single(r, f"{r['id']}-p{i}", q))
         else:
             for i, t in enumerate(relation_turns(r, rng, 0, per_record)):
                 qa = {"question_type": "half", "question": t["question"], "answer": t["answer"], "text_size": None,
                       "params": t["params"]}
-                out.append(single(r, f"{r['id']}-h{i}", t["question"], t["answer"], qa))
+                out.append(single(r, f"{r['id']}-h{i}", qa))
     return out
 
 
