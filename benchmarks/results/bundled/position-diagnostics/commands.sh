@@ -74,5 +74,13 @@ for f in sorted(glob.glob(f"{r}/predictions-*.jsonl")):
         res[f"accuracy_{axis}"] = round(sum(p["prediction"] == p["references"][0] for p in sel) / len(sel), 4)
         res[f"answers_{axis}"] = {w: sum(p["prediction"] == w for p in sel) for w in sorted({p["prediction"] for p in sel})}
     out["runs"].setdefault(name, {})[test] = res
+# how far the first-named object's half alone goes: the share of training pairs whose answer it gives
+pairs = json.load(open(f"{o}/pos_train.json"))
+def first_half_answers(rec):
+    p = rec["qa"][0]["params"]
+    a = next(x for x in rec["scene"]["objects"] if [x["color"], x["shape"]] == p["a"])
+    i = 0 if p["axis"] == "x" else 1
+    return (a["center"][i] < rec["scene"]["image_size"] / 2) == (rec["answer"] in ("left", "above"))
+out["train_pairs_answered_by_first_object_half"] = round(sum(map(first_half_answers, pairs)) / len(pairs), 4)
 json.dump(out, open(f"{r}/summary.json", "w"), indent=1)
 PY
