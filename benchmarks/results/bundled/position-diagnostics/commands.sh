@@ -49,6 +49,14 @@ for E in ship imgpos; do
   run posmid2-$E posmid_train 1500 --set init=null --set model="$O/posmid-$E/final" --set train.seed=44
   ev posmid2-$E pos_test; ev posmid2-$E half_test
 done
+# the same 800 steps on pairs + one-object questions with larger LMs (shipped encoder): 6 layers of the shipped
+# width; 4 layers x 256 wide with 4 heads and 4 KV heads (the shipped LM shares one KV head among its 3)
+V=(--set init.vision_tower="$SHIP")
+run posmid-l6 posmid_train 800 "${V[@]}" --set init.text.num_hidden_layers=6 --set init.text.max_window_layers=6
+run posmid-w256kv4 posmid_train 800 "${V[@]}" --set init.text.num_hidden_layers=4 --set init.text.max_window_layers=4 \
+  --set init.text.hidden_size=256 --set init.text.num_attention_heads=4 --set init.text.num_key_value_heads=4 \
+  --set init.text.intermediate_size=768
+for M in posmid-l6 posmid-w256kv4; do ev $M pos_test; ev $M half_test; done
 
 # summary.json: accuracy per run and test file, per axis (by the reference word), and the last validation loss
 # on the pair questions, against chance: three tokens carry labels per answer ("left", <|im_end|>, "\n"), so an
