@@ -33,7 +33,7 @@ for split in ("train", "val", "test"):
 PY
 
 run() {  # NAME TRAIN STEPS [--set ...]: the model source and anything else in the extra arguments
-  OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false fastvlm train synth_stage1 --output-dir "$O/$1" \
+  OMP_NUM_THREADS=${THREADS:-1} TOKENIZERS_PARALLELISM=false fastvlm train synth_stage1 --output-dir "$O/$1" \
     --set tokenizer="$D/tokenizer" --set data.train="$O/$2.json" --set data.val="$O/pos_val.json" \
     --set data.image_folder="$D" --set train.seed=43 --set train.max_steps="$3" "${@:4}"
 }
@@ -56,7 +56,10 @@ run posmid-l6 posmid_train 800 "${V[@]}" --set init.text.num_hidden_layers=6 --s
 run posmid-w256kv4 posmid_train 800 "${V[@]}" --set init.text.num_hidden_layers=4 --set init.text.max_window_layers=4 \
   --set init.text.hidden_size=256 --set init.text.num_attention_heads=4 --set init.text.num_key_value_heads=4 \
   --set init.text.intermediate_size=768
-for M in posmid-l6 posmid-w256kv4; do ev $M pos_test; ev $M half_test; done
+# and the shipped LM with RoPE base 10,000 instead of Qwen2's 1,000,000 (more rotary frequencies that turn within
+# the few tokens between the two named objects); this run had both threads to itself
+THREADS=2 run posmid-rope1e4 posmid_train 800 "${V[@]}" --set init.text.rope_theta=10000.0
+for M in posmid-l6 posmid-w256kv4 posmid-rope1e4; do ev $M pos_test; ev $M half_test; done
 
 # summary.json: accuracy per run and test file, per axis (by the reference word), and the last validation loss
 # on the pair questions, against chance: three tokens carry labels per answer ("left", <|im_end|>, "\n"), so an
