@@ -92,6 +92,12 @@ def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, 
     return out
 
 
+def turn_qa(turn: dict[str, Any]) -> dict[str, Any]:
+    """The ``qa`` entry of an added turn (a `relation_turns` dict), as `fastvlm data synth` writes them."""
+    return {"question_type": turn["kind"], "question": turn["question"], "answer": turn["answer"],
+            "text_size": None, "params": turn["params"]}
+
+
 def add_turns(record: dict[str, Any], turns: list[dict], rng: random.Random) -> dict[str, Any]:
     """The record with ``turns`` at random slots after the first, in ``conversations`` and (kept aligned
     with it, so ``validate_record`` re-derives every answer) ``qa``."""
@@ -100,8 +106,7 @@ def add_turns(record: dict[str, Any], turns: list[dict], rng: random.Random) -> 
         k = rng.randrange(1, len(convs) // 2 + 1)  # a turn slot after the first
         convs[2 * k:2 * k] = [{"from": "human", "value": t["question"]}, {"from": "gpt", "value": t["answer"]}]
         if "qa" in record:
-            qa.insert(k, {"question_type": t["kind"], "question": t["question"], "answer": t["answer"],
-                          "text_size": None, "params": t["params"]})
+            qa.insert(k, turn_qa(t))
     out = dict(record, conversations=convs, added_turns=turns)
     if "qa" in record:
         out["qa"] = qa

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from add_relation_turns import relation_turns
+from add_relation_turns import relation_turns, turn_qa
 
 from fastvlm.data.synth import load_split
 
@@ -63,9 +63,7 @@ def split_records(records: list[dict[str, Any]], kind: str, *, asked_only: bool 
                     out.append(single(r, f"{r['id']}-p{i}", q))
         else:
             for i, t in enumerate(relation_turns(r, rng, 0, per_record)):
-                qa = {"question_type": "half", "question": t["question"], "answer": t["answer"], "text_size": None,
-                      "params": t["params"]}
-                out.append(single(r, f"{r['id']}-h{i}", qa))
+                out.append(single(r, f"{r['id']}-h{i}", turn_qa(t)))
     return out
 
 

@@ -361,14 +361,14 @@ def test_synth_breakdown_per_type_and_text_size(tmp_path):
 
 def test_synth_breakdown_follows_the_asked_turn(tmp_path):
     # A two-turn synthetic record: the top level describes the first turn (a position question), but the
-    # evaluation asks the last turn (a count); its breakdown must say "count". Before this was fixed, 29
-    # of the bundled model's 143 "position" items were count/colour/... questions answered correctly.
+    # evaluation asks the last turn (a word); its breakdown must say "read_word", with that word's text size.
+    # Before this was fixed, 29 of the bundled model's 143 "position" items were other questions.
     conv = [{"from": "human", "value": "<image>\nIs the red star above or below the blue circle?"},
             {"from": "gpt", "value": "below"},
-            {"from": "human", "value": "How many stars are there?"}, {"from": "gpt", "value": "1"}]
+            {"from": "human", "value": "What word is shown in the image?"}, {"from": "gpt", "value": "sun"}]
     qa = [{"question_type": "position", "question": "Is the red star above or below the blue circle?",
            "answer": "below", "text_size": None, "params": {}},
-          {"question_type": "read_word", "question": "How many stars are there?", "answer": "1",
+          {"question_type": "read_word", "question": "What word is shown in the image?", "answer": "sun",
            "text_size": 6, "params": {}}]
     p = write_json(tmp_path / "synth.json", [
         {"id": "m", "image": "m.png", "conversations": conv, "qa": qa, "question_type": "position",
@@ -378,11 +378,11 @@ def test_synth_breakdown_follows_the_asked_turn(tmp_path):
         {"id": "x", "image": "x.png", "conversations": conv, "qa": qa[:1], "question_type": "position"},  # misaligned
     ])  # fmt: skip
     m, single, misaligned = TASKS["synth"].load(p)
-    assert m.prompt == "How many stars are there?" and m.references == ["1"]
+    assert m.prompt == "What word is shown in the image?" and m.references == ["sun"]
     assert m.extra["question_type"] == "read_word" and m.extra["text_size"] == 6
     assert single.extra["question_type"] == "position" and single.extra["text_size"] is None
     assert misaligned.extra["question_type"] == "position"  # a qa list that does not match is ignored
-    bd = TASKS["synth"].score([m, single], ["1", "above"])["breakdown"]["question_type"]
+    bd = TASKS["synth"].score([m, single], ["sun", "above"])["breakdown"]["question_type"]
     assert bd == {"read_word": {"n": 1, "accuracy": 1.0, "anls": 1.0},
                   "position": {"n": 1, "accuracy": 0.0, "anls": 0.0}}
 

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,7 @@ def test_added_turns_follow_from_the_scene(art, split, tmp_path):
     added = {"position": 0, "half": 0}
     for b, a in zip(before, after):
         validate_record(a, split)  # every turn, added or not, re-derives from the scene
-        as_qa = [{"question_type": t["kind"], "question": t["question"], "answer": t["answer"], "text_size": None,
-                  "params": t["params"]} for t in a["added_turns"]]
+        as_qa = [art.turn_qa(t) for t in a["added_turns"]]
         assert [q for q in a["qa"] if q not in as_qa] == b["qa"]  # the added turns, and nothing else
         assert a["question_type"] == b["question_type"]
         assert a["conversations"][:2] == b["conversations"][:2]  # <image> turn first
@@ -172,10 +172,7 @@ def test_single_question_split_half(sqs, split, tmp_path):
         q = g["conversations"][0]["value"]
         assert q.startswith("<image>\nIs the ") and q.endswith(" the middle of the image?")
         assert g["qa"][0]["question_type"] == "half" and "question_type" not in g
-    per = {}
-    for g in got:
-        per[g["id"].rsplit("-h", 1)[0]] = per.get(g["id"].rsplit("-h", 1)[0], 0) + 1
-    assert max(per.values()) <= 2
+    assert max(Counter(g["id"].rsplit("-h", 1)[0] for g in got).values()) <= 2
     assert sqs.split_records(load_split(split / "train.json"), "half", per_record=2) == got  # deterministic
 
 

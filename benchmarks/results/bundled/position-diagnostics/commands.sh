@@ -61,10 +61,21 @@ run posmid-w256kv4 posmid_train 800 "${V[@]}" --set init.text.num_hidden_layers=
 THREADS=2 run posmid-rope1e4 posmid_train 800 "${V[@]}" --set init.text.rope_theta=10000.0
 for M in posmid-l6 posmid-w256kv4 posmid-rope1e4; do ev $M pos_test; ev $M half_test; done
 
+# into this directory, under the names committed here
+R=benchmarks/results/bundled/position-diagnostics
+for m in "$O"/*/metrics.jsonl; do
+  run=$(basename "$(dirname "$m")"); cp "$m" "$R/$run-metrics.jsonl"
+  [ -f "$O/$run/summary.json" ] && cp "$O/$run/summary.json" "$R/$run-summary.json"
+done
+for e in "$O"/eval-*/; do
+  e=${e%/}; name=$(basename "$e"); cp "$e/summary.json" "$R/$name.json"
+  cp "$e/predictions.jsonl" "$R/predictions-${name#eval-}.jsonl"
+done
+
 # summary.json: accuracy per run and test file, per axis (by the reference word), and the last validation loss
 # on the pair questions, against chance: three tokens carry labels per answer ("left", <|im_end|>, "\n"), so an
 # LM that knows the two words but not which is right has a loss of ln(2) / 3 = 0.231
-python - "$O" benchmarks/results/bundled/position-diagnostics <<'PY'
+python - "$O" "$R" <<'PY'
 import glob, json, math, os, sys
 o, r = sys.argv[1], sys.argv[2]
 X = {"left", "right"}
