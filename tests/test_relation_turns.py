@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastvlm.data.synth import (
+    COLORS,
+    SHAPES,
+    _unique,
     derive_answer,
     generate_dataset,
     load_split,
@@ -184,3 +189,71 @@ def test_single_question_split_bad_input(sqs, tmp_path, capsys):
     assert "record 'a' has no 'scene'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown kind"):
         sqs.split_records([], "count")
+
+
+@pytest.fixture(scope="module")
+def toy(art):
+    path = SCRIPT.parent / "position_toy.py"
+    spec = importlib.util.spec_from_file_location("position_toy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_position_toy_reversed_questions(toy, sqs, split):
+    halves = sqs.split_records(load_split(split / "train.json"), "half", per_record=2)
+    flip = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    for h in halves:
+        r = toy.reversed_record(h)
+        q = h["qa"][0]
+        name = " ".join(q["params"]["a"])
+        rel = "left or right of" if q["params"]["axis"] == "x" else "above or below"
+        assert r["conversations"][0]["value"] == f"<image>\nIs the middle of the image {rel} the {name}?"
+        # the middle lies on the other side of the object than the object of the middle
+        assert r["answer"] == r["conversations"][1]["value"] == flip[derive_answer(h["scene"], "half", q["params"])]
+        assert h["conversations"][0]["value"].endswith(" the middle of the image?")  # the original is untouched
+    pair = sqs.split_records(load_split(split / "train.json"), "position")[0]
+    with pytest.raises(ValueError, match="not a one-object question"):
+        toy.reversed_record(pair)
+
+
+def test_position_toy_ideal_tokens(toy, split):
+    scene = load_split(split / "train.json")[0]["scene"]
+    ideal = toy.IdealTokens(grid=4, dim=16)
+    tokens = ideal(scene)
+    assert torch.equal(tokens, toy.IdealTokens(grid=4, dim=16)(scene))  # fixed by the seed
+    size, want = scene["image_size"], ideal.cells.clone()
+    for o in scene["objects"]:
+        (cx, cy), obj = o["center"], ideal.objects[list(COLORS).index(o["color"]) * len(SHAPES) + SHAPES.index(o["shape"])]
+        cell = int(cy * 4 // size) * 4 + int(cx * 4 // size)
+        want[cell] += obj + (cx / size - 0.5) * ideal.coords[0] + (cy / size - 0.5) * ideal.coords[1]
+    assert torch.allclose(tokens, want)
+    first = next(o for o in scene["objects"] if _unique(scene["objects"], color=o["color"], shape=o["shape"]))
+    left_out = ideal(scene, leave_out=[first["color"], first["shape"]])  # a pair question's objects are unique
+    changed = (left_out != tokens).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [int(first["center"][1] * 4 // size) * 4 + int(first["center"][0] * 4 // size)]
+
+
+def test_position_toy_trains_and_reports(toy, sqs, split, tmp_path):
+    from helpers import small_tokenizer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for kind in ("position", "half"):
+        recs = sqs.split_records(load_split(split / "train.json"), kind)
+        (data / f"{kind}.json").write_text(json.dumps(recs))
+    small_tokenizer().save_pretrained(tmp_path / "tok")
+    out = tmp_path / "toy.json"
+    assert toy.main(["--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--train", "position",
+                     "--warm-start", "half", "--warm-steps", "1", "--reverse", "half", "--test", "position",
+                     "--test", "half:reversed", "--steps", "3", "--eval-every", "2", "--batch-size", "4",
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [h["step"] for h in report["history"]] == [2, 3]
+    for h in report["history"]:
+        assert set(h["accuracy"]) == {"position", "half:reversed"}
+        assert all(0 <= a <= 1 for a in h["accuracy"].values()) and math.isfinite(h["train_loss_ema"])
+    assert report["args"]["warm_steps"] == 1
+    with pytest.raises(SystemExit):
+        toy.main(["--data", str(data), "--tokenizer", "x", "--train", "position", "--test", "position",
+                  "--warm-steps", "2", "--out", str(out)])

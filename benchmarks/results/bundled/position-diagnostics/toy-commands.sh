@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Position questions on ideal visual tokens (scripts/position_toy.py): the bundled LM's shape, no encoder.
+# Needs the one-question splits of commands.sh (its first block) in $O. Two lanes side by side, one thread each,
+# on the 2-core AMD EPYC; each run writes toy-NAME.json (arguments and the accuracy history) here.
+# `bash toy-commands.sh 1` runs the first round, `2` the second (longer runs), no argument both.
+set -euo pipefail
+ROUND=${1:-all}
+D=${D:-runs/bundled/data}; O=${O:-runs/position-diagnostics}
+R=benchmarks/results/bundled/position-diagnostics
+toy() {  # NAME [arguments]
+  OMP_NUM_THREADS=1 python scripts/position_toy.py --data "$O" --tokenizer "$D/tokenizer" --out "$R/toy-$1.json" \
+    "${@:2}" > "$R/toy-$1.log" 2>&1
+}
+if [ "$ROUND" != 2 ]; then
+(
+  toy pairs --train pos_train --test pos_test --steps 800                       # the pair questions alone
+  toy pairs-no-b --train pos_train --test pos_test --steps 400 --drop-b         # ... with the second object hidden
+  toy half-both --train half_train --reverse half_train --steps 600 \
+    --test half_test --test half_test:reversed                                  # one object, named first or second
+) &
+(
+  toy half-then-pairs --warm-start half_train --warm-steps 200 --train pos_train --steps 600 \
+    --test pos_test --test half_test                                            # one-object first, then pairs
+  toy half-then-all --warm-start half_train --warm-steps 200 --train pos_train --train half_train \
+    --reverse half_train --steps 1000 --test pos_test --test half_test --test half_test:reversed
+) &
+wait
+fi
+if [ "$ROUND" != 1 ]; then
+(
+  toy half-then-all-3000 --warm-start half_train --warm-steps 200 --train pos_train --train half_train \
+    --reverse half_train --steps 3000 --eval-every 250 --test pos_test --test half_test --test half_test:reversed
+) &
+(
+  toy pairs-6kv6 --train pos_train --test pos_test --steps 1500 --heads 6 --kv-heads 6 # 6 heads of 32, a KV head each
+) &
+wait
+fi

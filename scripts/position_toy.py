@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""Position questions without the encoder: can the bundled model's LM learn them from ideal visual tokens?
+
+The bundled model answers "Is the A left or right of the B?" at chance although a linear probe reads both objects'
+coordinates from its encoder's tokens (README, "The bundled model"). This script takes the encoder out of the
+question. It trains the bundled model's LM shape (a new Qwen2: 3 layers, 192 wide, 3 heads sharing 1 KV head,
+through transformers) and an ``mlp2x_gelu``-shaped projector on *ideal* visual tokens computed from each record's
+stored scene, then scores greedy answers on test splits.
+
+The ideal tokens: the image is a ``--grid`` x ``--grid`` raster of tokens (4 x 4 = 16, as the shipped model at
+256 px). Each token holds a fixed random vector for its cell; each object adds a fixed random vector for its
+(colour, shape) plus its exact centre coordinates along two fixed random directions, to the token of the cell
+its centre lies in. Texts are left out. So every answer is linearly readable from the tokens, and the only thing
+left to learn is the language side: find the named objects' tokens, and compare.
+
+Prompts are built by the trainer's own ``tokenize_conversation`` (conv_qwen_2 frame, labels on the assistant
+turn and its closing ``<|im_end|>`` and newline), with the bundled tokenizer; optimisation as the stage-1
+recipe (AdamW, weight decay 0.01, 3% warmup then cosine, gradient clipping at 1), in fp32.
+
+  python scripts/position_toy.py --data runs/position-diagnostics --tokenizer runs/bundled/data/tokenizer \\
+      --train pos_train --test pos_test --steps 800 --out toy-pairs.json
+
+``--train``/``--warm-start``/``--test`` name splits in ``--data`` (``X`` is ``--data/X.json``, as written by
+``scripts/single_question_split.py``). ``--reverse S`` adds, to the training set, split S's one-object
+questions with the object named second ("Is the middle of the image left or right of the A?", answer flipped);
+``--test`` accepts ``S:reversed`` for the same on a test split.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastvlm.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from fastvlm.data.synth import COLORS, SHAPES
+from fastvlm.train.collate import tokenize_conversation
+
+FLIP = {"left": "right", "right": "left", "above": "below", "below": "above"}
+RELATIONS = ("left or right of", "above or below")
+
+
+def reversed_record(record: dict) -> dict:
+    """A one-object question with the object named second: "Is the middle of the image <rel> the A?"."""
+    question = record["conversations"][0]["value"]
+    prefix = "<image>\nIs the "
+    for rel in RELATIONS:
+        suffix = f" {rel} the middle of the image?"
+        if question.startswith(prefix) and question.endswith(suffix):
+            name = question[len(prefix):-len(suffix)]
+            break
+    else:
+        raise ValueError(f"{record.get('id')}: not a one-object question: {question!r}")
+    out = copy.deepcopy(record)
+    out["conversations"][0]["value"] = f"{prefix}middle of the image {rel} the {name}?"
+    out["conversations"][1]["value"] = out["answer"] = FLIP[record["answer"]]
+    return out
+
+
+class IdealTokens:
+    """The ideal visual tokens of a scene (see the module docstring)."""
+
+    def __init__(self, grid: int, dim: int, seed: int = 1234) -> None:
+        g = torch.Generator().manual_seed(seed)
+        scale = 3 / math.sqrt(dim)
+        self.grid, self.dim = grid, dim
+        self.objects = torch.randn(len(COLORS) * len(SHAPES), dim, generator=g) * scale
+        self.cells = torch.randn(grid * grid, dim, generator=g) * scale
+        self.coords = torch.randn(2, dim, generator=g) * scale
+
+    def __call__(self, scene: dict, leave_out: list | None = None) -> torch.Tensor:
+        tokens = self.cells.clone()
+        size, grid = scene["image_size"], self.grid
+        for o in scene["objects"]:
+            if leave_out is not None and [o["color"], o["shape"]] == list(leave_out):
+                continue
+            cx, cy = o["center"]
+            cell = min(int(cy * grid / size), grid - 1) * grid + min(int(cx * grid / size), grid - 1)
+            v = self.objects[list(COLORS).index(o["color"]) * len(SHAPES) + SHAPES.index(o["shape"])]
+            tokens[cell] += v + (cx / size - 0.5) * self.coords[0] + (cy / size - 0.5) * self.coords[1]
+        return tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder of one-question splits (scripts/single_question_split.py)")
+    ap.add_argument("--tokenizer", required=True, help="the bundled model's tokenizer folder")
+    ap.add_argument("--train", action="append", required=True, help="a training split name (repeatable)")
+    ap.add_argument("--reverse", action="append", default=[],
+                    help="also train on this one-object split's questions with the object named second")
+    ap.add_argument("--warm-start", default=None, help="a split trained on alone for the first --warm-steps")
+    ap.add_argument("--warm-steps", type=int, default=0)
+    ap.add_argument("--test", action="append", required=True, help="a test split name, or NAME:reversed")
+    ap.add_argument("--drop-b", action="store_true",
+                    help="leave each pair question's second object out of the visual tokens (the answer then "
+                         "follows from the first object alone for most pairs)")
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--kv-heads", type=int, default=1)
+    ap.add_argument("--init-std", type=float, default=0.02, help="the LM's initializer_range (Qwen2's 0.02)")
+    ap.add_argument("--grid", type=int, default=4)
+    ap.add_argument("--system-prompt", default=None, help="default: none (shorter sequences)")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="JSON file for the arguments and the accuracy history")
+    args = ap.parse_args(argv)
+    if args.warm_steps and not args.warm_start:
+        ap.error("--warm-steps needs --warm-start")
+
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer, use_fast=True)
+    ideal = IdealTokens(args.grid, 64)
+    n_img = args.grid * args.grid
+
+    def split(name: str) -> list[dict]:
+        base, _, how = name.partition(":")
+        records = json.loads((Path(args.data) / f"{base}.json").read_text())
+        if how not in ("", "reversed"):
+            raise SystemExit(f"unknown split modifier {how!r} in {name!r}")
+        return [reversed_record(r) for r in records] if how else records
+
+    def encode(records: list[dict]) -> list[tuple]:
+        out = []
+        for r in records:
+            turns = [("user" if t["from"] == "human" else "assistant", t["value"]) for t in r["conversations"]]
+            tc = tokenize_conversation(turns, tok, n_img, args.system_prompt)
+            leave_out = None
+            if args.drop_b and r.get("question_type") == "position":
+                leave_out = r["qa"][0]["params"]["b"]
+            out.append((torch.tensor(tc.input_ids), torch.tensor(tc.labels), ideal(r["scene"], leave_out)))
+        return out
+
+    train = encode([r for s in args.train for r in split(s)] + [r for s in args.reverse for r in split(f"{s}:reversed")])
+    warm = encode(split(args.warm_start)) if args.warm_start else None
+    tests = {name: encode(split(name)) for name in args.test}
+    print(f"train {len(train)}, warm start {len(warm or [])}, tests {({k: len(v) for k, v in tests.items()})}",
+          flush=True)
+
+    cfg = Qwen2Config(vocab_size=len(tok) + (-len(tok)) % 64, hidden_size=192, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, intermediate_size=512,
+                      max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=True,
+                      max_window_layers=args.layers, rms_norm_eps=1e-6, initializer_range=args.init_std)
+    lm = Qwen2ForCausalLM(cfg)
+    proj = nn.Sequential(nn.Linear(64, 192), nn.GELU(), nn.Linear(192, 192))
+    params = list(lm.parameters()) + list(proj.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    warmup = max(1, int(0.03 * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+
+    def batch(items: list[tuple]):
+        n = max(len(x[0]) for x in items)
+        ids = torch.zeros(len(items), n, dtype=torch.long)
+        labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros(len(items), n, dtype=torch.long)
+        for i, (x, y, _) in enumerate(items):
+            ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = x, y, 1
+        embeds = lm.get_input_embeddings()(ids.clamp(min=0))
+        embeds[ids == IMAGE_TOKEN_INDEX] = proj(torch.stack([x[2] for x in items])).reshape(-1, cfg.hidden_size)
+        return embeds, labels, mask
+
+    @torch.no_grad()
+    def accuracy(items: list[tuple]) -> float:
+        lm.eval()
+        correct = 0
+        for i in range(0, len(items), 64):
+            chunk = items[i:i + 64]
+            embeds, labels, mask = batch(chunk)
+            logits = lm(inputs_embeds=embeds, attention_mask=mask).logits
+            for b in range(len(chunk)):
+                first = int((labels[b] != IGNORE_INDEX).nonzero()[0]) - 1  # predicts the answer's first token
+                correct += int(logits[b, first].argmax()) == int(labels[b, first + 1])
+        lm.train()
+        return correct / len(items)
+
+    history, order, smooth, t0 = [], [], None, time.time()
+    for step in range(args.steps):
+        source = warm if warm is not None and step < args.warm_steps else train
+        if step == args.warm_steps:
+            order = []
+        if len(order) < args.batch_size:
+            order += rng.sample(range(len(source)), len(source))
+        idx, order = order[:args.batch_size], order[args.batch_size:]
+        embeds, labels, mask = batch([source[i] for i in idx])
+        loss = lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            acc = {name: round(accuracy(items), 4) for name, items in tests.items()}
+            history.append({"step": step + 1, "train_loss_ema": round(smooth, 4), "accuracy": acc,
+                            "elapsed_s": round(time.time() - t0, 1)})
+            print(json.dumps(history[-1]), flush=True)
+            Path(args.out).write_text(json.dumps({"args": vars(args), "history": history}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
