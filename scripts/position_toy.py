@@ -23,7 +23,8 @@ recipe (AdamW, weight decay 0.01, 3% warmup then cosine, gradient clipping at 1)
 ``--train``/``--warm-start``/``--test`` name splits in ``--data`` (``X`` is ``--data/X.json``, as written by
 ``scripts/single_question_split.py``). ``--reverse S`` adds, to the training set, split S's one-object
 questions with the object named second ("Is the middle of the image left or right of the A?", answer flipped);
-``--test`` accepts ``S:reversed`` for the same on a test split.
+``--test`` accepts ``S:reversed`` for the same on a test split, and ``S:no-b`` for its pair questions with the
+second object left out of the visual tokens (``--drop-b`` does that to training pairs).
 """
 from __future__ import annotations
 
@@ -97,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="also train on this one-object split's questions with the object named second")
     ap.add_argument("--warm-start", default=None, help="a split trained on alone for the first --warm-steps")
     ap.add_argument("--warm-steps", type=int, default=0)
-    ap.add_argument("--test", action="append", required=True, help="a test split name, or NAME:reversed")
-    ap.add_argument("--drop-b", action="store_true",
-                    help="leave each pair question's second object out of the visual tokens (the answer then "
-                         "follows from the first object alone for most pairs)")
+    ap.add_argument("--test", action="append", required=True,
+                    help="a test split name; NAME:reversed for its one-object questions asked the other way round, "
+                         "NAME:no-b for its pair questions with the second object left out of the tokens")
+    ap.add_argument("--drop-b", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                    help="leave the second object of this fraction of the training pair questions (alone: all of "
+                         "them) out of the visual tokens; the answer then follows from the first object alone for "
+                         "most pairs. Test splits keep every object")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -116,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.warm_steps and not args.warm_start:
         ap.error("--warm-steps needs --warm-start")
+    if not 0 <= args.drop_b <= 1:
+        ap.error("--drop-b takes a fraction between 0 and 1")
 
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -128,24 +134,27 @@ def main(argv: list[str] | None = None) -> int:
     def split(name: str) -> list[dict]:
         base, _, how = name.partition(":")
         records = json.loads((Path(args.data) / f"{base}.json").read_text())
-        if how not in ("", "reversed"):
+        if how not in ("", "reversed", "no-b"):
             raise SystemExit(f"unknown split modifier {how!r} in {name!r}")
-        return [reversed_record(r) for r in records] if how else records
+        return [reversed_record(r) for r in records] if how == "reversed" else records
 
-    def encode(records: list[dict]) -> list[tuple]:
+    hide_rng = random.Random(f"drop-b/{args.seed}")
+
+    def encode(records: list[dict], hide_b: float = 0.0) -> list[tuple]:
         out = []
         for r in records:
             turns = [("user" if t["from"] == "human" else "assistant", t["value"]) for t in r["conversations"]]
             tc = tokenize_conversation(turns, tok, n_img, args.system_prompt)
             leave_out = None
-            if args.drop_b and r.get("question_type") == "position":
+            if r.get("question_type") == "position" and hide_b and (hide_b == 1 or hide_rng.random() < hide_b):
                 leave_out = r["qa"][0]["params"]["b"]
             out.append((torch.tensor(tc.input_ids), torch.tensor(tc.labels), ideal(r["scene"], leave_out)))
         return out
 
-    train = encode([r for s in args.train for r in split(s)] + [r for s in args.reverse for r in split(f"{s}:reversed")])
-    warm = encode(split(args.warm_start)) if args.warm_start else None
-    tests = {name: encode(split(name)) for name in args.test}
+    train = encode([r for s in args.train for r in split(s)] + [r for s in args.reverse for r in split(f"{s}:reversed")],
+                   hide_b=args.drop_b)
+    warm = encode(split(args.warm_start), hide_b=args.drop_b) if args.warm_start else None
+    tests = {name: encode(split(name), hide_b=1.0 if name.endswith(":no-b") else 0.0) for name in args.test}
     print(f"train {len(train)}, warm start {len(warm or [])}, tests {({k: len(v) for k, v in tests.items()})}",
           flush=True)
 

@@ -246,14 +246,15 @@ def test_position_toy_trains_and_reports(toy, sqs, split, tmp_path):
     out = tmp_path / "toy.json"
     assert toy.main(["--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--train", "position",
                      "--warm-start", "half", "--warm-steps", "1", "--reverse", "half", "--test", "position",
-                     "--test", "half:reversed", "--steps", "3", "--eval-every", "2", "--batch-size", "4",
-                     "--out", str(out)]) == 0
+                     "--test", "half:reversed", "--test", "position:no-b", "--drop-b", "0.5", "--steps", "3",
+                     "--eval-every", "2", "--batch-size", "4", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [h["step"] for h in report["history"]] == [2, 3]
     for h in report["history"]:
-        assert set(h["accuracy"]) == {"position", "half:reversed"}
+        assert set(h["accuracy"]) == {"position", "half:reversed", "position:no-b"}
         assert all(0 <= a <= 1 for a in h["accuracy"].values()) and math.isfinite(h["train_loss_ema"])
     assert report["args"]["warm_steps"] == 1
-    with pytest.raises(SystemExit):
-        toy.main(["--data", str(data), "--tokenizer", "x", "--train", "position", "--test", "position",
-                  "--warm-steps", "2", "--out", str(out)])
+    for bad in (["--warm-steps", "2"], ["--drop-b", "1.5"]):
+        with pytest.raises(SystemExit):
+            toy.main(["--data", str(data), "--tokenizer", "x", "--train", "position", "--test", "position",
+                      "--out", str(out), *bad])

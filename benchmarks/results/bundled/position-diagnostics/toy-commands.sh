@@ -14,7 +14,8 @@ toy() {  # NAME [arguments]
 if [ "$ROUND" != 2 ]; then
 (
   toy pairs --train pos_train --test pos_test --steps 800                       # the pair questions alone
-  toy pairs-no-b --train pos_train --test pos_test --steps 400 --drop-b         # ... with the second object hidden
+  toy pairs-no-b --train pos_train --test pos_test:no-b --test pos_test --steps 400 --drop-b  # ... with the
+                                                                                # second object hidden
   toy half-both --train half_train --reverse half_train --steps 600 \
     --test half_test --test half_test:reversed                                  # one object, named first or second
 ) &
@@ -33,6 +34,9 @@ if [ "$ROUND" != 1 ]; then
 ) &
 (
   toy pairs-6kv6 --train pos_train --test pos_test --steps 1500 --heads 6 --kv-heads 6 # 6 heads of 32, a KV head each
+  # the second object hidden in half the training pairs: does a model that already reads the first object's
+  # position (from the pairs with one object shown) learn to tell the two apart in the other half?
+  toy pairs-half-no-b --train pos_train --drop-b 0.5 --test pos_test --test pos_test:no-b --steps 1000
 ) &
 wait
 fi
