@@ -15,7 +15,8 @@ left to learn is the language side: find the named objects' tokens, and compare.
 
 Prompts are built by the trainer's own ``tokenize_conversation`` (conv_qwen_2 frame, labels on the assistant
 turn and its closing ``<|im_end|>`` and newline), with the bundled tokenizer; optimisation as the stage-1
-recipe (AdamW, weight decay 0.01, 3% warmup then cosine, gradient clipping at 1), in fp32.
+recipe (AdamW, lr 1e-3, 3% warmup then cosine, gradient clipping at 1, batches of 128), except that weight decay
+(0.01) applies to every parameter, norms and biases too, and that it runs in fp32, not bf16 autocast.
 
   python scripts/position_toy.py --data runs/position-diagnostics --tokenizer runs/bundled/data/tokenizer \\
       --train pos_train --test pos_test --steps 800 --out toy-pairs.json

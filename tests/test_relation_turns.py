@@ -28,13 +28,18 @@ from fastvlm.data.synth import (
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "add_relation_turns.py"
 
 
-@pytest.fixture(scope="module")
-def art():
-    spec = importlib.util.spec_from_file_location("add_relation_turns", SCRIPT)
+def _script(name: str):
+    """Import scripts/NAME.py as module NAME (registered, so a script that imports another finds it)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def art():
+    return _script("add_relation_turns")
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +149,7 @@ def test_turn_slots_are_after_the_first(art):
 
 @pytest.fixture(scope="module")
 def sqs(art):  # imports add_relation_turns itself; `art` first so both scripts share one module
-    path = SCRIPT.parent / "single_question_split.py"
-    spec = importlib.util.spec_from_file_location("single_question_split", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("single_question_split")
 
 
 def test_single_question_split_position(sqs, split, tmp_path):
@@ -192,12 +193,8 @@ def test_single_question_split_bad_input(sqs, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def toy(art):
-    path = SCRIPT.parent / "position_toy.py"
-    spec = importlib.util.spec_from_file_location("position_toy", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def toy():
+    return _script("position_toy")
 
 
 def test_position_toy_reversed_questions(toy, sqs, split):
