@@ -5,13 +5,13 @@ The bundled model answers "Is the A left or right of the B?" at chance although 
 coordinates from its encoder's tokens (README, "The bundled model"). This script takes the encoder out of the
 question. It trains the bundled model's LM shape (a new Qwen2: 3 layers, 192 wide, 3 heads sharing 1 KV head,
 through transformers) and an ``mlp2x_gelu``-shaped projector on *ideal* visual tokens computed from each record's
-stored scene, then scores greedy answers on test splits.
+stored scene, then scores test splits by the answer's first token (the argmax; each answer word is one token).
 
 The ideal tokens: the image is a ``--grid`` x ``--grid`` raster of tokens (4 x 4 = 16, as the shipped model at
 256 px). Each token holds a fixed random vector for its cell; each object adds a fixed random vector for its
 (colour, shape) plus its exact centre coordinates along two fixed random directions, to the token of the cell
-its centre lies in. Texts are left out. So every answer is linearly readable from the tokens, and the only thing
-left to learn is the language side: find the named objects' tokens, and compare.
+its centre lies in. Texts are left out. So the tokens hold every answer exactly, and the only thing left to learn
+is the language side: find the named objects' tokens, and compare.
 
 Prompts are built by the trainer's own ``tokenize_conversation`` (conv_qwen_2 frame, labels on the assistant
 turn and its closing ``<|im_end|>`` and newline), with the bundled tokenizer; optimisation as the stage-1
