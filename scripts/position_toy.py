@@ -42,10 +42,9 @@ import torch
 from torch import nn
 
 from fastvlm.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from fastvlm.data.synth import COLORS, SHAPES
+from fastvlm.data.synth import COLORS, OPPOSITE, SHAPES
 from fastvlm.train.collate import tokenize_conversation
 
-FLIP = {"left": "right", "right": "left", "above": "below", "below": "above"}
 RELATIONS = ("left or right of", "above or below")
 
 
@@ -62,7 +61,7 @@ def reversed_record(record: dict) -> dict:
         raise ValueError(f"{record.get('id')}: not a one-object question: {question!r}")
     out = copy.deepcopy(record)
     out["conversations"][0]["value"] = f"{prefix}middle of the image {rel} the {name}?"
-    out["conversations"][1]["value"] = out["answer"] = FLIP[record["answer"]]
+    out["conversations"][1]["value"] = out["answer"] = OPPOSITE[record["answer"]]
     return out
 
 

@@ -24,6 +24,7 @@ import argparse
 import json
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(f"{args.data}: {e}")
     Path(args.out).write_text(json.dumps(out))
-    answers: dict[str, int] = {}
-    for r in out:
-        answers[r["answer"]] = answers.get(r["answer"], 0) + 1
+    answers = Counter(r["answer"] for r in out)
     print(f"wrote {len(out)} {args.kind} records to {args.out}; answers: {dict(sorted(answers.items()))}")
     return 0
 

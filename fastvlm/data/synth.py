@@ -508,6 +508,9 @@ def _render(scene: dict[str, Any], rng: random.Random) -> Image.Image:
 # --------------------------------------------------------------------------------------------
 
 
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}  # a position answer, roles swapped
+
+
 def _position_margin(image_size: int) -> int:
     return max(4, round(0.04 * image_size))
 
@@ -599,7 +602,7 @@ def _finish_position(question: dict[str, Any], scene: dict[str, Any], rng: rando
             continue
         if rng.random() < 0.5:  # swap the pair so neither object is always the subject
             params["a"], params["b"] = params["b"], params["a"]
-            ans = {"left": "right", "right": "left", "above": "below", "below": "above"}[ans]
+            ans = OPPOSITE[ans]
         params["axis"] = axis
         question["answer"] = ans
         return

@@ -5,14 +5,15 @@ set -euo pipefail
 D=${D:-data/synth}; ENC=${ENC:-encoder-256.safetensors}; O=${O:-runs/relation-curriculum}
 # the script as of commit 92b4457: its one-object questions read "in the top or bottom half of the image?" (now
 # "above or below the middle of the image?", one-token answers; position-diagnostics/)
-git show 92b4457:scripts/add_relation_turns.py > /tmp/add_relation_turns_92b4457.py
-python - "$D" <<'PY'  # with that commit's fastvlm.data.synth, whose `half` answers were top/bottom
-import importlib.util, json, sys, types, subprocess
-src = subprocess.run(["git", "show", "92b4457:fastvlm/data/synth.py"], capture_output=True, text=True, check=True).stdout
-old = types.ModuleType("fastvlm.data.synth"); exec(compile(src, "synth@92b4457", "exec"), old.__dict__)
-sys.modules["fastvlm.data.synth"] = old
-spec = importlib.util.spec_from_file_location("art", "/tmp/add_relation_turns_92b4457.py")
-art = importlib.util.module_from_spec(spec); spec.loader.exec_module(art)
+python - "$D" <<'PY'  # with that commit's fastvlm.data.synth too, whose `half` answers were top/bottom
+import subprocess, sys, types
+def at_92b4457(path, name):
+    src = subprocess.run(["git", "show", f"92b4457:{path}"], capture_output=True, text=True, check=True).stdout
+    mod = sys.modules[name] = types.ModuleType(name)
+    exec(compile(src, f"{path}@92b4457", "exec"), mod.__dict__)
+    return mod
+at_92b4457("fastvlm/data/synth.py", "fastvlm.data.synth")
+art = at_92b4457("scripts/add_relation_turns.py", "add_relation_turns")
 d = sys.argv[1]
 sys.exit(art.main(["--data", f"{d}/train.json", "--out", f"{d}/train_rel.json", "--position", "2", "--halves", "2"]))
 PY
