@@ -3,8 +3,8 @@
 
   python benchmarks/decode_step.py                  # 0.5B, bf16, writes benchmarks/results/decode-step-cpu-bf16.json
 
-Each round times one step of every variant back to back (each variant keeps its own KV cache,
-so all see the same context length), plus one pass of every weight matrix through the native
+Each round times one step of every variant back to back, in an order rotated every round (each
+variant keeps its own KV cache, so all see the same context length), plus one pass of every weight matrix through the native
 matrix-vector kernel alone (the floor for any path that reads the weights once), plus the
 memory read bandwidth. Variants:
   lean        the fast path: native matrix-vector kernels and, in bf16, Qwen2 decode steps as
@@ -12,6 +12,8 @@ memory read bandwidth. Variants:
   modules     transformers' decoder layers around the same native kernels (the fast path before
               the lean layers)
   torch       transformers' layers and PyTorch's matmuls (no native kernels)
+  lean@NB     with --prefetch N ...: the lean path with the kernels' software prefetch N bytes
+              ahead (the other variants keep this CPU's default, fastvlm.kernels.default_prefetch_bytes)
 Random weights (time does not depend on their values); the prompt is random token ids.
 """
 
@@ -47,6 +49,8 @@ def main() -> int:
     p.add_argument("--context", type=int, default=288, help="prompt tokens before the timed steps (default 288: "
                                                               "256 image tokens and a short question)")
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--prefetch", type=int, nargs="*", default=[], metavar="BYTES",
+                   help="also time the lean path with each of these prefetch distances (0: off)")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/decode-step-cpu-DTYPE.json)")
     a = p.parse_args()
     from transformers import DynamicCache
@@ -69,20 +73,25 @@ def main() -> int:
     lins = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
     xs = [torch.randn(1, 1, m.in_features).to(dtype) for m in lins]
 
+    variants = VARIANTS + tuple(f"lean@{n}B" for n in a.prefetch)
+    default_pf = kernels.prefetch_bytes()
+
     def put(variant: str) -> None:
+        lean = variant.startswith("lean")
+        kernels.set_prefetch(int(variant[5:-1]) if variant.startswith("lean@") else default_pf)
         kernels.use_decode_kernels(lm, variant != "torch")
-        use_lean_decode_layers(lm, variant == "lean")
+        use_lean_decode_layers(lm, lean)
 
     # the bench's reader sums a buffer of ones; this one sums random values, as weights are, to see
     # whether the readings' ups and downs are the machine's or the buffer's
     random_buf = torch.rand(2**28, generator=torch.Generator().manual_seed(1))
     random_bw: list[float] = []
-    times: dict[str, list[float]] = {v: [] for v in (*VARIANTS, "weights through the kernel")}
-    tokens: dict[str, list[int]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in (*variants, "weights through the kernel")}
+    tokens: dict[str, list[int]] = {v: [] for v in variants}
     bandwidth = []
     state = {}
     with torch.inference_mode():
-        for v in VARIANTS:
+        for v in variants:
             put(v)
             cache = DynamicCache()
             out = lm(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
@@ -90,7 +99,8 @@ def main() -> int:
         for r in range(a.rounds + 2):  # the first two rounds warm up
             bw = read_bandwidth(torch.device("cpu"), repeats=3)["gbps_median"]
             random_bw.append(_random_read_gbps(random_buf))
-            for v in VARIANTS:
+            # rotated every round: the first variant after the bandwidth reads starts from a cold cache
+            for v in variants[r % len(variants):] + variants[:r % len(variants)]:
                 put(v)
                 cache, tok, pos = state[v]
                 t = time.perf_counter()
@@ -101,6 +111,7 @@ def main() -> int:
                 tokens[v].append(int(tok))
                 if r >= 2:
                     times[v].append(dt)
+            kernels.set_prefetch(default_pf)
             t = time.perf_counter()
             for m, x in zip(lins, xs):
                 kernels.gemv(x, m.weight, m.bias)
@@ -118,6 +129,7 @@ def main() -> int:
         "command": "python benchmarks/decode_step.py " + " ".join(sys.argv[1:]),
         "machine": {**machine_info(torch.device("cpu")), "threads": torch.get_num_threads(),
                     "python": platform.python_version()},
+        "prefetch_bytes_default": default_pf,
         "preset": a.preset, "dtype": a.dtype, "context": a.context, "rounds": a.rounds,
         "decode_bytes_per_token": nbytes, "read_bandwidth_gbps_per_round": [round(b, 1) for b in bandwidth],
         "random_buffer_read_gbps_per_round": [round(b, 1) for b in random_bw[2:]],
@@ -125,7 +137,7 @@ def main() -> int:
         "variants": rows,
         # the lean layers round where transformers' modules do: the same greedy tokens as "modules"
         "greedy_tokens_same_as_modules": {v: sum(x == y for x, y in zip(tokens[v], tokens["modules"]))
-                                          for v in VARIANTS if v != "modules"},
+                                          for v in variants if v != "modules"},
         "greedy_tokens": len(tokens["modules"]),
     }
     out = a.out or os.path.join(HERE, "results", f"decode-step-cpu-{a.dtype}.json")

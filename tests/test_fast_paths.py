@@ -195,7 +195,58 @@ def test_full_size_blocks_fuse_exactly():
     assert out.shape == (1, 16, 3072) and rel_diff(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("multiplier,kernel,stride", [(2, 7, 2), (3, 3, 1)])
+def test_grouped_conv_runs_as_depthwise_on_repeated_channels(dtype, multiplier, kernel, stride):
+    from fastvlm.vision.fused import FusedConv
+
+    g = torch.Generator().manual_seed(4)
+    groups = 12
+    w = torch.randn(groups * multiplier, 1, kernel, kernel, generator=g).to(dtype)
+    b = torch.randn(groups * multiplier, generator=g).to(dtype)
+    x = torch.randn(2, groups, 19, 23, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    conv = FusedConv(w, b, stride, kernel // 2, groups, gelu=True)
+    assert conv.multiplier == multiplier
+    with torch.no_grad():
+        got = conv(x)
+        ref = torch.nn.functional.gelu(torch.nn.functional.conv2d(x, w, b, stride, kernel // 2, 1, groups))
+        exact = torch.nn.functional.gelu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride,
+                                                                    kernel // 2, 1, groups))
+    assert got.shape == ref.shape and got.dtype == dtype
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float32:
+        assert rel_diff(got, ref) < 1e-6
+    else:  # bf16 rounding, no worse than the grouped conv's own
+        assert rel_diff(got, exact) <= max(1e-2, 1.5 * rel_diff(ref, exact))
+    # NCHW inputs and autograd keep the grouped conv
+    with torch.no_grad():
+        assert rel_diff(conv(x.contiguous()), ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 # ------------------------------------------------------------------------------------ decode kernels
+
+
+@pytest.mark.skipif(not kernels.available(torch.bfloat16), reason=kernels.status())
+def test_decode_kernel_prefetch_changes_no_bits(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 4864, generator=g).bfloat16()
+    x = torch.randn(1, 1, 4864, generator=g).bfloat16()
+    before = kernels.prefetch_bytes()
+    try:
+        outs = []
+        for nbytes in (0, 512, 1024, 4096):
+            kernels.set_prefetch(nbytes)
+            assert kernels.prefetch_bytes() == nbytes
+            outs.append(kernels.gemv(x, w))
+    finally:
+        kernels.set_prefetch(before)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    monkeypatch.setenv("FASTVLM_GEMV_PREFETCH", "2048")
+    assert kernels.default_prefetch_bytes() == 2048
+    monkeypatch.setenv("FASTVLM_GEMV_PREFETCH", "1k")
+    with pytest.raises(ValueError, match="FASTVLM_GEMV_PREFETCH"):
+        kernels.default_prefetch_bytes()
+
 
 
 @pytest.mark.skipif(not kernels.available(torch.float32), reason=kernels.status())

@@ -5,8 +5,11 @@
 
 Compiles variants.c with the flags of fastvlm.kernels, then times, interleaved per round, on a
 [2 x 151936, 896] bf16 matrix (two Qwen2-0.5B lm_heads, 544 MB; random values):
-  a        the kernel fastvlm.kernels ships (compiled from its source; one row at a time, 4 accumulators)
-  pf1k/4k  the same with software prefetches 1 / 4 KB ahead of each row
+  a        the kernel fastvlm.kernels ships (compiled from its source; one row at a time, 4 accumulators),
+           with its in-loop software prefetch off
+  a_pf1k/2k/4k/8k  the same kernel with its prefetch 1 / 2 / 4 / 8 KB ahead (fastvlm_set_prefetch;
+           fastvlm.kernels.default_prefetch_bytes picks per CPU)
+  pf1k/4k  a whole row's prefetches issued 1 / 4 KB ahead before each row (the first experiment)
   2r       two rows per pass (two streams per thread)
   c_read   a plain AVX-512 read of the same bytes (no arithmetic)
   torch_sum  torch's fp32 sum over a buffer of the same size
@@ -66,7 +69,16 @@ def main() -> int:
     y = torch.empty(O, dtype=torch.bfloat16)
     f = torch.randn(O * I // 2)
     nb = O * I * 2
-    V = {"a": lambda: lib.gv_a(w.data_ptr(), x.data_ptr(), y.data_ptr(), O, I, threads),
+    lib.fastvlm_set_prefetch.argtypes = [L]
+
+    def shipped(dist: int):
+        def call():
+            lib.fastvlm_set_prefetch(dist)
+            lib.gv_a(w.data_ptr(), x.data_ptr(), y.data_ptr(), O, I, threads)
+        return call
+
+    V = {"a": shipped(0), "a_pf1k": shipped(1024), "a_pf2k": shipped(2048), "a_pf4k": shipped(4096),
+         "a_pf8k": shipped(8192),
          "pf1k": lambda: lib.gv_pf(w.data_ptr(), x.data_ptr(), y.data_ptr(), O, I, threads, 1024),
          "pf4k": lambda: lib.gv_pf(w.data_ptr(), x.data_ptr(), y.data_ptr(), O, I, threads, 4096),
          "2r": lambda: lib.gv_2r(w.data_ptr(), x.data_ptr(), y.data_ptr(), O, I, threads),
@@ -74,7 +86,10 @@ def main() -> int:
          "torch_sum": lambda: f.sum()}
     if a.huge_pages:
         wh, _keep = huge_page_copy(w)
-        V["a_huge_pages"] = lambda: lib.gv_a(wh.data_ptr(), x.data_ptr(), y.data_ptr(), O, I, threads)
+        def huge():
+            lib.fastvlm_set_prefetch(0)
+            lib.gv_a(wh.data_ptr(), x.data_ptr(), y.data_ptr(), O, I, threads)
+        V["a_huge_pages"] = huge
     res = {k: [] for k in V}
     for _ in range(a.rounds):
         for k, fn in V.items():

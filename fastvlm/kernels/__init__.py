@@ -34,15 +34,38 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo_field(name: str) -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo_field("flags").split())
+
+
+def default_prefetch_bytes() -> int:
+    """How far ahead the bf16 kernel prefetches its weight stream on this CPU (0: not at all).
+
+    On the 2-core AMD EPYC (Zen 4) software prefetch lowered the kernel's read rate on one 545 MB
+    matrix (30.8-36.9 against 32.5-41.2 GB/s without; benchmarks/results/gemv-variants-cpu.log).
+    On the 2-core Intel Xeon with AMX it raised it, and most at 1 KB ahead on the 0.5B LLM's own
+    matrices: a decode step took 47.7 ms at 1 KB, 48.4 at 512 B, 51.1 at 2 KB, 55.6 without and
+    61.6 at 4 KB, interleaved in one run (benchmarks/results/decode-step-cpu-bf16-intel.json).
+    So Intel CPUs get 1 KB and others none. FASTVLM_GEMV_PREFETCH=BYTES overrides (0 turns it off).
+    """
+    env = os.environ.get("FASTVLM_GEMV_PREFETCH", "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise ValueError(f"FASTVLM_GEMV_PREFETCH must be a whole number of bytes, got {env!r}") from None
+    return 1024 if _cpuinfo_field("vendor_id") == "GenuineIntel" else 0
 
 
 def _compiler() -> Optional[str]:
@@ -97,6 +120,10 @@ def load() -> Optional[ctypes.CDLL]:
                 for name, ptr in (("fastvlm_gemv_f32", ctypes.c_void_p),):
                     getattr(lib, name).argtypes = [ptr] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                 lib.fastvlm_gemv_f32.restype = None
+                lib.fastvlm_set_prefetch.argtypes = [ctypes.c_int64]
+                lib.fastvlm_set_prefetch.restype = None
+                lib.fastvlm_get_prefetch.restype = ctypes.c_int64
+                lib.fastvlm_set_prefetch(default_prefetch_bytes())
                 if lib.fastvlm_has_bf16():
                     P, L, F, N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
                     for name, args in (
@@ -117,7 +144,21 @@ def status() -> str:
     lib = load()
     if lib is None:
         return f"native decode kernels off ({_state.get('why', '')})"
-    return "native decode kernels on (fp32" + (", bf16" if lib.fastvlm_has_bf16() else "") + ")"
+    pf = lib.fastvlm_get_prefetch()
+    return ("native decode kernels on (fp32" + (", bf16" if lib.fastvlm_has_bf16() else "") + ")"
+            + (f", prefetching {pf} bytes ahead" if pf else ""))
+
+
+def set_prefetch(nbytes: int) -> None:
+    """Set how far ahead (bytes) the bf16 kernels prefetch their weight stream; 0 turns it off."""
+    lib = load()
+    if lib is not None:
+        lib.fastvlm_set_prefetch(int(nbytes))
+
+
+def prefetch_bytes() -> int:
+    lib = load()
+    return int(lib.fastvlm_get_prefetch()) if lib is not None else 0
 
 
 def available(dtype: torch.dtype = torch.bfloat16) -> bool:

@@ -59,6 +59,19 @@ def _use_onednn(x: torch.Tensor, enabled: bool) -> bool:
             and not torch.is_grad_enabled())
 
 
+def _repeat_channels(x: torch.Tensor, m: int) -> torch.Tensor:
+    """[N, C, H, W] channels-last -> [N, C*m, H, W] channels-last, channel c at c*m ... c*m+m-1.
+
+    oneDNN has fast kernels for depthwise convs (one input and one output per group) but not for
+    groups with several outputs each: at 1024 px the four 7x7 stride-2 downsamplers took 40 ms as
+    grouped convs and 14 ms as depthwise convs on repeated inputs, copy included (bf16, 2-core AMX
+    Xeon). One copy of the NHWC view, stacked along a new last dim.
+    """
+    n, c, h, w = x.shape
+    v = x.permute(0, 2, 3, 1)
+    return torch.stack([v] * m, dim=-1).reshape(n, h, w, c * m).permute(0, 3, 1, 2)
+
+
 class FusedConv(nn.Module):
     """conv (+bias) -> optional SE gate -> optional GELU, with the GELU fused into the conv on oneDNN."""
 
@@ -72,9 +85,20 @@ class FusedConv(nn.Module):
         self.se = se
         self.onednn = True
         self.pointwise = self.weight.shape[-2:] == (1, 1) and groups == 1
+        # a grouped conv with one input and m > 1 outputs per group (the 7x7 stride-2 downsamplers,
+        # the 3x3 expansion before the head): on CPUs it runs as a depthwise conv over the input with
+        # each channel repeated m times, the same products and sums (see `_repeat_channels`)
+        out_ch = self.weight.shape[0]
+        self.multiplier = out_ch // groups if groups > 1 and self.weight.shape[1] == 1 and out_ch % groups == 0 else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fuse_act = self.gelu and self.se is None
+        if self.multiplier > 1 and _use_onednn(x, self.onednn) and x.is_contiguous(memory_format=torch.channels_last):
+            y = F.conv2d(_repeat_channels(x, self.multiplier), self.weight, self.bias, self.stride, self.padding, 1,
+                         self.groups * self.multiplier)
+            if self.se is not None:
+                y = self.se(y)
+            return F.gelu(y) if self.gelu else y
         # oneDNN's post-op kernels are fast for dense 1x1 convs; for depthwise and grouped
         # k x k convs they are several times slower than the plain conv (profiled at 1024 px)
         if self.pointwise and _use_onednn(x, self.onednn):
