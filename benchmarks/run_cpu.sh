@@ -3,55 +3,57 @@
 #   bash benchmarks/run_cpu.sh            # everything below, one step after the other
 #   bash benchmarks/run_cpu.sh main       # one step: profile | main | fresh | paired | decode | sweep | 1.5b | 7b
 # On a shared machine every timed run first waits (up to QUIET_WAIT s) for the CPUs to go idle;
-# the waits and the load average are recorded in each JSON.
+# the waits and the load average are recorded in each JSON. SUFFIX names another machine's files:
+#   SUFFIX=-intel bash benchmarks/run_cpu.sh main     # writes bench-0.5b-cpu-intel.json (the AMX Xeon's runs)
 set -u -o pipefail
 OUT=${OUT:-benchmarks/results}
 QW=${QUIET_WAIT:-90}
+S=${SUFFIX:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 step() { [ "${1}" = "${WHICH}" ] || [ "${WHICH}" = all ]; }
 WHICH=${1:-all}
 
 # where encoder time goes at 1024 px, per configuration; a 0.5B decode step, torch vs native kernels
-step profile && python benchmarks/profile_encoder.py --decode --repeats 5 --quiet-wait "$QW" --out "$OUT/profile-cpu.json"
+step profile && python benchmarks/profile_encoder.py --decode --repeats 5 --quiet-wait "$QW" --out "$OUT/profile-cpu$S.json"
 # the same encoders with glibc's default allocator settings (what a fresh process without tune_allocator sees)
 step profile && python benchmarks/profile_encoder.py --default-allocator --configs fp32-nchw-eager fp32-fused \
-    bf16-cl-eager bf16-fused --repeats 5 --quiet-wait "$QW" --out "$OUT/profile-cpu-default-allocator.json"
+    bf16-cl-eager bf16-fused --repeats 5 --quiet-wait "$QW" --out "$OUT/profile-cpu-default-allocator$S.json"
 
 # 0.5B at 1024: exact / fast / int8 against transformers in fp32 and bf16 (in this process, and in a fresh
 # process with default settings, as a user running transformers alone sees it), the paper's encoders in bf16,
 # the roofline, and the accuracy of every mode against the fp32 exact path
 step main && fastvlm bench --preset fastvlm-0.5b --dtypes fp32 bf16 --modes exact fast int8 --resolutions 1024 \
-    --repeats 5 --transformers-fresh-process --quiet-wait "$QW" --out "$OUT" --name bench-0.5b-cpu
+    --repeats 5 --transformers-fresh-process --quiet-wait "$QW" --out "$OUT" --name bench-0.5b-cpu"$S"
 
 # only ours (fast) against transformers, in this process and in a fresh one, fp32 and bf16 (quicker than main)
 step fresh && fastvlm bench --preset fastvlm-0.5b --dtypes fp32 bf16 --modes fast --resolutions 1024 --repeats 5 \
     --baselines transformers --transformers-fresh-process --no-accuracy --quiet-wait "$QW" --out "$OUT" \
-    --name bench-0.5b-cpu-fresh
+    --name bench-0.5b-cpu-fresh"$S"
 
 # bf16 fast path against the port, each decode paired with the bandwidth read right before its run
 step paired && fastvlm bench --preset fastvlm-0.5b --dtypes bf16 --modes fast --resolutions 1024 --repeats 7 \
     --baselines transformers --transformers-fresh-process --no-accuracy --quiet-wait "$QW" --out "$OUT" \
-    --name bench-0.5b-cpu-bf16-paired
+    --name bench-0.5b-cpu-bf16-paired"$S"
 
 # one decode step per CPU path (native decode layers / transformers' layers on the same kernels / PyTorch),
 # interleaved, each round against its own bandwidth reading; the machine's memory state decides which of the
 # committed files a run resembles (decode-step-cpu-bf16.json: fast state; -2: slow), so run it twice, apart
-step decode && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-step-cpu-bf16.json" \
-    && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-step-cpu-bf16-2.json" \
-    && python benchmarks/decode_step.py --dtype fp32 --rounds 15 --out "$OUT/decode-step-cpu-fp32.json"
+step decode && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-step-cpu-bf16$S.json" \
+    && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-step-cpu-bf16-2$S.json" \
+    && python benchmarks/decode_step.py --dtype fp32 --rounds 15 --out "$OUT/decode-step-cpu-fp32$S.json"
 # the matrix-vector kernel against variants of it and a plain read (prints; the committed log is two runs)
 step decode && python benchmarks/gemv_variants/run.py --huge-pages
 
 # TTFT against resolution, 256 to 2048 px (every 256; any step of 64 works: --resolutions 256:2048:64)
 step sweep && fastvlm bench --preset fastvlm-0.5b --dtypes bf16 --modes exact fast --resolutions 256:2048:256 \
     --repeats 3 --baselines transformers --baseline-resolutions 512 1024 2048 --no-accuracy \
-    --quiet-wait "$QW" --out "$OUT" --name bench-0.5b-sweep-cpu
+    --quiet-wait "$QW" --out "$OUT" --name bench-0.5b-sweep-cpu"$S"
 
 # the 1.5B architecture (encoder time overtakes prefill near 1024 px in the paper)
 step 1.5b && fastvlm bench --preset fastvlm-1.5b --dtypes bf16 --modes exact fast int8 --resolutions 512 1024 \
-    --repeats 3 --baselines transformers --no-accuracy --quiet-wait "$QW" --out "$OUT" --name bench-1.5b-cpu
+    --repeats 3 --baselines transformers --no-accuracy --quiet-wait "$QW" --out "$OUT" --name bench-1.5b-cpu"$S"
 
 # the 7B architecture (about 15 GB in bf16; skipped with a note when memory is short)
 step 7b && fastvlm bench --preset fastvlm-7b --dtypes bf16 --modes fast --resolutions 1024 --repeats 2 \
-    --new-tokens 4 --baselines none --no-accuracy --quiet-wait "$QW" --out "$OUT" --name bench-7b-cpu
+    --new-tokens 4 --baselines none --no-accuracy --quiet-wait "$QW" --out "$OUT" --name bench-7b-cpu"$S"
 exit 0

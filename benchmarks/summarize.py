@@ -144,6 +144,9 @@ def main() -> int:
         ("bench-7b-cpu.json", "7B architecture, CPU", [main_table]),
         ("bench-0.5b-h100.json", "0.5B architecture, H100", [main_table, sweep_table, accuracy_table, baselines_table]),
     ]
+    # the same runs on a second CPU (SUFFIX=-intel bash benchmarks/run_cpu.sh ...) follow the first's
+    sections += [(n.replace(".json", "-intel.json"), t.replace("CPU", "CPU (Intel Xeon with AMX)"), f)
+                 for n, t, f in sections if "-cpu" in n]
     for name, title, fns in sections:
         r = load(d, name)
         if r is None:
@@ -169,7 +172,7 @@ def main() -> int:
             print(f"| {v} | {row['step_ms_median']:.1f} | {row['tokens_per_s']:.1f} | "
                   f"{100 * row['fraction_of_bound_paired']:.0f}% |")
         print()
-    for name in ("profile-cpu.json", "profile-cpu-default-allocator.json"):
+    for name in ("profile-cpu.json", "profile-cpu-default-allocator.json", "profile-cpu-intel.json"):
         p = load(d, name)
         if p is not None:
             print(f"### Encoder profile (`{name}`, allocator: {p['machine'].get('allocator', 'default')})\n")

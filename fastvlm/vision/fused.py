@@ -93,15 +93,13 @@ class FusedConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fuse_act = self.gelu and self.se is None
-        if self.multiplier > 1 and _use_onednn(x, self.onednn) and x.is_contiguous(memory_format=torch.channels_last):
+        onednn = _use_onednn(x, self.onednn)
+        if self.multiplier > 1 and onednn and x.is_contiguous(memory_format=torch.channels_last):
             y = F.conv2d(_repeat_channels(x, self.multiplier), self.weight, self.bias, self.stride, self.padding, 1,
                          self.groups * self.multiplier)
-            if self.se is not None:
-                y = self.se(y)
-            return F.gelu(y) if self.gelu else y
         # oneDNN's post-op kernels are fast for dense 1x1 convs; for depthwise and grouped
         # k x k convs they are several times slower than the plain conv (profiled at 1024 px)
-        if self.pointwise and _use_onednn(x, self.onednn):
+        elif self.pointwise and onednn:
             y = torch.ops.mkldnn._convolution_pointwise(
                 x, self.weight, self.bias, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups,
                 "gelu" if fuse_act else "none", [None] if fuse_act else [], "none" if fuse_act else "")
