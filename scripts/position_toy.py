@@ -24,8 +24,9 @@ recipe (AdamW, lr 1e-3, 3% warmup then cosine, gradient clipping at 1, batches o
 ``--train``/``--warm-start``/``--test`` name splits in ``--data`` (``X`` is ``--data/X.json``, as written by
 ``scripts/single_question_split.py``). ``--reverse S`` adds, to the training set, split S's one-object
 questions with the object named second ("Is the middle of the image left or right of the A?", answer flipped);
-``--test`` accepts ``S:reversed`` for the same on a test split, and ``S:no-b`` for its pair questions with the
-second object left out of the visual tokens (``--drop-b`` does that to training pairs).
+``--test`` accepts ``S:reversed`` for the same on a test split, and ``S:no-b`` / ``S:no-a`` for its pair questions
+with the second / first object left out of the visual tokens (``--drop-b`` / ``--drop-a`` do that to training
+pairs; together, each pair loses at most one of the two).
 """
 from __future__ import annotations
 
@@ -89,6 +90,20 @@ class IdealTokens:
         return tokens
 
 
+def left_out_object(record: dict, hide_a: float, hide_b: float, rng: random.Random) -> list | None:
+    """The [colour, shape] of the pair question's object to leave out of the tokens, or None: the second object
+    with probability hide_b, else the first with probability hide_a (one draw per pair unless either is 1)."""
+    if record.get("question_type") != "position" or not (hide_a or hide_b):
+        return None
+    u = 0.0 if 1 in (hide_a, hide_b) else rng.random()
+    params = record["qa"][0]["params"]
+    if hide_b and (hide_b == 1 or u < hide_b):
+        return params["b"]
+    if hide_a and (hide_a == 1 or u < hide_b + hide_a):
+        return params["a"]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="folder of one-question splits (scripts/single_question_split.py)")
@@ -100,11 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-steps", type=int, default=0)
     ap.add_argument("--test", action="append", required=True,
                     help="a test split name; NAME:reversed for its one-object questions asked the other way round, "
-                         "NAME:no-b for its pair questions with the second object left out of the tokens")
+                         "NAME:no-b / NAME:no-a for its pair questions with the second / first object left out "
+                         "of the tokens")
     ap.add_argument("--drop-b", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
                     help="leave the second object of this fraction of the training pair questions (alone: all of "
                          "them) out of the visual tokens; the answer then follows from the first object alone for "
                          "most pairs. Test splits keep every object")
+    ap.add_argument("--drop-a", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                    help="the same for the first object (with --drop-b: the fractions of pairs that lose the first "
+                         "or the second object, at most 1 together). With only one of the two shown, the answer "
+                         "flips with which one it is, so the model must tell the two names' roles apart")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -120,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.warm_steps and not args.warm_start:
         ap.error("--warm-steps needs --warm-start")
-    if not 0 <= args.drop_b <= 1:
-        ap.error("--drop-b takes a fraction between 0 and 1")
+    if not (0 <= args.drop_b <= 1 and 0 <= args.drop_a <= 1 and args.drop_a + args.drop_b <= 1):
+        ap.error("--drop-a and --drop-b take fractions between 0 and 1, at most 1 together")
 
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
@@ -134,27 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     def split(name: str) -> list[dict]:
         base, _, how = name.partition(":")
         records = json.loads((Path(args.data) / f"{base}.json").read_text())
-        if how not in ("", "reversed", "no-b"):
+        if how not in ("", "reversed", "no-b", "no-a"):
             raise SystemExit(f"unknown split modifier {how!r} in {name!r}")
         return [reversed_record(r) for r in records] if how == "reversed" else records
 
     hide_rng = random.Random(f"drop-b/{args.seed}")
 
-    def encode(records: list[dict], hide_b: float = 0.0) -> list[tuple]:
+    def encode(records: list[dict], hide_b: float = 0.0, hide_a: float = 0.0) -> list[tuple]:
         out = []
         for r in records:
             turns = [("user" if t["from"] == "human" else "assistant", t["value"]) for t in r["conversations"]]
             tc = tokenize_conversation(turns, tok, n_img, args.system_prompt)
-            leave_out = None
-            if r.get("question_type") == "position" and hide_b and (hide_b == 1 or hide_rng.random() < hide_b):
-                leave_out = r["qa"][0]["params"]["b"]
+            leave_out = left_out_object(r, hide_a, hide_b, hide_rng)
             out.append((torch.tensor(tc.input_ids), torch.tensor(tc.labels), ideal(r["scene"], leave_out)))
         return out
 
     train = encode([r for s in args.train for r in split(s)] + [r for s in args.reverse for r in split(f"{s}:reversed")],
-                   hide_b=args.drop_b)
-    warm = encode(split(args.warm_start), hide_b=args.drop_b) if args.warm_start else None
-    tests = {name: encode(split(name), hide_b=1.0 if name.endswith(":no-b") else 0.0) for name in args.test}
+                   hide_b=args.drop_b, hide_a=args.drop_a)
+    warm = encode(split(args.warm_start), hide_b=args.drop_b, hide_a=args.drop_a) if args.warm_start else None
+    tests = {name: encode(split(name), hide_b=float(name.endswith(":no-b")), hide_a=float(name.endswith(":no-a")))
+             for name in args.test}
     print(f"train {len(train)}, warm start {len(warm or [])}, tests {({k: len(v) for k, v in tests.items()})}",
           flush=True)
 

@@ -231,6 +231,18 @@ def test_position_toy_ideal_tokens(toy, split):
     assert changed == [int(first["center"][1] * 4 // size) * 4 + int(first["center"][0] * 4 // size)]
 
 
+def test_position_toy_left_out_object(toy):
+    pair = {"question_type": "position", "qa": [{"params": {"a": ["red", "circle"], "b": ["blue", "square"]}}]}
+    rng = random.Random(0)
+    assert toy.left_out_object(pair, 1.0, 0.0, rng) == ["red", "circle"]
+    assert toy.left_out_object(pair, 0.0, 1.0, rng) == ["blue", "square"]
+    assert toy.left_out_object(pair, 0.0, 0.0, rng) is None
+    assert toy.left_out_object({"question_type": "half"}, 1.0, 0.0, rng) is None
+    picks = Counter(str(toy.left_out_object(pair, 0.3, 0.5, rng)) for _ in range(4000))
+    assert abs(picks[str(["blue", "square"])] / 4000 - 0.5) < 0.03
+    assert abs(picks[str(["red", "circle"])] / 4000 - 0.3) < 0.03 and abs(picks["None"] / 4000 - 0.2) < 0.03
+
+
 def test_position_toy_trains_and_reports(toy, sqs, split, tmp_path):
     from helpers import small_tokenizer
 
@@ -243,15 +255,16 @@ def test_position_toy_trains_and_reports(toy, sqs, split, tmp_path):
     out = tmp_path / "toy.json"
     assert toy.main(["--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--train", "position",
                      "--warm-start", "half", "--warm-steps", "1", "--reverse", "half", "--test", "position",
-                     "--test", "half:reversed", "--test", "position:no-b", "--drop-b", "0.5", "--steps", "3",
+                     "--test", "half:reversed", "--test", "position:no-b", "--test", "position:no-a",
+                     "--drop-b", "0.5", "--drop-a", "0.5", "--steps", "3",
                      "--eval-every", "2", "--batch-size", "4", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [h["step"] for h in report["history"]] == [2, 3]
     for h in report["history"]:
-        assert set(h["accuracy"]) == {"position", "half:reversed", "position:no-b"}
+        assert set(h["accuracy"]) == {"position", "half:reversed", "position:no-b", "position:no-a"}
         assert all(0 <= a <= 1 for a in h["accuracy"].values()) and math.isfinite(h["train_loss_ema"])
     assert report["args"]["warm_steps"] == 1
-    for bad in (["--warm-steps", "2"], ["--drop-b", "1.5"]):
+    for bad in (["--warm-steps", "2"], ["--drop-b", "1.5"], ["--drop-a", "0.6", "--drop-b", "0.6"]):
         with pytest.raises(SystemExit):
             toy.main(["--data", str(data), "--tokenizer", "x", "--train", "position", "--test", "position",
                       "--out", str(out), *bad])

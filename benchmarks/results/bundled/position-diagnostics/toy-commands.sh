@@ -2,7 +2,8 @@
 # Position questions on ideal visual tokens (scripts/position_toy.py): the bundled LM's shape, no encoder.
 # Needs the one-question splits of commands.sh (its first block) in $O. Two lanes side by side, one thread each,
 # on the 2-core AMD EPYC; each run writes toy-NAME.json (arguments and the accuracy history) here.
-# `bash toy-commands.sh 1` runs the first round, `2` the second (longer runs), no argument both.
+# `bash toy-commands.sh 1` runs the first round, `2` the second (longer runs), `3` the third (on the 2-core
+# Intel Xeon of session 10; the toy's runs are deterministic on one thread), no argument all three.
 set -euo pipefail
 ROUND=${1:-all}
 D=${D:-runs/bundled/data}; O=${O:-runs/position-diagnostics}
@@ -11,7 +12,7 @@ toy() {  # NAME [arguments]
   OMP_NUM_THREADS=1 python scripts/position_toy.py --data "$O" --tokenizer "$D/tokenizer" --out "$R/toy-$1.json" \
     "${@:2}" > "$R/toy-$1.log" 2>&1
 }
-if [ "$ROUND" != 2 ]; then
+if [ "$ROUND" = all ] || [ "$ROUND" = 1 ]; then
 (
   toy pairs --train pos_train --test pos_test --steps 800                       # the pair questions alone
   toy pairs-no-b --train pos_train --test pos_test:no-b --test pos_test --steps 400 --drop-b  # ... with the
@@ -27,7 +28,7 @@ if [ "$ROUND" != 2 ]; then
 ) &
 wait
 fi
-if [ "$ROUND" != 1 ]; then
+if [ "$ROUND" = all ] || [ "$ROUND" = 2 ]; then
 (
   toy half-then-all-3000 --warm-start half_train --warm-steps 200 --train pos_train --train half_train \
     --reverse half_train --steps 3000 --eval-every 250 --test pos_test --test half_test --test half_test:reversed
@@ -39,4 +40,17 @@ if [ "$ROUND" != 1 ]; then
   toy pairs-half-no-b --train pos_train --drop-b 0.5 --test pos_test --test pos_test:no-b --steps 1000
 ) &
 wait
+fi
+if [ "$ROUND" = all ] || [ "$ROUND" = 3 ]; then
+  # every position question of the test split, the asked ones (pos_test) and those of second turns
+  [ -f "$O/pos_testall.json" ] || python scripts/single_question_split.py --data "$D/test.json" \
+    --out "$O/pos_testall.json" --kind position
+  # one of the two objects hidden in each training pair, the first or the second at random (80% of the pairs in
+  # the second run; 20% keep both): the answer then follows from the shown object, with a sign that flips with
+  # whether it was named first or second, so any signal needs the two names' roles told apart
+  for F in 50 40; do
+    toy pairs-drop-a$F-b$F --train pos_train --drop-a 0.$F --drop-b 0.$F --test pos_test --test pos_testall \
+      --test pos_testall:no-a --test pos_testall:no-b --steps 800 &
+  done
+  wait
 fi
