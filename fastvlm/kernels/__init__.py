@@ -54,10 +54,11 @@ def default_prefetch_bytes() -> int:
 
     On the 2-core AMD EPYC (Zen 4) software prefetch lowered the kernel's read rate on one 545 MB
     matrix (30.8-36.9 against 32.5-41.2 GB/s without; benchmarks/results/gemv-variants-cpu.log).
-    On the 2-core Intel Xeon with AMX it raised it, and most at 1 KB ahead on the 0.5B LLM's own
-    matrices: a decode step took 47.7 ms at 1 KB, 48.4 at 512 B, 51.1 at 2 KB, 55.6 without and
-    61.6 at 4 KB, interleaved in one run (benchmarks/results/decode-step-cpu-bf16-intel.json).
-    So Intel CPUs get 1 KB and others none. FASTVLM_GEMV_PREFETCH=BYTES overrides (0 turns it off).
+    On the 2-core Intel Xeon with AMX it raised it: 27.6 GB/s at 1 KB ahead against 21.9 without on
+    that matrix (gemv-variants-cpu-intel.log), and a 0.5B bf16 decode step took 53.0 ms at 1 KB,
+    58.3 ms without and 63.0 ms at 4 KB, interleaved in one run with the order rotated every round
+    (decode-step-cpu-bf16-intel.json). So Intel CPUs get 1 KB and others none.
+    FASTVLM_GEMV_PREFETCH=BYTES overrides (0 turns it off).
     """
     env = os.environ.get("FASTVLM_GEMV_PREFETCH", "").strip()
     if env:

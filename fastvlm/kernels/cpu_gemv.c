@@ -34,7 +34,7 @@ static inline float bf16_to_f32(uint16_t h) {
  *
  * Optional software prefetch, `prefetch_bytes` ahead in the weight stream (0: none). Whether it
  * pays depends on the CPU: on the 2-core Zen 4 it cost 10-20% of the read rate, on the 2-core
- * AMX Xeon 1 KB ahead took a 0.5B decode step from 55.6 to 47.7 ms (see default_prefetch_bytes).
+ * AMX Xeon 1 KB ahead took a 0.5B decode step from 58.3 to 53.0 ms (see default_prefetch_bytes).
  * fastvlm/kernels/__init__.py picks the distance per CPU vendor; FASTVLM_GEMV_PREFETCH overrides. */
 static int64_t prefetch_bytes = 0;
 

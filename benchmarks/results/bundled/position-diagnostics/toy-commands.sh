@@ -2,8 +2,8 @@
 # Position questions on ideal visual tokens (scripts/position_toy.py): the bundled LM's shape, no encoder.
 # Needs the one-question splits of commands.sh (its first block) in $O. Two lanes side by side, one thread each,
 # on the 2-core AMD EPYC; each run writes toy-NAME.json (arguments and the accuracy history) here.
-# `bash toy-commands.sh 1` runs the first round, `2` the second (longer runs), `3` the third (on the 2-core
-# Intel Xeon of session 10; the toy's runs are deterministic on one thread), no argument all three.
+# `bash toy-commands.sh 1` runs the first round, `2` the second (longer runs), `3` and `4` the third and fourth
+# (on the 2-core Intel Xeon of session 10; the toy's runs are deterministic on one thread), no argument all.
 set -euo pipefail
 ROUND=${1:-all}
 D=${D:-runs/bundled/data}; O=${O:-runs/position-diagnostics}
@@ -52,5 +52,13 @@ if [ "$ROUND" = all ] || [ "$ROUND" = 3 ]; then
     toy pairs-drop-a$F-b$F --train pos_train --drop-a 0.$F --drop-b 0.$F --test pos_test --test pos_testall \
       --test pos_testall:no-a --test pos_testall:no-b --steps 800 &
   done
+  wait
+fi
+if [ "$ROUND" = all ] || [ "$ROUND" = 4 ]; then
+  # ten times the steps of round 1 (the pairs alone: 68 passes over the 12,184 training pairs), and the
+  # curriculum of half-then-all-3000 for 8,000 steps
+  toy pairs-8000 --train pos_train --test pos_test --steps 8000 --eval-every 500 &
+  toy half-then-all-8000 --warm-start half_train --warm-steps 200 --train pos_train --train half_train \
+    --reverse half_train --steps 8000 --eval-every 500 --test pos_test --test half_test --test half_test:reversed &
   wait
 fi
