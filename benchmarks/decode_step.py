@@ -4,9 +4,9 @@
   python benchmarks/decode_step.py                  # 0.5B, bf16, writes benchmarks/results/decode-step-cpu-bf16.json
 
 Each round times one step of every variant back to back, in an order rotated every round (each
-variant keeps its own KV cache, so all see the same context length), plus one pass of every weight matrix through the native
-matrix-vector kernel alone (the floor for any path that reads the weights once), plus the
-memory read bandwidth. Variants:
+variant keeps its own KV cache, so all see the same context length), plus one pass of every
+weight matrix through the native matrix-vector kernel alone (the floor for any path that reads
+the weights once), plus the memory read bandwidth. Variants:
   lean        the fast path: native matrix-vector kernels and, in bf16, Qwen2 decode steps as
               three native calls per layer (fastvlm.kernels.decode_layer)
   modules     transformers' decoder layers around the same native kernels (the fast path before

@@ -69,7 +69,7 @@ def run(config: str, resolution: int, rounds: int) -> dict:
             row = {"input": list(xi.shape), "weight": list(m.weight.shape), "stride": m.stride, "groups": m.groups}
             for on in (False, True):
                 rewrite(on)
-                row["depthwise_on_repeated_ms" if on else "grouped_ms"] = round(_median_ms(lambda: m(xi), 7), 3)
+                row["depthwise_on_repeated_ms" if on else "grouped_ms"] = round(_median_ms(lambda m=m, xi=xi: m(xi), 7), 3)
             per_conv.append(row)
         walls = {"grouped": [], "depthwise_on_repeated": []}
         for r in range(rounds):
