@@ -197,8 +197,13 @@ def test_full_size_blocks_fuse_exactly():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("multiplier,kernel,stride", [(2, 7, 2), (3, 3, 1)])
-def test_grouped_conv_runs_as_depthwise_on_repeated_channels(dtype, multiplier, kernel, stride):
+def test_grouped_conv_runs_as_depthwise_on_repeated_channels(dtype, multiplier, kernel, stride, monkeypatch):
+    from fastvlm.vision import fused
     from fastvlm.vision.fused import FusedConv
+
+    calls = []
+    real = fused._repeat_channels
+    monkeypatch.setattr(fused, "_repeat_channels", lambda x, m: calls.append(m) or real(x, m))
 
     g = torch.Generator().manual_seed(4)
     groups = 12
@@ -212,6 +217,7 @@ def test_grouped_conv_runs_as_depthwise_on_repeated_channels(dtype, multiplier, 
         ref = torch.nn.functional.gelu(torch.nn.functional.conv2d(x, w, b, stride, kernel // 2, 1, groups))
         exact = torch.nn.functional.gelu(torch.nn.functional.conv2d(x.double(), w.double(), b.double(), stride,
                                                                     kernel // 2, 1, groups))
+    assert calls == [multiplier]  # the rewrite ran
     assert got.shape == ref.shape and got.dtype == dtype
     assert got.is_contiguous(memory_format=torch.channels_last)
     if dtype == torch.float32:
@@ -221,6 +227,9 @@ def test_grouped_conv_runs_as_depthwise_on_repeated_channels(dtype, multiplier, 
     # NCHW inputs and autograd keep the grouped conv
     with torch.no_grad():
         assert rel_diff(conv(x.contiguous()), ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+    xg = x.detach().clone().requires_grad_(True)
+    conv(xg).float().sum().backward()
+    assert calls == [multiplier] and xg.grad is not None
 
 
 # ------------------------------------------------------------------------------------ decode kernels
