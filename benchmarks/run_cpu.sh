@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU benchmark behind benchmarks/results/README.md (run from the repository root).
 #   bash benchmarks/run_cpu.sh            # everything below, one step after the other
-#   bash benchmarks/run_cpu.sh main       # one step: profile | main | fresh | paired | decode | sweep | 1.5b | 7b
+#   bash benchmarks/run_cpu.sh main       # one step: profile | grouped | main | fresh | paired | decode | prefetch |
+#                                         #   sweep | 1.5b | 7b
 # On a shared machine every timed run first waits (up to QUIET_WAIT s) for the CPUs to go idle;
 # the waits and the load average are recorded in each JSON. SUFFIX names another machine's files:
 #   SUFFIX=-intel bash benchmarks/run_cpu.sh main     # writes bench-0.5b-cpu-intel.json (the AMX Xeon's runs)
@@ -18,6 +19,9 @@ step profile && python benchmarks/profile_encoder.py --decode --repeats 5 --quie
 # the same encoders with glibc's default allocator settings (what a fresh process without tune_allocator sees)
 step profile && python benchmarks/profile_encoder.py --default-allocator --configs fp32-nchw-eager fp32-fused \
     bf16-cl-eager bf16-fused --repeats 5 --quiet-wait "$QW" --out "$OUT/profile-cpu-default-allocator$S.json"
+
+# the fused encoder's grouped convs: oneDNN's grouped kernel against depthwise convs on repeated channels
+step grouped && python benchmarks/grouped_conv_ab.py --rounds 8 --out "$OUT/grouped-conv-ab-cpu$S.json"
 
 # 0.5B at 1024: exact / fast / int8 against transformers in fp32 and bf16 (in this process, and in a fresh
 # process with default settings, as a user running transformers alone sees it), the paper's encoders in bf16,
@@ -43,6 +47,13 @@ step decode && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-s
     && python benchmarks/decode_step.py --dtype fp32 --rounds 15 --out "$OUT/decode-step-cpu-fp32$S.json"
 # the matrix-vector kernel against variants of it and a plain read (prints; the committed log is two runs)
 step decode && python benchmarks/gemv_variants/run.py --huge-pages
+
+# the decode kernel's software prefetch: the lean path at 0 / 1 / 4 KB ahead, interleaved, and the kernel at
+# several distances on one 545 MB matrix (fastvlm.kernels.default_prefetch_bytes is chosen from these)
+step prefetch && python benchmarks/decode_step.py --rounds 12 --prefetch 0 1024 4096 \
+    --out "$OUT/decode-step-cpu-bf16-prefetch$S.json"
+step prefetch && { echo "# python benchmarks/gemv_variants/run.py --rounds 8"; \
+    python benchmarks/gemv_variants/run.py --rounds 8; } > "$OUT/gemv-variants-cpu-prefetch$S.log" 2>&1
 
 # TTFT against resolution, 256 to 2048 px (every 256; any step of 64 works: --resolutions 256:2048:64)
 step sweep && fastvlm bench --preset fastvlm-0.5b --dtypes bf16 --modes exact fast --resolutions 256:2048:256 \

@@ -172,7 +172,8 @@ def main() -> int:
             print(f"| {v} | {row['step_ms_median']:.1f} | {row['tokens_per_s']:.1f} | "
                   f"{100 * row['fraction_of_bound_paired']:.0f}% |")
         print()
-    for name in ("profile-cpu.json", "profile-cpu-default-allocator.json", "profile-cpu-intel.json"):
+    for name in ("profile-cpu.json", "profile-cpu-default-allocator.json", "profile-cpu-intel.json",
+                 "profile-cpu-default-allocator-intel.json"):
         p = load(d, name)
         if p is not None:
             print(f"### Encoder profile (`{name}`, allocator: {p['machine'].get('allocator', 'default')})\n")

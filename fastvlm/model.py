@@ -74,12 +74,10 @@ def default_device() -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 beats fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    from .kernels import cpuinfo_field
+
+    flags = set(cpuinfo_field("flags").split())
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 _DTYPES = {

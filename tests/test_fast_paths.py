@@ -279,6 +279,20 @@ def test_decode_kernel_matches_linear(dtype, shape):
     assert rel_diff(kernels.gemv(x, w), torch.nn.functional.linear(x.double(), w.double())) < tol
 
 
+def test_cpuinfo_field_and_prefetch_default_per_vendor(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nvendor_id\t: GenuineIntel\n")
+    assert kernels.cpuinfo_field("vendor_id", str(info)) == "AuthenticAMD"  # the first CPU's line
+    assert kernels.cpuinfo_field("flags", str(info)).split() == ["fpu", "avx512f", "avx512_bf16"]
+    assert kernels.cpuinfo_field("model name", str(info)) == ""
+    assert kernels.cpuinfo_field("flags", str(tmp_path / "missing")) == ""
+    monkeypatch.delenv("FASTVLM_GEMV_PREFETCH", raising=False)
+    for vendor, want in (("GenuineIntel", 1024), ("AuthenticAMD", 0), ("", 0)):
+        monkeypatch.setattr(kernels, "cpuinfo_field", lambda name, v=vendor: v if name == "vendor_id" else "")
+        assert kernels.default_prefetch_bytes() == want
+
+
 def test_decode_linear_swap_keeps_state_and_falls_back():
     lin = nn.Linear(40, 24)
     sd = {k: v.clone() for k, v in lin.state_dict().items()}

@@ -34,9 +34,10 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _cpuinfo_field(name: str) -> str:
+def cpuinfo_field(name: str, path: str = "/proc/cpuinfo") -> str:
+    """The value of the first `name : value` line of /proc/cpuinfo ("" where there is none, or no such file)."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.split(":", 1)[0].strip() == name:
                     return line.split(":", 1)[1].strip()
@@ -46,7 +47,7 @@ def _cpuinfo_field(name: str) -> str:
 
 
 def _cpu_flags() -> set[str]:
-    return set(_cpuinfo_field("flags").split())
+    return set(cpuinfo_field("flags").split())
 
 
 def default_prefetch_bytes() -> int:
@@ -54,10 +55,11 @@ def default_prefetch_bytes() -> int:
 
     On the 2-core AMD EPYC (Zen 4) software prefetch lowered the kernel's read rate on one 545 MB
     matrix (30.8-36.9 against 32.5-41.2 GB/s without; benchmarks/results/gemv-variants-cpu.log).
-    On the 2-core Intel Xeon with AMX it raised it: 27.6 GB/s at 1 KB ahead against 21.9 without on
-    that matrix (gemv-variants-cpu-intel.log), and a 0.5B bf16 decode step took 53.0 ms at 1 KB,
-    58.3 ms without and 63.0 ms at 4 KB, interleaved in one run with the order rotated every round
-    (decode-step-cpu-bf16-intel.json). So Intel CPUs get 1 KB and others none.
+    On the 2-core Intel Xeon with AMX it raised it: 26.3 GB/s at 1 KB ahead against 21.1 without on
+    that matrix (gemv-variants-cpu-prefetch-intel.log), and a 0.5B bf16 decode step took 44.2 ms at
+    1 KB, 52.6 ms without and 56.5 ms at 4 KB, interleaved in one run with the order rotated every
+    round (decode-step-cpu-bf16-prefetch-intel.json; both from `bash benchmarks/run_cpu.sh prefetch`).
+    So Intel CPUs get 1 KB and others none.
     FASTVLM_GEMV_PREFETCH=BYTES overrides (0 turns it off).
     """
     env = os.environ.get("FASTVLM_GEMV_PREFETCH", "").strip()
@@ -66,7 +68,7 @@ def default_prefetch_bytes() -> int:
             return max(0, int(env))
         except ValueError:
             raise ValueError(f"FASTVLM_GEMV_PREFETCH must be a whole number of bytes, got {env!r}") from None
-    return 1024 if _cpuinfo_field("vendor_id") == "GenuineIntel" else 0
+    return 1024 if cpuinfo_field("vendor_id") == "GenuineIntel" else 0
 
 
 def _compiler() -> Optional[str]:

@@ -34,7 +34,7 @@ static inline float bf16_to_f32(uint16_t h) {
  *
  * Optional software prefetch, `prefetch_bytes` ahead in the weight stream (0: none). Whether it
  * pays depends on the CPU: on the 2-core Zen 4 it cost 10-20% of the read rate, on the 2-core
- * AMX Xeon 1 KB ahead took a 0.5B decode step from 58.3 to 53.0 ms (see default_prefetch_bytes).
+ * AMX Xeon 1 KB ahead took a 0.5B decode step from 52.6 to 44.2 ms (see default_prefetch_bytes).
  * fastvlm/kernels/__init__.py picks the distance per CPU vendor; FASTVLM_GEMV_PREFETCH overrides. */
 static int64_t prefetch_bytes = 0;
 
@@ -46,25 +46,22 @@ static inline float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t I) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t i = 0;
+/* 128 products into the four accumulators */
+#define DOT128(i) do { \
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + (i)), (__m512bh)_mm512_loadu_si512(x + (i))); \
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + (i) + 32), (__m512bh)_mm512_loadu_si512(x + (i) + 32)); \
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + (i) + 64), (__m512bh)_mm512_loadu_si512(x + (i) + 64)); \
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + (i) + 96), (__m512bh)_mm512_loadu_si512(x + (i) + 96)); \
+    } while (0)
     if (prefetch_bytes) {  /* the same loop with the next lines of this stream requested early */
         const char *p = (const char *)w + prefetch_bytes;
         for (; i + 128 <= I; i += 128) {
-            _mm_prefetch(p + 2 * i, _MM_HINT_T0);
-            _mm_prefetch(p + 2 * i + 64, _MM_HINT_T0);
-            _mm_prefetch(p + 2 * i + 128, _MM_HINT_T0);
-            _mm_prefetch(p + 2 * i + 192, _MM_HINT_T0);
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
-            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + i + 64), (__m512bh)_mm512_loadu_si512(x + i + 64));
-            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + i + 96), (__m512bh)_mm512_loadu_si512(x + i + 96));
+            for (int line = 0; line < 256; line += 64) _mm_prefetch(p + 2 * i + line, _MM_HINT_T0);
+            DOT128(i);
         }
     }
-    for (; i + 128 <= I; i += 128) {
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
-        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + i + 64), (__m512bh)_mm512_loadu_si512(x + i + 64));
-        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + i + 96), (__m512bh)_mm512_loadu_si512(x + i + 96));
-    }
+    for (; i + 128 <= I; i += 128) DOT128(i);
+#undef DOT128
     for (; i + 32 <= I; i += 32)
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
     if (i < I) {

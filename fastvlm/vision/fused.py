@@ -63,9 +63,9 @@ def _repeat_channels(x: torch.Tensor, m: int) -> torch.Tensor:
     """[N, C, H, W] channels-last -> [N, C*m, H, W] channels-last, channel c at c*m ... c*m+m-1.
 
     oneDNN has fast kernels for depthwise convs (one input and one output per group) but not for
-    groups with several outputs each: at 1024 px FastViTHD's five such convs took 46 ms as grouped
+    groups with several outputs each: at 1024 px FastViTHD's five such convs took 45 ms as grouped
     convs and 14 ms as depthwise convs on repeated inputs, copies included (bf16, 2-core AMX Xeon;
-    benchmarks/grouped_conv_ab.py). One copy of the NHWC view, stacked along a new last dim.
+    benchmarks/results/grouped-conv-ab-cpu-intel.json). One copy of the NHWC view, stacked along a new last dim.
     """
     n, c, h, w = x.shape
     v = x.permute(0, 2, 3, 1)
