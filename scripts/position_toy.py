@@ -26,7 +26,9 @@ recipe (AdamW, lr 1e-3, 3% warmup then cosine, gradient clipping at 1, batches o
 questions with the object named second ("Is the middle of the image left or right of the A?", answer flipped);
 ``--test`` accepts ``S:reversed`` for the same on a test split, and ``S:no-b`` / ``S:no-a`` for its pair questions
 with the second / first object left out of the visual tokens (``--drop-b`` / ``--drop-a`` do that to training
-pairs; together, each pair loses at most one of the two).
+pairs; together, each pair loses at most one of the two). ``--pairs-from FILE`` adds every answerable pair question
+about FILE's scenes (both orders, both axes; `all_pair_records`) to the training set, and ``--image-last`` puts the
+visual tokens after the question instead of before it.
 """
 from __future__ import annotations
 
@@ -43,10 +45,48 @@ import torch
 from torch import nn
 
 from fastvlm.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from fastvlm.data.synth import COLORS, OPPOSITE, SHAPES
+from fastvlm.data.synth import (
+    COLORS,
+    OPPOSITE,
+    SHAPES,
+    SynthDataError,
+    _unique,
+    derive_answer,
+)
 from fastvlm.train.collate import tokenize_conversation
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from add_relation_turns import PAIR_TEMPLATES
+
 RELATIONS = ("left or right of", "above or below")
+
+
+def all_pair_records(records: list[dict]) -> list[dict]:
+    """Every answerable pair question about each record's scene: all ordered pairs of objects that are unique by
+    colour and shape, on both axes, where the two are separated by the clear margin (``derive_answer`` decides)."""
+    out = []
+    for r in records:
+        scene = r["scene"]
+        objs = scene["objects"]
+        uniq = [o for o in objs if _unique(objs, color=o["color"], shape=o["shape"])]
+        for a in uniq:
+            for b in uniq:
+                if b is a:
+                    continue
+                for axis in ("x", "y"):
+                    params = {"a": [a["color"], a["shape"]], "b": [b["color"], b["shape"]], "axis": axis}
+                    try:
+                        answer = derive_answer(scene, "position", params)
+                    except SynthDataError:
+                        continue
+                    q = PAIR_TEMPLATES[axis].format(a=" ".join(params["a"]), b=" ".join(params["b"]))
+                    out.append({"id": f"{r['id']}-{'-'.join(params['a'] + params['b'])}-{axis}", "scene": scene,
+                                "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                                  {"from": "gpt", "value": answer}],
+                                "answer": answer, "question_type": "position",
+                                "qa": [{"question_type": "position", "question": q, "answer": answer,
+                                        "params": params}]})
+    return out
 
 
 def reversed_record(record: dict) -> dict:
@@ -111,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", action="append", required=True, help="a training split name (repeatable)")
     ap.add_argument("--reverse", action="append", default=[],
                     help="also train on this one-object split's questions with the object named second")
+    ap.add_argument("--pairs-from", default=None, metavar="SPLIT_JSON",
+                    help="also train on every answerable pair question about this LLaVA split's scenes (all ordered "
+                         "pairs, both axes): many more distinct pairs than the one-question splits hold")
     ap.add_argument("--warm-start", default=None, help="a split trained on alone for the first --warm-steps")
     ap.add_argument("--warm-steps", type=int, default=0)
     ap.add_argument("--test", action="append", required=True,
@@ -125,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="the same for the first object (with --drop-b: the fractions of pairs that lose the first "
                          "or the second object, at most 1 together). With only one of the two shown, the answer "
                          "flips with which one it is, so the model must tell the two names' roles apart")
+    ap.add_argument("--image-last", action="store_true",
+                    help="put the visual tokens after the question text (\"Q?\\n<image>\"), train and test, not before it "
+                         "as the synthetic data and the reference's preprocessing do: a diagnostic of the causal order")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--kv-heads", type=int, default=1)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--init-std", type=float, default=0.02, help="the LM's initializer_range (Qwen2's 0.02)")
     ap.add_argument("--grid", type=int, default=4)
     ap.add_argument("--system-prompt", default=None, help="default: none (shorter sequences)")
@@ -160,17 +207,33 @@ def main(argv: list[str] | None = None) -> int:
 
     hide_rng = random.Random(f"drop-b/{args.seed}")
 
+    text_cache: dict = {}  # (question, answer) texts -> token ids and labels
+    token_cache: dict = {}  # scene (as JSON) -> its ideal tokens, when no object is left out
+
     def encode(records: list[dict], hide_b: float = 0.0, hide_a: float = 0.0) -> list[tuple]:
         out = []
         for r in records:
-            turns = [("user" if t["from"] == "human" else "assistant", t["value"]) for t in r["conversations"]]
-            tc = tokenize_conversation(turns, tok, n_img, args.system_prompt)
+            turns = tuple(("user" if t["from"] == "human" else "assistant", t["value"]) for t in r["conversations"])
+            if args.image_last and turns[0][1].startswith("<image>\n"):
+                turns = (("user", turns[0][1][len("<image>\n"):] + "\n<image>"),) + turns[1:]
+            if turns not in text_cache:
+                tc = tokenize_conversation(list(turns), tok, n_img, args.system_prompt)
+                text_cache[turns] = (torch.tensor(tc.input_ids), torch.tensor(tc.labels))
             leave_out = left_out_object(r, hide_a, hide_b, hide_rng)
-            out.append((torch.tensor(tc.input_ids), torch.tensor(tc.labels), ideal(r["scene"], leave_out)))
+            if leave_out is None:
+                key = json.dumps(r["scene"], sort_keys=True)
+                if key not in token_cache:
+                    token_cache[key] = ideal(r["scene"])
+                tokens = token_cache[key]
+            else:
+                tokens = ideal(r["scene"], leave_out)
+            out.append((*text_cache[turns], tokens))
         return out
 
-    train = encode([r for s in args.train for r in split(s)] + [r for s in args.reverse for r in split(f"{s}:reversed")],
-                   hide_b=args.drop_b, hide_a=args.drop_a)
+    pool = [r for s in args.train for r in split(s)] + [r for s in args.reverse for r in split(f"{s}:reversed")]
+    if args.pairs_from:
+        pool += all_pair_records(json.loads(Path(args.pairs_from).read_text()))
+    train = encode(pool, hide_b=args.drop_b, hide_a=args.drop_a)
     warm = encode(split(args.warm_start), hide_b=args.drop_b, hide_a=args.drop_a) if args.warm_start else None
     tests = {name: encode(split(name), hide_b=float(name.endswith(":no-b")), hide_a=float(name.endswith(":no-a")))
              for name in args.test}
@@ -184,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = Qwen2ForCausalLM(cfg)
     proj = nn.Sequential(nn.Linear(64, 192), nn.GELU(), nn.Linear(192, 192))
     params = list(lm.parameters()) + list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(1, int(0.03 * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))

@@ -243,6 +243,36 @@ def test_position_toy_left_out_object(toy):
     assert abs(picks[str(["red", "circle"])] / 4000 - 0.3) < 0.03 and abs(picks["None"] / 4000 - 0.2) < 0.03
 
 
+def test_position_toy_all_pairs(toy, split):
+    records = load_split(split / "train.json")
+    pairs = toy.all_pair_records(records)
+    assert pairs
+    by_scene = Counter()
+    for p in pairs:
+        params = p["qa"][0]["params"]
+        # every answer follows from the scene, and the record asks it in the test's own words
+        assert p["answer"] == p["conversations"][1]["value"] == derive_answer(p["scene"], "position", params)
+        rel = "left or right of" if params["axis"] == "x" else "above or below"
+        assert p["conversations"][0]["value"] == f"<image>\nIs the {' '.join(params['a'])} {rel} the {' '.join(params['b'])}?"
+        by_scene[p["id"].split("-")[1]] += 1
+    keys = {(p["id"].split("-")[1], tuple(p["qa"][0]["params"]["a"]), tuple(p["qa"][0]["params"]["b"]),
+             p["qa"][0]["params"]["axis"]): p["answer"] for p in pairs}
+    flip = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    for (rid, a, b, axis), answer in keys.items():  # both orders of every pair, with the answer flipped
+        assert keys[(rid, b, a, axis)] == flip[answer]
+    # every pair question the split itself asks is among them, and no scene gives more than its ordered pairs allow
+    asked = 0
+    for r in records:
+        rid, n = r["id"].split("-")[1], len(r["scene"]["objects"])
+        assert by_scene[rid] <= 2 * n * (n - 1)
+        for q in r["qa"]:
+            if q["question_type"] == "position":
+                p = q["params"]
+                assert keys[(rid, tuple(p["a"]), tuple(p["b"]), p["axis"])] == q["answer"]
+                asked += 1
+    assert asked and len(pairs) > asked
+
+
 def test_position_toy_trains_and_reports(toy, sqs, split, tmp_path):
     from helpers import small_tokenizer
 
@@ -264,6 +294,11 @@ def test_position_toy_trains_and_reports(toy, sqs, split, tmp_path):
         assert set(h["accuracy"]) == {"position", "half:reversed", "position:no-b", "position:no-a"}
         assert all(0 <= a <= 1 for a in h["accuracy"].values()) and math.isfinite(h["train_loss_ema"])
     assert report["args"]["warm_steps"] == 1
+    # every pair about the training scenes added, and the visual tokens after the question
+    assert toy.main(["--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--train", "position",
+                     "--pairs-from", str(split / "train.json"), "--image-last", "--test", "position", "--steps", "2",
+                     "--eval-every", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["args"]["image_last"] is True
     for bad in (["--warm-steps", "2"], ["--drop-b", "1.5"], ["--drop-a", "0.6", "--drop-b", "0.6"]):
         with pytest.raises(SystemExit):
             toy.main(["--data", str(data), "--tokenizer", "x", "--train", "position", "--test", "position",

@@ -3,7 +3,8 @@
 # Needs the one-question splits of commands.sh (its first block) in $O. Two lanes side by side, one thread each,
 # on the 2-core AMD EPYC; each run writes toy-NAME.json (arguments and the accuracy history) here.
 # `bash toy-commands.sh 1` runs the first round, `2` the second (longer runs), `3` and `4` the third and fourth
-# (on the 2-core Intel Xeon of session 10; the toy's runs are deterministic on one thread), no argument all.
+# (on the 2-core Intel Xeon of session 10; the toy's runs are deterministic on one thread), `5` and `6` the fifth
+# and sixth (the same Xeon, session 11), no argument all.
 set -euo pipefail
 ROUND=${1:-all}
 D=${D:-runs/bundled/data}; O=${O:-runs/position-diagnostics}
@@ -60,5 +61,23 @@ if [ "$ROUND" = all ] || [ "$ROUND" = 4 ]; then
   toy pairs-8000 --train pos_train --test pos_test --steps 8000 --eval-every 500 &
   toy half-then-all-8000 --warm-start half_train --warm-steps 200 --train pos_train --train half_train \
     --reverse half_train --steps 8000 --eval-every 500 --test pos_test --test half_test --test half_test:reversed &
+  wait
+fi
+if [ "$ROUND" = all ] || [ "$ROUND" = 5 ]; then
+  # six times the distinct pairs: every answerable pair question about the 20,000 training scenes (75,140, both
+  # orders and both axes) added to the training pairs; with the shipped LM's shape, and with 6 layers of 6 heads,
+  # each with its own KV head
+  toy pairs-all-3000 --train pos_train --pairs-from "$D/train.json" --test pos_test --test pos_testall \
+    --steps 3000 --eval-every 250 &
+  toy pairs-all-6x6-3000 --train pos_train --pairs-from "$D/train.json" --test pos_test --test pos_testall \
+    --layers 6 --heads 6 --kv-heads 6 --steps 3000 --eval-every 250 &  # stopped at step 1,500 (see the README)
+  wait
+fi
+if [ "$ROUND" = all ] || [ "$ROUND" = 6 ]; then
+  # the visual tokens after the question, not before it: a diagnostic of the causal order (the image tokens can
+  # then attend to the two names), with the training pairs, and with every pair of the training scenes
+  toy pairs-image-last --train pos_train --test pos_test --test pos_testall --image-last --steps 800 &
+  toy pairs-all-image-last --train pos_train --pairs-from "$D/train.json" --test pos_test --test pos_testall \
+    --image-last --steps 800 &
   wait
 fi
