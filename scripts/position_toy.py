@@ -28,7 +28,8 @@ questions with the object named second ("Is the middle of the image left or righ
 with the second / first object left out of the visual tokens (``--drop-b`` / ``--drop-a`` do that to training
 pairs; together, each pair loses at most one of the two). ``--pairs-from FILE`` adds every answerable pair question
 about FILE's scenes (both orders, both axes; `all_pair_records`) to the training set, and ``--image-last`` puts the
-visual tokens after the question instead of before it.
+visual tokens after the question instead of before it; ``--only-named`` leaves every object but the two named ones
+out of a pair question's tokens.
 """
 from __future__ import annotations
 
@@ -117,11 +118,15 @@ class IdealTokens:
         self.cells = torch.randn(grid * grid, dim, generator=g) * scale
         self.coords = torch.randn(2, dim, generator=g) * scale
 
-    def __call__(self, scene: dict, leave_out: list | None = None) -> torch.Tensor:
+    def __call__(self, scene: dict, leave_out: list | None = None, keep_only: list | None = None) -> torch.Tensor:
+        """The scene's tokens, without the object named by leave_out ([colour, shape]), and with keep_only (a list
+        of [colour, shape]) without every object it does not name."""
         tokens = self.cells.clone()
         size, grid = scene["image_size"], self.grid
         for o in scene["objects"]:
-            if leave_out is not None and [o["color"], o["shape"]] == list(leave_out):
+            name = [o["color"], o["shape"]]
+            if (leave_out is not None and name == list(leave_out)) or (
+                    keep_only is not None and name not in [list(k) for k in keep_only]):
                 continue
             cx, cy = o["center"]
             cell = min(int(cy * grid / size), grid - 1) * grid + min(int(cx * grid / size), grid - 1)
@@ -168,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the same for the first object (with --drop-b: the fractions of pairs that lose the first "
                          "or the second object, at most 1 together). With only one of the two shown, the answer "
                          "flips with which one it is, so the model must tell the two names' roles apart")
+    ap.add_argument("--only-named", action="store_true",
+                    help="pair questions' visual tokens hold the two named objects only, train and test: no other "
+                         "object to tell them from, so only the two names' roles are left to learn")
     ap.add_argument("--image-last", action="store_true",
                     help="put the visual tokens after the question text (\"Q?\\n<image>\"), train and test, not before it "
                          "as the synthetic data and the reference's preprocessing do: a diagnostic of the causal order")
@@ -220,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                 tc = tokenize_conversation(list(turns), tok, n_img, args.system_prompt)
                 text_cache[turns] = (torch.tensor(tc.input_ids), torch.tensor(tc.labels))
             leave_out = left_out_object(r, hide_a, hide_b, hide_rng)
-            if leave_out is None:
+            if args.only_named and r.get("question_type") == "position":
+                params = r["qa"][0]["params"]
+                tokens = ideal(r["scene"], leave_out, keep_only=[params["a"], params["b"]])
+            elif leave_out is None:
                 key = json.dumps(r["scene"], sort_keys=True)
                 if key not in token_cache:
                     token_cache[key] = ideal(r["scene"])

@@ -229,6 +229,11 @@ def test_position_toy_ideal_tokens(toy, split):
     left_out = ideal(scene, leave_out=[first["color"], first["shape"]])  # a pair question's objects are unique
     changed = (left_out != tokens).any(dim=1).nonzero().flatten().tolist()
     assert changed == [int(first["center"][1] * 4 // size) * 4 + int(first["center"][0] * 4 // size)]
+    # keep_only: the named object alone on the bare cells, as if it were the scene's only object
+    alone = ideal(scene, keep_only=[[first["color"], first["shape"]]])
+    only_first = dict(scene, objects=[first])
+    assert torch.equal(alone, ideal(only_first))
+    assert torch.equal(ideal(scene, keep_only=[[o["color"], o["shape"]] for o in scene["objects"]]), tokens)
 
 
 def test_position_toy_left_out_object(toy):
@@ -296,9 +301,11 @@ def test_position_toy_trains_and_reports(toy, sqs, split, tmp_path):
     assert report["args"]["warm_steps"] == 1
     # every pair about the training scenes added, and the visual tokens after the question
     assert toy.main(["--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--train", "position",
-                     "--pairs-from", str(split / "train.json"), "--image-last", "--test", "position", "--steps", "2",
+                     "--pairs-from", str(split / "train.json"), "--image-last", "--only-named", "--test", "position",
+                     "--steps", "2",
                      "--eval-every", "2", "--batch-size", "4", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["args"]["image_last"] is True
+    assert json.loads(out.read_text())["args"]["only_named"] is True
     for bad in (["--warm-steps", "2"], ["--drop-b", "1.5"], ["--drop-a", "0.6", "--drop-b", "0.6"]):
         with pytest.raises(SystemExit):
             toy.main(["--data", str(data), "--tokenizer", "x", "--train", "position", "--test", "position",

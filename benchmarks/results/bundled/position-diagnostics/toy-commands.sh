@@ -3,8 +3,8 @@
 # Needs the one-question splits of commands.sh (its first block) in $O. Two lanes side by side, one thread each,
 # on the 2-core AMD EPYC; each run writes toy-NAME.json (arguments and the accuracy history) here.
 # `bash toy-commands.sh 1` runs the first round, `2` the second (longer runs), `3` and `4` the third and fourth
-# (on the 2-core Intel Xeon of session 10; the toy's runs are deterministic on one thread), `5` to `7` the fifth
-# to seventh (the same Xeon, session 11), no argument all.
+# (on the 2-core Intel Xeon of session 10; the toy's runs are deterministic on one thread), `5` to `8` the fifth
+# to eighth (the same Xeon, session 11), no argument all.
 set -euo pipefail
 ROUND=${1:-all}
 D=${D:-runs/bundled/data}; O=${O:-runs/position-diagnostics}
@@ -85,5 +85,13 @@ if [ "$ROUND" = all ] || [ "$ROUND" = 7 ]; then
   # the pair questions alone at a third and three times the stage-1 recipe's learning rate (1e-3)
   toy pairs-lr3e-4 --train pos_train --test pos_test --lr 3e-4 --steps 1500 --eval-every 250 &
   toy pairs-lr3e-3 --train pos_train --test pos_test --lr 3e-3 --steps 1500 --eval-every 250 &
+  wait
+fi
+if [ "$ROUND" = all ] || [ "$ROUND" = 8 ]; then
+  # the pair questions' tokens hold the two named objects only (no other object to tell them from): what is left
+  # to learn is which of the two was named first; with the training pairs, and with every pair of the scenes
+  toy pairs-only-named --train pos_train --test pos_test --only-named --steps 1500 --eval-every 250 &
+  toy pairs-all-only-named --train pos_train --pairs-from "$D/train.json" --test pos_test --only-named \
+    --steps 1500 --eval-every 250 &
   wait
 fi
