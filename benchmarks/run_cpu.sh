@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CPU benchmark behind benchmarks/results/README.md (run from the repository root).
 #   bash benchmarks/run_cpu.sh            # everything below, one step after the other
-#   bash benchmarks/run_cpu.sh main       # one step: profile | grouped | main | fresh | paired | decode | prefetch |
-#                                         #   sweep | 1.5b | 7b
+#   bash benchmarks/run_cpu.sh main       # one step: profile | grouped | onednn | main | fresh | paired | decode |
+#                                         #   prefetch | sweep | 1.5b | 7b
 # On a shared machine every timed run first waits (up to QUIET_WAIT s) for the CPUs to go idle;
 # the waits and the load average are recorded in each JSON. SUFFIX names another machine's files:
 #   SUFFIX=-intel bash benchmarks/run_cpu.sh main     # writes bench-0.5b-cpu-intel.json (the AMX Xeon's runs)
@@ -22,6 +22,8 @@ step profile && python benchmarks/profile_encoder.py --default-allocator --confi
 
 # the fused encoder's grouped convs: oneDNN's grouped kernel against depthwise convs on repeated channels
 step grouped && python benchmarks/grouped_conv_ab.py --rounds 8 --out "$OUT/grouped-conv-ab-cpu$S.json"
+# three oneDNN variants not taken: the ConvFFN in bands of rows, other GELUs, prepacked weights
+step onednn && python benchmarks/onednn_variants.py --rounds 15 --out "$OUT/onednn-variants-cpu$S.json"
 
 # 0.5B at 1024: exact / fast / int8 against transformers in fp32 and bf16 (in this process, and in a fresh
 # process with default settings, as a user running transformers alone sees it), the paper's encoders in bf16,
