@@ -3,8 +3,8 @@
 # Needs the one-question splits of commands.sh (its first block) in $O. Two lanes side by side, one thread each,
 # on the 2-core AMD EPYC; each run writes toy-NAME.json (arguments and the accuracy history) here.
 # `bash toy-commands.sh 1` runs the first round, `2` the second (longer runs), `3` and `4` the third and fourth
-# (on the 2-core Intel Xeon of session 10; the toy's runs are deterministic on one thread), `5` to `8` the fifth
-# to eighth (the same Xeon, session 11), no argument all.
+# (on the 2-core Intel Xeon of session 10; the toy's runs are deterministic on one thread), `5` to `9` the fifth
+# to ninth (the same Xeon, session 11), no argument all.
 set -euo pipefail
 ROUND=${1:-all}
 D=${D:-runs/bundled/data}; O=${O:-runs/position-diagnostics}
@@ -93,5 +93,14 @@ if [ "$ROUND" = all ] || [ "$ROUND" = 8 ]; then
   toy pairs-only-named --train pos_train --test pos_test --only-named --steps 1500 --eval-every 250 &
   toy pairs-all-only-named --train pos_train --pairs-from "$D/train.json" --test pos_test --only-named \
     --steps 1500 --eval-every 250 &
+  wait
+fi
+if [ "$ROUND" = all ] || [ "$ROUND" = 9 ]; then
+  # the two named objects only, deeper LMs: a later name can look back at the earlier one, so four layers allow
+  # comparing without telling the names' roles apart (bind colour and shape, fetch, compare, read out)
+  toy pairs-only-named-4-layers --train pos_train --test pos_test --only-named --layers 4 --steps 2500 \
+    --eval-every 250 &
+  toy pairs-only-named-6-layers --train pos_train --test pos_test --only-named --layers 6 --steps 1500 \
+    --eval-every 250 &
   wait
 fi
