@@ -74,10 +74,9 @@ def default_device() -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 beats fp32."""
-    from .kernels import cpuinfo_field
+    from .kernels import cpu_flags
 
-    flags = set(cpuinfo_field("flags").split())
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 _DTYPES = {

@@ -56,19 +56,16 @@ def _asked(record: dict[str, Any]) -> set:
             for q in record.get("qa", []) if q.get("question_type") == "position"}
 
 
-def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, n_halves: int) -> list[dict]:
-    """The turns to add to one record: {question, answer, kind, params} dicts, every answer derived from the scene."""
-    scene, asked = record["scene"], _asked(record)
-    uniq = [o for o in scene["objects"] if _unique(scene["objects"], color=o["color"], shape=o["shape"])]
-    pairs, halves = [], []
+def _unique_objects(scene: dict[str, Any]) -> list[dict[str, Any]]:
+    return [o for o in scene["objects"] if _unique(scene["objects"], color=o["color"], shape=o["shape"])]
+
+
+def answerable_pairs(scene: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every pair question about the scene that `derive_answer` can answer, as (question, answer, params): all
+    ordered pairs of objects unique by colour and shape, on both axes, in the order object a, axis, object b."""
+    uniq, out = _unique_objects(scene), []
     for a in uniq:
-        name_a = f"{a['color']} {a['shape']}"
         for axis in ("x", "y"):
-            half = {"a": [a["color"], a["shape"]], "axis": axis}
-            try:
-                halves.append((HALF_TEMPLATES[axis].format(a=name_a), derive_answer(scene, "half", half), half))
-            except SynthDataError:
-                pass
             for b in uniq:
                 if b is a:
                     continue
@@ -77,10 +74,26 @@ def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, 
                     answer = derive_answer(scene, "position", params)
                 except SynthDataError:
                     continue
-                key = _pair_key(params["a"], params["b"], axis)
-                if key not in asked:  # the record's own pairs never enter the (seeded) shuffle below
-                    pairs.append((PAIR_TEMPLATES[axis].format(a=name_a, b=f"{b['color']} {b['shape']}"), answer,
-                                  key, params))
+                out.append((PAIR_TEMPLATES[axis].format(a=" ".join(params["a"]), b=" ".join(params["b"])), answer,
+                            params))
+    return out
+
+
+def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, n_halves: int) -> list[dict]:
+    """The turns to add to one record: {question, answer, kind, params} dicts, every answer derived from the scene."""
+    scene, asked = record["scene"], _asked(record)
+    halves = []
+    for a in _unique_objects(scene):
+        for axis in ("x", "y"):
+            half = {"a": [a["color"], a["shape"]], "axis": axis}
+            try:
+                halves.append((HALF_TEMPLATES[axis].format(a=f"{a['color']} {a['shape']}"),
+                               derive_answer(scene, "half", half), half))
+            except SynthDataError:
+                pass
+    # the record's own pairs never enter the (seeded) shuffle below
+    pairs = [(q, answer, key, params) for q, answer, params in answerable_pairs(scene)
+             if (key := _pair_key(params["a"], params["b"], params["axis"])) not in asked]
     out = []
     rng.shuffle(pairs)
     for question, answer, key, params in pairs:  # each pair once, whichever way round

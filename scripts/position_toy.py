@@ -46,47 +46,31 @@ import torch
 from torch import nn
 
 from fastvlm.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from fastvlm.data.synth import (
-    COLORS,
-    OPPOSITE,
-    SHAPES,
-    SynthDataError,
-    _unique,
-    derive_answer,
-)
+from fastvlm.data.synth import COLORS, OPPOSITE, SHAPES
 from fastvlm.train.collate import tokenize_conversation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from add_relation_turns import PAIR_TEMPLATES
+from add_relation_turns import answerable_pairs
 
 RELATIONS = ("left or right of", "above or below")
 
 
 def all_pair_records(records: list[dict]) -> list[dict]:
-    """Every answerable pair question about each record's scene: all ordered pairs of objects that are unique by
-    colour and shape, on both axes, where the two are separated by the clear margin (``derive_answer`` decides)."""
+    """Every answerable pair question about each record's scene (`answerable_pairs`), as one-question records."""
     out = []
     for r in records:
         scene = r["scene"]
-        objs = scene["objects"]
-        uniq = [o for o in objs if _unique(objs, color=o["color"], shape=o["shape"])]
-        for a in uniq:
-            for b in uniq:
-                if b is a:
-                    continue
-                for axis in ("x", "y"):
-                    params = {"a": [a["color"], a["shape"]], "b": [b["color"], b["shape"]], "axis": axis}
-                    try:
-                        answer = derive_answer(scene, "position", params)
-                    except SynthDataError:
-                        continue
-                    q = PAIR_TEMPLATES[axis].format(a=" ".join(params["a"]), b=" ".join(params["b"]))
-                    out.append({"id": f"{r['id']}-{'-'.join(params['a'] + params['b'])}-{axis}", "scene": scene,
-                                "conversations": [{"from": "human", "value": "<image>\n" + q},
-                                                  {"from": "gpt", "value": answer}],
-                                "answer": answer, "question_type": "position",
-                                "qa": [{"question_type": "position", "question": q, "answer": answer,
-                                        "params": params}]})
+        names = [tuple(p["a"]) for _, _, p in answerable_pairs(scene)]
+        rank = {name: i for i, name in enumerate(dict.fromkeys(names))}
+        # in the order object a, object b, axis (a stable sort of answerable_pairs' a, axis, b): the order in
+        # which rounds 5-9 of toy-commands.sh drew their batches
+        pairs = sorted(answerable_pairs(scene), key=lambda t: (rank[tuple(t[2]["a"])], rank[tuple(t[2]["b"])]))
+        for q, answer, params in pairs:
+            out.append({"id": f"{r['id']}-{'-'.join(params['a'] + params['b'])}-{params['axis']}", "scene": scene,
+                        "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                          {"from": "gpt", "value": answer}],
+                        "answer": answer, "question_type": "position",
+                        "qa": [{"question_type": "position", "question": q, "answer": answer, "params": params}]})
     return out
 
 
@@ -185,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--heads", type=int, default=3)
     ap.add_argument("--kv-heads", type=int, default=1)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--init-std", type=float, default=0.02, help="the LM's initializer_range (Qwen2's 0.02)")
     ap.add_argument("--grid", type=int, default=4)
     ap.add_argument("--system-prompt", default=None, help="default: none (shorter sequences)")
@@ -216,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     hide_rng = random.Random(f"drop-b/{args.seed}")
 
     text_cache: dict = {}  # (question, answer) texts -> token ids and labels
-    token_cache: dict = {}  # scene (as JSON) -> its ideal tokens, when no object is left out
 
     def encode(records: list[dict], hide_b: float = 0.0, hide_a: float = 0.0) -> list[tuple]:
-        out = []
+        out, token_cache = [], {}  # id(scene) -> its ideal tokens, when no object is left out (records keeps
+        # every scene alive for this call, so no id is reused within it)
         for r in records:
             turns = tuple(("user" if t["from"] == "human" else "assistant", t["value"]) for t in r["conversations"])
             if args.image_last and turns[0][1].startswith("<image>\n"):
@@ -232,10 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                 params = r["qa"][0]["params"]
                 tokens = ideal(r["scene"], leave_out, keep_only=[params["a"], params["b"]])
             elif leave_out is None:
-                key = json.dumps(r["scene"], sort_keys=True)
-                if key not in token_cache:
-                    token_cache[key] = ideal(r["scene"])
-                tokens = token_cache[key]
+                if id(r["scene"]) not in token_cache:
+                    token_cache[id(r["scene"])] = ideal(r["scene"])
+                tokens = token_cache[id(r["scene"])]
             else:
                 tokens = ideal(r["scene"], leave_out)
             out.append((*text_cache[turns], tokens))
@@ -258,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = Qwen2ForCausalLM(cfg)
     proj = nn.Sequential(nn.Linear(64, 192), nn.GELU(), nn.Linear(192, 192))
     params = list(lm.parameters()) + list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     warmup = max(1, int(0.03 * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))

@@ -287,6 +287,13 @@ def test_cpuinfo_field_and_prefetch_default_per_vendor(tmp_path, monkeypatch):
     assert kernels.cpuinfo_field("flags", str(info)).split() == ["fpu", "avx512f", "avx512_bf16"]
     assert kernels.cpuinfo_field("model name", str(info)) == ""
     assert kernels.cpuinfo_field("flags", str(tmp_path / "missing")) == ""
+    # bf16 is the CPU default exactly where the flags show native bf16 dot products
+    from fastvlm.model import cpu_has_fast_bf16
+
+    for flags, want in (({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True), ({"avx512f", "avx2"}, False),
+                        (set(), False)):
+        monkeypatch.setattr(kernels, "cpu_flags", lambda f=flags: f)
+        assert cpu_has_fast_bf16() is want
     monkeypatch.delenv("FASTVLM_GEMV_PREFETCH", raising=False)
     for vendor, want in (("GenuineIntel", 1024), ("AuthenticAMD", 0), ("", 0)):
         monkeypatch.setattr(kernels, "cpuinfo_field", lambda name, v=vendor: v if name == "vendor_id" else "")

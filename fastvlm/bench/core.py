@@ -115,9 +115,9 @@ def _cpu_model() -> str:
 
 
 def _cpu_flags() -> list[str]:
-    from ..kernels import cpuinfo_field
+    from ..kernels import cpu_flags
 
-    flags = set(cpuinfo_field("flags").split())
+    flags = cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8")
     return [w for w in wanted if w in flags]
 

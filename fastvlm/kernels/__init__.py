@@ -46,7 +46,8 @@ def cpuinfo_field(name: str, path: str = "/proc/cpuinfo") -> str:
     return ""
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags, from /proc/cpuinfo (empty where there is none)."""
     return set(cpuinfo_field("flags").split())
 
 
@@ -109,7 +110,7 @@ def load() -> Optional[ctypes.CDLL]:
         if "lib" in _state:
             return _state["lib"]
         lib, why = None, ""
-        flags = _cpu_flags()
+        flags = cpu_flags()
         cc = _compiler()
         if os.environ.get("FASTVLM_NO_KERNELS", "") not in ("", "0"):
             why = "disabled by FASTVLM_NO_KERNELS"
