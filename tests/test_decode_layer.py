@@ -173,3 +173,36 @@ def test_training_is_untouched():
     model(input_ids=ids).logits.float().sum().backward()  # one token, grads on: the module's path
 
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_weights_changed_between_steps_are_the_ones_read():
+    """A lean layer looks its weights up once (its plan) and after that only checks that the same tensors
+    are still in place: weights loaded in place, and weights replaced by new tensors, after steps have run
+    are what the next steps read."""
+    model = lm(32)
+    kernels.use_decode_kernels(model)  # DecodeLinear everywhere: the lean step's exact reference
+    ids = torch.randint(0, 300, (1, 23), generator=torch.Generator().manual_seed(1))
+    first, _, _ = decode(model, ids, 3, lean=True)  # the plans are made here
+    assert all(layer.__dict__.get("_lean_plan") is not None for layer in model.model.layers)
+
+    def lean_matches_modules():
+        ref, ref_toks, _ = decode(model, ids, 4, lean=False)
+        got, got_toks, _ = decode(model, ids, 4, lean=True)
+        assert got_toks == ref_toks
+        assert (got - ref).abs().max() / ref.abs().max() < 1e-3
+        return got
+
+    model.load_state_dict(lm(32, seed=1).state_dict())  # in place: the same tensors, new values
+    loaded = lean_matches_modules()
+    assert (loaded[:3] - first).abs().max() > 0.1 * first.abs().max()
+    # new tensors at new addresses; the old ones are kept alive, so a plan still pointing at them
+    # would read the old values rather than crash
+    old = []
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                old.append(lin.weight.data)
+                lin.weight.data = (-lin.weight.data).clone()
+    replaced = lean_matches_modules()
+    assert (replaced - loaded).abs().max() > 0.1 * loaded.abs().max()
+    assert len(old) == 6
