@@ -383,6 +383,9 @@ def main() -> int:
     except FastVLMError as e:
         p.error(str(e))
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
+    from fastvlm.kernels import tune_allocator
+
+    tune_allocator()  # on a CPU, keep freed activations in the heap (as `fastvlm train` does)
 
     from safetensors.torch import save_file
 

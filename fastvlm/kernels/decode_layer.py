@@ -21,9 +21,10 @@ quantized projections, an unknown transformers calling convention) takes the mod
 forward.
 
 Each layer checks its structure and looks up its weights once (`_Plan`); a step then only checks
-that the same tensors are still in place at the same addresses. On the 0.5B that took the
-per-step overhead outside the weight stream from 3.6 to 2.3 ms (24 layers with tiny weights) and
-a full step from 52.2 to 49.7 ms, interleaved (Intel Xeon, `benchmarks/decode_ab.py`).
+that the same tensors are still in place at the same addresses. On the Intel Xeon with AMX that
+took a step of the 0.5B's 24 layers with tiny weights (nearly all per-step overhead) from 3.86 to
+2.50 ms, and a 0.5B step from 49.3 to 47.9 ms, interleaved in one run
+(benchmarks/results/decode-ab-plan-cpu-intel.json, `benchmarks/decode_ab.py`).
 """
 
 from __future__ import annotations

@@ -68,8 +68,12 @@ def run(args: argparse.Namespace) -> int:
     for noisy in ("accelerate", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    from .. import kernels
     from .trainer import Trainer
 
+    # keep freed activation memory in the heap: without it every CPU step page-faults its big
+    # buffers in again (see kernels.tune_allocator; FASTVLM_NO_MALLOPT=1 turns it off)
+    kernels.tune_allocator()
     trainer = Trainer(recipe, progress=not args.no_progress)
     summary = trainer.train()
     if trainer.is_main:
