@@ -2,7 +2,7 @@
 # The CPU benchmark behind benchmarks/results/README.md (run from the repository root).
 #   bash benchmarks/run_cpu.sh            # everything below, one step after the other
 #   bash benchmarks/run_cpu.sh main       # one step: profile | grouped | onednn | main | fresh | paired | decode |
-#                                         #   prefetch | plan | sweep | 1.5b | 7b
+#                                         #   prefetch | plan | train-alloc | sweep | 1.5b | 7b
 # On a shared machine every timed run first waits (up to QUIET_WAIT s) for the CPUs to go idle;
 # the waits and the load average are recorded in each JSON. SUFFIX names another machine's files:
 #   SUFFIX=-intel bash benchmarks/run_cpu.sh main     # writes bench-0.5b-cpu-intel.json (the AMX Xeon's runs)
@@ -60,6 +60,11 @@ step prefetch && { echo "# python benchmarks/gemv_variants/run.py --rounds 8"; \
 # the lean decode layers' per-layer plans (session 12) against the layers before them (45b6670), interleaved:
 # the 0.5B step, and the same 24 layers with tiny weights (per-step overhead alone)
 step plan && python benchmarks/decode_ab.py --ref 45b6670 --rounds 12 --steps 4 --out "$OUT/decode-ab-plan-cpu$S.json"
+
+# CPU training with and without glibc allocator tuning, alternated (needs the bundled model's data:
+# scripts/train_bundled_model.sh step 1, or DATA=folder)
+step train-alloc && python benchmarks/train_allocator_ab.py --data "${DATA:-runs/bundled/data}" \
+    --out "$OUT/train-allocator-ab-cpu$S.json"
 
 # TTFT against resolution, 256 to 2048 px (every 256; any step of 64 works: --resolutions 256:2048:64)
 step sweep && fastvlm bench --preset fastvlm-0.5b --dtypes bf16 --modes exact fast --resolutions 256:2048:256 \

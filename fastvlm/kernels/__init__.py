@@ -1,11 +1,11 @@
 """Optional native kernels, built at run time with the system C compiler (no build step at install).
 
-Only one kind today: matrix-vector products for batch-1 decoding on AVX-512 CPUs
-(`cpu_gemv.c`). PyTorch's M=1 paths (MKL sgemv, oneDNN bf16 gemm) read the weights at
-about half of what this CPU's memory delivers; decoding is nothing but that read, so a
-plain streaming kernel is worth ~1.5-2x tokens/s. Everything here degrades gracefully:
-no compiler, no AVX-512, or FASTVLM_NO_KERNELS=1 means `available()` is False and
-callers keep using PyTorch.
+All for batch-1 decoding on AVX-512 CPUs (`cpu_gemv.c`): matrix-vector products, and in bf16
+the three fused calls of a Qwen2 decoder layer's step (`decode_layer`). PyTorch's M=1 paths
+(MKL sgemv, oneDNN bf16 gemm) read the weights at about half of what this CPU's memory
+delivers; decoding is nothing but that read, so a plain streaming kernel is worth ~1.5-2x
+tokens/s. Everything here degrades gracefully: not Linux, no compiler, no AVX-512, or
+FASTVLM_NO_KERNELS=1 means `available()` is False and callers keep using PyTorch.
 
 The library is cached under $FASTVLM_KERNEL_CACHE (default ~/.cache/fastvlm/kernels),
 keyed by the source, the compiler flags and the CPU's feature flags.
@@ -230,8 +230,9 @@ def tune_allocator(mmap_threshold: int = 1 << 30) -> bool:
     reuse the previous one's memory. FastViTHD at 1024 px on the 2-core Zen 4
     (benchmarks/results/profile-cpu*.json, `bash benchmarks/run_cpu.sh profile`): fp32 NCHW
     5.05 -> 3.17 s, fp32 fused 2.85 -> 2.72 s, bf16 fused 1.56 -> 1.55 s. The cost: RSS stays at
-    its high-water mark instead of shrinking between requests. The CLI and `fastvlm bench`
-    call this; library users opt in. Returns whether the settings were applied.
+    its high-water mark instead of shrinking between requests. Called by `fastvlm generate`,
+    `chat`, `eval`, `serve` and `train`, by `fastvlm bench` unless --default-allocator, and by
+    scripts/pretrain_synth_encoder.py; library users opt in. Returns whether the settings were applied.
     """
     if sys.platform != "linux" or os.environ.get("FASTVLM_NO_MALLOPT", "") not in ("", "0"):
         return False
