@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from fastvlm.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from fastvlm.data.synth import COLORS, OPPOSITE, SHAPES
+from fastvlm.data.synth import COLORS, OPPOSITE, SHAPES, SynthDataError, derive_answer
 from fastvlm.train.collate import tokenize_conversation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,6 +71,38 @@ def all_pair_records(records: list[dict]) -> list[dict]:
                                           {"from": "gpt", "value": answer}],
                         "answer": answer, "question_type": "position",
                         "qa": [{"question_type": "position", "question": q, "answer": answer, "params": params}]})
+    return out
+
+
+def moved_b_record(record: dict, alpha: float, answers: str = "kept") -> dict | None:
+    """A pair question's record with its second object moved along the asked axis to (1 - alpha) of the way
+    from where it is to the middle of the image (its centre, which is all the ideal tokens read; and, with
+    answers="derived", its box too). answers="kept": the answer stays the true one for the unmoved scene, so
+    only the second object's coordinate in the tokens is scaled towards the middle. answers="derived": the
+    answer is derived again from the moved scene; None where that is ambiguous (the two objects closer than
+    the generator's margin). None for a record that is not a pair question."""
+    qa = record.get("qa") or [{}]
+    params = qa[0].get("params") or {}
+    if record.get("question_type") != "position" or "b" not in params:
+        return None
+    if answers not in ("kept", "derived"):
+        raise ValueError(f"answers must be 'kept' or 'derived', got {answers!r}")
+    scene = copy.deepcopy(record["scene"])
+    i = 0 if params["axis"] == "x" else 1
+    middle = scene["image_size"] / 2
+    for o in scene["objects"]:
+        if [o["color"], o["shape"]] == list(params["b"]):
+            delta = (1 - alpha) * (middle - o["center"][i])
+            o["center"] = [c + delta if k == i else c for k, c in enumerate(o["center"])]
+            o["bbox"] = [c + delta if k % 2 == i else c for k, c in enumerate(o["bbox"])]
+    answer = record["answer"]
+    if answers == "derived":
+        try:
+            answer = derive_answer(scene, "position", params)
+        except SynthDataError:
+            return None
+    out = dict(record, scene=scene, answer=answer)
+    out["conversations"] = [record["conversations"][0], {"from": "gpt", "value": answer}]
     return out
 
 
@@ -163,6 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-last", action="store_true",
                     help="put the visual tokens after the question text (\"Q?\\n<image>\"), train and test, not before it "
                          "as the synthetic data and the reference's preprocessing do: a diagnostic of the causal order")
+    ap.add_argument("--centre-b", type=int, default=0, metavar="STEPS",
+                    help="a curriculum: for the first STEPS steps, each training pair question's second object is "
+                         "moved along the asked axis towards the middle of the image in its visual tokens (all the "
+                         "way at step 0, not at all from STEPS on); see --centre-b-answers")
+    ap.add_argument("--centre-b-mix", type=float, default=0.0, metavar="FRACTION",
+                    help="no schedule: at every step, this fraction of the training pair questions has its second "
+                         "object moved by a fraction drawn uniformly from [0, 1) (see --centre-b-answers)")
+    ap.add_argument("--centre-b-answers", choices=("kept", "derived"), default="kept",
+                    help="kept: the answers stay the true ones (only the second object's coordinate in the tokens "
+                         "is scaled towards the middle); derived: answers derived again from the moved scene "
+                         "(a moved pair whose answer is ambiguous is trained unmoved)")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -197,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return [reversed_record(r) for r in records] if how == "reversed" else records
 
     hide_rng = random.Random(f"drop-b/{args.seed}")
+    mix_rng = random.Random(f"centre-b-mix/{args.seed}")
 
     text_cache: dict = {}  # (question, answer) texts -> token ids and labels
 
@@ -278,7 +322,18 @@ def main(argv: list[str] | None = None) -> int:
         if len(order) < args.batch_size:
             order += rng.sample(range(len(source)), len(source))
         idx, order = order[:args.batch_size], order[args.batch_size:]
-        embeds, labels, mask = batch([source[i] for i in idx])
+        if source is train and ((args.centre_b and step < args.centre_b) or args.centre_b_mix):
+            if args.centre_b and step < args.centre_b:
+                alphas = [step / args.centre_b] * len(idx)
+            else:
+                alphas = [mix_rng.random() if mix_rng.random() < args.centre_b_mix else None for _ in idx]
+            moved = [moved_b_record(pool[i], a, args.centre_b_answers) if a is not None else None
+                     for i, a in zip(idx, alphas)]
+            fresh = encode([m for m in moved if m is not None])
+            items = [fresh.pop(0) if m is not None else source[i] for i, m in zip(idx, moved)]
+        else:
+            items = [source[i] for i in idx]
+        embeds, labels, mask = batch(items)
         loss = lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()

@@ -310,3 +310,71 @@ def test_position_toy_trains_and_reports(toy, sqs, split, tmp_path):
         with pytest.raises(SystemExit):
             toy.main(["--data", str(data), "--tokenizer", "x", "--train", "position", "--test", "position",
                       "--out", str(out), *bad])
+
+
+def test_position_toy_moved_b(toy, split):
+    """--centre-b: the second object moved towards the middle along the asked axis, by the given fraction of its
+    distance; answers kept (the true ones) or derived again from the moved scene."""
+    pairs = toy.all_pair_records(load_split(split / "train.json"))
+    ideal = toy.IdealTokens(4, 64)
+    flipped = 0
+    for p in pairs[:200]:
+        params = p["qa"][0]["params"]
+        i = 0 if params["axis"] == "x" else 1
+        b0 = next(o for o in p["scene"]["objects"] if [o["color"], o["shape"]] == params["b"])
+        mid = p["scene"]["image_size"] / 2
+        for alpha in (0.0, 0.5, 1.0):
+            kept = toy.moved_b_record(p, alpha, "kept")
+            b = next(o for o in kept["scene"]["objects"] if [o["color"], o["shape"]] == params["b"])
+            assert b["center"][i] == pytest.approx(mid + alpha * (b0["center"][i] - mid))
+            assert b["center"][1 - i] == b0["center"][1 - i]
+            assert b["bbox"][i] - b0["bbox"][i] == pytest.approx(b["center"][i] - b0["center"][i])
+            assert kept["answer"] == kept["conversations"][1]["value"] == p["answer"]
+            if alpha == 1.0:
+                assert torch.equal(ideal(kept["scene"]), ideal(p["scene"]))
+            derived = toy.moved_b_record(p, alpha, "derived")
+            if derived is not None:
+                assert derived["answer"] == derived["conversations"][1]["value"] == derive_answer(
+                    derived["scene"], "position", params)
+                flipped += derived["answer"] != p["answer"]
+        assert p["scene"]["objects"][p["scene"]["objects"].index(b0)]["center"] == b0["center"]  # input untouched
+    assert flipped  # moving b to the middle changes some answers
+    assert toy.moved_b_record({"question_type": "count", "qa": [{"params": {}}]}, 0.5) is None
+    with pytest.raises(ValueError):
+        toy.moved_b_record(pairs[0], 0.5, "guessed")
+
+
+def test_moved_pair_split(split, tmp_path):
+    import shutil
+
+    mps = _script("moved_pair_split")
+    data = tmp_path / "data"
+    shutil.copytree(split, data)
+    out = tmp_path / "moved.json"
+    assert mps.main(["--data", str(data), "--out", str(out), "--per-scene", "2", "--seed", "3"]) == 0
+    moved = load_split(out)
+    originals = {r["id"]: r for r in load_split(data / "train.json")}
+    assert moved and len(moved) <= 2 * len(originals)
+    for m in moved:
+        validate_record(m, data)  # the image exists at the scene's size and the answer re-derives from it
+        src = originals[m["id"].rsplit("-moved", 1)[0]]
+        q = m["qa"][0]
+        params, alpha = q["params"], q["alpha"]
+        i = 0 if params["axis"] == "x" else 1
+        size = m["scene"]["image_size"]
+        before = next(o for o in src["scene"]["objects"] if [o["color"], o["shape"]] == params["b"])
+        after = next(o for o in m["scene"]["objects"] if [o["color"], o["shape"]] == params["b"])
+        assert after["center"][i] == round(size / 2 + alpha * (before["center"][i] - size / 2)) or \
+            abs(after["center"][i] - (size / 2 + alpha * (before["center"][i] - size / 2))) <= 0.5
+        assert after["center"][1 - i] == before["center"][1 - i]
+        # nothing else moved
+        rest = [o for o in m["scene"]["objects"] if o is not after]
+        assert rest == [o for o in src["scene"]["objects"] if o is not before]
+        assert m["scene"]["texts"] == src["scene"]["texts"]
+    # the same seed gives the same split
+    again = tmp_path / "again.json"
+    assert mps.main(["--data", str(data), "--out", str(again), "--per-scene", "2", "--seed", "3"]) == 0
+    assert [(m["id"], m["answer"], m["qa"][0]["alpha"]) for m in load_split(again)] == \
+        [(m["id"], m["answer"], m["qa"][0]["alpha"]) for m in moved]
+    with pytest.raises(SystemExit):
+        mps.main(["--data", str(data), "--out", str(out), "--alpha", "1.5"])

@@ -4,7 +4,7 @@
 # on the 2-core AMD EPYC; each run writes toy-NAME.json (arguments and the accuracy history) here.
 # `bash toy-commands.sh 1` runs the first round, `2` the second (longer runs), `3` and `4` the third and fourth
 # (on the 2-core Intel Xeon of session 10; the toy's runs are deterministic on one thread), `5` to `9` the fifth
-# to ninth (the same Xeon, session 11), no argument all.
+# to ninth (the same Xeon, session 11), `10` the tenth (session 12), no argument all.
 set -euo pipefail
 ROUND=${1:-all}
 D=${D:-runs/bundled/data}; O=${O:-runs/position-diagnostics}
@@ -102,5 +102,21 @@ if [ "$ROUND" = all ] || [ "$ROUND" = 9 ]; then
     --eval-every 250 &
   toy pairs-only-named-6-layers --train pos_train --test pos_test --only-named --layers 6 --steps 1500 \
     --eval-every 250 &
+  wait
+fi
+if [ "$ROUND" = all ] || [ "$ROUND" = 10 ]; then
+  # a curriculum: the second object of each training pair moved towards the middle of the image in the tokens,
+  # all the way at step 0 and not at all from step 800 on; tested on every answerable pair of the 1,000 test
+  # scenes (3,682) besides the 135 the evaluation asks
+  [ -f "$O/pairs_testscenes.json" ] || python -c "import json, sys; sys.path.insert(0, 'scripts')
+from position_toy import all_pair_records
+json.dump(all_pair_records(json.load(open('$D/test.json'))), open('$O/pairs_testscenes.json', 'w'))"
+  # answers kept (the true ones): only the second object's coordinate in the tokens is scaled
+  toy pairs-centre-b-800 --train pos_train --test pos_test --test pairs_testscenes --centre-b 800 \
+    --centre-b-answers kept --steps 2000 &
+  # no schedule, answers derived from the moved scene: half of every batch's pairs moved by alpha ~ U(0, 1), the
+  # static mix that scripts/moved_pair_split.py writes as images
+  toy pairs-centre-b-mix-derived --train pos_train --test pos_test --test pairs_testscenes --centre-b-mix 0.5 \
+    --centre-b-answers derived --steps 2000 &
   wait
 fi
