@@ -15,6 +15,12 @@ of another object or text, or an answer that becomes ambiguous, is skipped. Trai
 
 Images go to DATA/moved-pairs/ (paths in the JSON are relative to DATA, as the split's own), so the output
 trains beside the split with one `data.image_folder`.
+
+--all-pairs writes, instead, every answerable pair question about the split's scenes, unmoved, on the split's own
+images (no rendering): a larger position test than the one question per record the split asks.
+
+  python scripts/moved_pair_split.py --data runs/bundled/data --split test --all-pairs --out test-all-pairs.json
+  fastvlm eval --task synth --data test-all-pairs.json --image-root runs/bundled/data --out runs/all-pairs
 """
 from __future__ import annotations
 
@@ -67,11 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=None,
                     help="move every b to this fraction of its distance from the middle (default: uniform in [0, 1))")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--all-pairs", action="store_true",
+                    help="every answerable pair question of the split's scenes, unmoved, on its own images")
     args = ap.parse_args(argv)
     if args.alpha is not None and not 0 <= args.alpha <= 1:
         ap.error(f"--alpha must be in [0, 1], got {args.alpha}")
     data = Path(args.data)
     records = load_split(data / f"{args.split}.json")
+    if args.all_pairs:
+        out = [{"id": f"{r['id']}-{'-'.join(p['a'] + p['b'])}-{p['axis']}", "image": r["image"],
+                "question_type": "position", "answer": a, "text_size": None, "scene": r["scene"],
+                "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}],
+                "qa": [{"question_type": "position", "question": q, "answer": a, "text_size": None, "params": p}]}
+               for r in records for q, a, p in answerable_pairs(r["scene"])]
+        Path(args.out).write_text(json.dumps(out))
+        print(f"wrote {args.out}: {len(out)} pair questions about {len(records)} scenes")
+        return 0
     img_dir = data / "moved-pairs"
     img_dir.mkdir(exist_ok=True)
     rng = random.Random(f"moved-pairs/{args.seed}")

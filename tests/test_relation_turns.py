@@ -378,3 +378,13 @@ def test_moved_pair_split(split, tmp_path):
         [(m["id"], m["answer"], m["qa"][0]["alpha"]) for m in moved]
     with pytest.raises(SystemExit):
         mps.main(["--data", str(data), "--out", str(out), "--alpha", "1.5"])
+    # --all-pairs: every answerable pair of the scenes, unmoved, on the split's own images
+    allp = tmp_path / "all.json"
+    assert mps.main(["--data", str(data), "--out", str(allp), "--all-pairs"]) == 0
+    got = load_split(allp)
+    want = _script("position_toy").all_pair_records(list(originals.values()))
+    assert sorted((g["id"], g["answer"], g["conversations"][0]["value"]) for g in got) == \
+        sorted((w["id"], w["answer"], w["conversations"][0]["value"]) for w in want)
+    for g in got:
+        validate_record(g, data)
+        assert g["image"] == originals[g["id"].split("-")[0] + "-" + g["id"].split("-")[1]]["image"]

@@ -65,9 +65,10 @@ class _Plan:
     """What a layer's lean steps need that does not change from step to step: its modules and
     weight pointers, looked up and checked (`_layer_ok`) once instead of at every step.
 
-    A step re-checks only that the same modules and tensors are still in place at the same
-    addresses (`_still_valid`), a few microseconds; anything else (a dtype change, a load into
-    new tensors, a LoRA-wrapped projection, a deep copy) makes a new plan, or the module's forward.
+    A step re-checks only that the same modules and tensors are still in place, contiguous, in bf16
+    and at the same addresses (`still_valid`), a few microseconds; anything else (a dtype change, a
+    load into new tensors, a LoRA-wrapped projection, a deep copy) makes a new plan, or takes the
+    module's forward.
     """
 
     __slots__ = ("D", "H", "attn_in", "attn_out", "eps1", "eps2", "inter", "layer_idx", "mlp", "modules", "nkv", "nq",
@@ -104,7 +105,8 @@ class _Plan:
             if owner.get(name) is not obj:
                 return False
         for owner, name, t, ptr in self.params:
-            if owner.get(name) is not t or (t is not None and (t.data_ptr() != ptr or t.dtype != torch.bfloat16)):
+            if owner.get(name) is not t or (t is not None and (t.data_ptr() != ptr or t.dtype != torch.bfloat16
+                                                                or not t.is_contiguous())):
                 return False
         return True
 

@@ -45,3 +45,13 @@ for STAGE in stage1-3600 stage2-3600; do
     cp "$OUT/eval-$STAGE-$S/summary.json" "$R/eval-$STAGE-$S.json"
   done
 done
+
+# Every answerable pair question of the 1,000 test scenes (3,682, unmoved, on the test images): a position test
+# 27 times larger than the 135 the test split asks, for the shipped model and each run's models.
+python scripts/moved_pair_split.py --data "$D" --split test --all-pairs --out "$OUT/test-all-pairs.json"
+for M in shipped:fastvlm/assets/fastvlm-synth stage1:"$OUT/stage1/final" stage2:"$OUT/stage2/final" \
+         stage1-3600:"$OUT/stage1-3600/final" stage2-3600:"$OUT/stage2-3600/final"; do
+  fastvlm eval --model "${M#*:}" --task synth --data "$OUT/test-all-pairs.json" --image-root "$D" \
+    --out "$OUT/eval-allpairs-${M%%:*}" --dtype fp32 --device cpu --batch-size 32 --no-progress
+  cp "$OUT/eval-allpairs-${M%%:*}/summary.json" "$R/eval-allpairs-${M%%:*}.json"
+done
