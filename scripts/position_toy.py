@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--warm-steps needs --warm-start")
     if not (0 <= args.drop_b <= 1 and 0 <= args.drop_a <= 1 and args.drop_a + args.drop_b <= 1):
         ap.error("--drop-a and --drop-b take fractions between 0 and 1, at most 1 together")
+    if (args.centre_b or args.centre_b_mix) and (args.drop_a or args.drop_b):
+        ap.error("--centre-b/--centre-b-mix and --drop-a/--drop-b do not combine (moved pairs are never hidden)")
+    if args.centre_b < 0 or not 0 <= args.centre_b_mix <= 1:
+        ap.error("--centre-b takes a number of steps >= 0 and --centre-b-mix a fraction between 0 and 1")
 
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 

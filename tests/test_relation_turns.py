@@ -306,7 +306,15 @@ def test_position_toy_trains_and_reports(toy, sqs, split, tmp_path):
                      "--eval-every", "2", "--batch-size", "4", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["args"]["image_last"] is True
     assert json.loads(out.read_text())["args"]["only_named"] is True
-    for bad in (["--warm-steps", "2"], ["--drop-b", "1.5"], ["--drop-a", "0.6", "--drop-b", "0.6"]):
+    # the second object moved towards the middle: on a schedule, then as a random mix, answers derived
+    assert toy.main(["--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--train", "position",
+                     "--test", "position", "--centre-b", "2", "--centre-b-mix", "0.5", "--centre-b-answers", "derived",
+                     "--steps", "4", "--eval-every", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["args"]["centre_b"] == 2 and report["args"]["centre_b_answers"] == "derived"
+    assert all(math.isfinite(h["train_loss_ema"]) for h in report["history"])
+    for bad in (["--warm-steps", "2"], ["--drop-b", "1.5"], ["--drop-a", "0.6", "--drop-b", "0.6"],
+                ["--centre-b", "5", "--drop-b", "0.5"], ["--centre-b-mix", "1.5"], ["--centre-b", "-1"]):
         with pytest.raises(SystemExit):
             toy.main(["--data", str(data), "--tokenizer", "x", "--train", "position", "--test", "position",
                       "--out", str(out), *bad])
