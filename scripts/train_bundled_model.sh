@@ -29,8 +29,10 @@ for R in 128 256; do
   #    which then decided the step count after 30 steps, settled on 914, and so warmed up for those 30 at a
   #    lower rate; --max-seconds now decides before training and equals --steps N exactly), 45 s at 128 px. Validation F1
   #    per cell at 256 px: word 0.87, digit 0.73, shape 0.96; at 128 px: word 0.22, digit 0.25, shape 0.87.
-  #    On this CPU (2 threads) a step of 128 images at 256 px took 8.9 s (20 steps timed), so 914 steps would
-  #    take about 2.3 hours: use a GPU (--device auto picks it).
+  #    On the 2-core AMD EPYC a step of 128 images at 256 px took 8.9 s (20 steps timed), so 914 steps would
+  #    take about 2.3 hours; on the 2-core Intel Xeon 4.7-5.0 s with the allocator tuning the script now applies
+  #    (benchmarks/results/train-allocator-ab-cpu-intel.json), about 75 minutes. A GPU is faster still
+  #    (--device auto picks it).
   python scripts/pretrain_synth_encoder.py --data "$D" --image-size $R --objective reading --reading-images 20000 \
     --batch-size 128 --steps 914 --seed 1 --lr 5e-3 --workers 2 --set init.vision.layer_scale_init_value=0.01 \
     --out "$OUT/encoder-$R.safetensors"
