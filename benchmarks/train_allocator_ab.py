@@ -81,9 +81,12 @@ def main() -> int:
                                  "--set", "data.val=null", "--set", "output.save_every=0"], env)
                     with open(os.path.join(out, "metrics.jsonl")) as f:
                         rates = [json.loads(line)["samples_per_s"] for line in f if '"samples_per_s"' in line]
+                    with open(os.path.join(out, "summary.json")) as f:
+                        summary = json.load(f)
                     # the trainer logs samples/s every 10 steps; the first window includes warm-up
                     run["samples_per_s_per_window"] = rates
-                    run["s_per_step"] = round(32 / statistics.median(rates[1:] or rates), 2)
+                    batch = summary["samples"] / summary["steps"]
+                    run["s_per_step"] = round(batch / statistics.median(rates[1:] or rates), 2)
                     results["stage2"][setting].append(run)
                     shutil.rmtree(out, ignore_errors=True)
                 if "pretrain" in a.jobs:

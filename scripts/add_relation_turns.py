@@ -31,6 +31,7 @@ together (benchmarks/results/bundled/position-diagnostics/).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -77,6 +78,42 @@ def answerable_pairs(scene: dict[str, Any]) -> list[tuple[str, str, dict[str, An
                 out.append((PAIR_TEMPLATES[axis].format(a=" ".join(params["a"]), b=" ".join(params["b"])), answer,
                             params))
     return out
+
+
+def pair_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every answerable pair question about each record's scene (`answerable_pairs`), as one-question records on
+    the record's own image, in the order object a, object b, axis (a stable sort of answerable_pairs' a, axis, b:
+    the order in which rounds 5-9 of the position toy drew their batches)."""
+    out = []
+    for r in records:
+        scene = r["scene"]
+        names = [tuple(p["a"]) for _, _, p in answerable_pairs(scene)]
+        rank = {name: i for i, name in enumerate(dict.fromkeys(names))}
+        pairs = sorted(answerable_pairs(scene), key=lambda t: (rank[tuple(t[2]["a"])], rank[tuple(t[2]["b"])]))
+        for q, answer, params in pairs:
+            out.append({"id": f"{r['id']}-{'-'.join(params['a'] + params['b'])}-{params['axis']}", "image": r["image"],
+                        "scene": scene, "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                                          {"from": "gpt", "value": answer}],
+                        "answer": answer, "question_type": "position", "text_size": None,
+                        "qa": [{"question_type": "position", "question": q, "answer": answer, "text_size": None,
+                                "params": params}]})
+    return out
+
+
+def moved_towards_middle(scene: dict[str, Any], params: dict[str, Any], alpha: float, *,
+                         whole_pixels: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A copy of the scene where pair question params' object b (centre and box) is moved along the asked axis to
+    (1 - alpha) of the way from its place to the middle of the image, and that object in the copy; with
+    whole_pixels the shift is rounded to whole pixels (for rendering)."""
+    out = copy.deepcopy(scene)
+    i = 0 if params["axis"] == "x" else 1
+    b = next(o for o in out["objects"] if [o["color"], o["shape"]] == list(params["b"]))
+    delta = (1 - alpha) * (out["image_size"] / 2 - b["center"][i])
+    if whole_pixels:
+        delta = round(delta)
+    b["center"] = [c + delta if k == i else c for k, c in enumerate(b["center"])]
+    b["bbox"] = [c + delta if k % 2 == i else c for k, c in enumerate(b["bbox"])]
+    return out, b
 
 
 def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, n_halves: int) -> list[dict]:

@@ -25,13 +25,14 @@ images (no rendering): a larger position test than the one question per record t
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from fastvlm.data.synth import (
     SynthDataError,
@@ -42,24 +43,20 @@ from fastvlm.data.synth import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from add_relation_turns import answerable_pairs
+from add_relation_turns import answerable_pairs, moved_towards_middle, pair_records
 
 
 def move_b(scene: dict[str, Any], params: dict[str, Any], alpha: float) -> dict[str, Any] | None:
     """A copy of the scene with object b moved along params' axis to (1 - alpha) of the way to the middle;
     None where it would come within the generator's gap of another item or leave the image."""
-    out = copy.deepcopy(scene)
+    out, b = moved_towards_middle(scene, params, alpha, whole_pixels=True)
     S = out["image_size"]
-    i = 0 if params["axis"] == "x" else 1
     gap = max(3, round(10 * S / 512))
-    b = next(o for o in out["objects"] if [o["color"], o["shape"]] == list(params["b"]))
-    delta = round((1 - alpha) * (S / 2 - b["center"][i]))
-    b["center"] = [c + delta if k == i else c for k, c in enumerate(b["center"])]
-    b["bbox"] = [c + delta if k % 2 == i else c for k, c in enumerate(b["bbox"])]
     if min(b["bbox"]) < 0 or max(b["bbox"]) > S:
         return None
+    # the generator placed every item at least the gap apart, so an unmoved b passes this too
     others = [o["bbox"] for o in out["objects"] if o is not b] + [t["bbox"] for t in out["texts"]]
-    if delta and any(_overlaps(b["bbox"], other, gap) for other in others):
+    if any(_overlaps(b["bbox"], other, gap) for other in others):
         return None
     return out
 
@@ -81,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     records = load_split(data / f"{args.split}.json")
     if args.all_pairs:
-        out = [{"id": f"{r['id']}-{'-'.join(p['a'] + p['b'])}-{p['axis']}", "image": r["image"],
-                "question_type": "position", "answer": a, "text_size": None, "scene": r["scene"],
-                "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}],
-                "qa": [{"question_type": "position", "question": q, "answer": a, "text_size": None, "params": p}]}
-               for r in records for q, a, p in answerable_pairs(r["scene"])]
+        out = pair_records(records)
         Path(args.out).write_text(json.dumps(out))
         print(f"wrote {args.out}: {len(out)} pair questions about {len(records)} scenes")
         return 0
@@ -93,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     img_dir.mkdir(exist_ok=True)
     rng = random.Random(f"moved-pairs/{args.seed}")
     out, skipped = [], Counter()
-    try:
-        from tqdm import tqdm
-        it = tqdm(records, desc="moved pairs", unit="scene")
-    except ImportError:
-        it = records
-    for r in it:
+    for r in tqdm(records, desc="moved pairs", unit="scene"):
         pairs = answerable_pairs(r["scene"])
         rng.shuffle(pairs)
         made = 0

@@ -50,28 +50,10 @@ from fastvlm.data.synth import COLORS, OPPOSITE, SHAPES, SynthDataError, derive_
 from fastvlm.train.collate import tokenize_conversation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from add_relation_turns import answerable_pairs
+from add_relation_turns import moved_towards_middle
+from add_relation_turns import pair_records as all_pair_records
 
 RELATIONS = ("left or right of", "above or below")
-
-
-def all_pair_records(records: list[dict]) -> list[dict]:
-    """Every answerable pair question about each record's scene (`answerable_pairs`), as one-question records."""
-    out = []
-    for r in records:
-        scene = r["scene"]
-        names = [tuple(p["a"]) for _, _, p in answerable_pairs(scene)]
-        rank = {name: i for i, name in enumerate(dict.fromkeys(names))}
-        # in the order object a, object b, axis (a stable sort of answerable_pairs' a, axis, b): the order in
-        # which rounds 5-9 of toy-commands.sh drew their batches
-        pairs = sorted(answerable_pairs(scene), key=lambda t: (rank[tuple(t[2]["a"])], rank[tuple(t[2]["b"])]))
-        for q, answer, params in pairs:
-            out.append({"id": f"{r['id']}-{'-'.join(params['a'] + params['b'])}-{params['axis']}", "scene": scene,
-                        "conversations": [{"from": "human", "value": "<image>\n" + q},
-                                          {"from": "gpt", "value": answer}],
-                        "answer": answer, "question_type": "position",
-                        "qa": [{"question_type": "position", "question": q, "answer": answer, "params": params}]})
-    return out
 
 
 def moved_b_record(record: dict, alpha: float, answers: str = "kept") -> dict | None:
@@ -87,14 +69,7 @@ def moved_b_record(record: dict, alpha: float, answers: str = "kept") -> dict | 
         return None
     if answers not in ("kept", "derived"):
         raise ValueError(f"answers must be 'kept' or 'derived', got {answers!r}")
-    scene = copy.deepcopy(record["scene"])
-    i = 0 if params["axis"] == "x" else 1
-    middle = scene["image_size"] / 2
-    for o in scene["objects"]:
-        if [o["color"], o["shape"]] == list(params["b"]):
-            delta = (1 - alpha) * (middle - o["center"][i])
-            o["center"] = [c + delta if k == i else c for k, c in enumerate(o["center"])]
-            o["bbox"] = [c + delta if k % 2 == i else c for k, c in enumerate(o["bbox"])]
+    scene, _ = moved_towards_middle(record["scene"], params, alpha)
     answer = record["answer"]
     if answers == "derived":
         try:

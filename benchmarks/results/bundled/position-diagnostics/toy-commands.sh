@@ -108,9 +108,8 @@ if [ "$ROUND" = all ] || [ "$ROUND" = 10 ]; then
   # a curriculum: the second object of each training pair moved towards the middle of the image in the tokens,
   # all the way at step 0 and not at all from step 800 on; tested on every answerable pair of the 1,000 test
   # scenes (3,682) besides the 135 the evaluation asks
-  [ -f "$O/pairs_testscenes.json" ] || python -c "import json, sys; sys.path.insert(0, 'scripts')
-from position_toy import all_pair_records
-json.dump(all_pair_records(json.load(open('$D/test.json'))), open('$O/pairs_testscenes.json', 'w'))"
+  [ -f "$O/pairs_testscenes.json" ] || python scripts/moved_pair_split.py --data "$D" --split test --all-pairs \
+    --out "$O/pairs_testscenes.json"
   # answers kept (the true ones): only the second object's coordinate in the tokens is scaled
   toy pairs-centre-b-800 --train pos_train --test pos_test --test pairs_testscenes --centre-b 800 \
     --centre-b-answers kept --steps 2000
