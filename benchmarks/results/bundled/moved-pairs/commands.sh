@@ -11,15 +11,16 @@ set -euo pipefail
 D=${D:-runs/bundled/data}; OUT=${OUT:-runs/moved}
 R=benchmarks/results/bundled/moved-pairs
 python scripts/moved_pair_split.py --data "$D" --split train --out "$D/moved-train.json"
-run() {  # SUFFIX [stage-1 arguments]: stage 1, stage 2 from it, their files and evaluations
-  local S1="stage1$1" S2="stage2$1"
-  local data=(--set tokenizer="$D/tokenizer" --set "data.train=[$D/train.json,$D/moved-train.json]"
-              --set data.val="$D/val.json" --set data.image_folder="$D" --set train.seed=43)
-  OMP_NUM_THREADS=2 fastvlm train synth_stage1 --output-dir "$OUT/$S1" "${data[@]}" \
+stage1() {  # SUFFIX [stage-1 arguments]
+  OMP_NUM_THREADS=2 fastvlm train synth_stage1 --output-dir "$OUT/stage1$1" "${data[@]}" \
     --set init.vision.inference_mode=true --set init.vision_tower=fastvlm/assets/fastvlm-synth "${@:2}"
-  OMP_NUM_THREADS=2 fastvlm train synth_stage2 --output-dir "$OUT/$S2" "${data[@]}" --set model="$OUT/$S1/final" \
-    --set data.num_workers=0
-  for STAGE in "$S1" "$S2"; do
+}
+stage2() {  # FROM-SUFFIX SUFFIX [stage-2 arguments]: stage 2 from stage1FROM-SUFFIX's export
+  OMP_NUM_THREADS=2 fastvlm train synth_stage2 --output-dir "$OUT/stage2$2" "${data[@]}" \
+    --set model="$OUT/stage1$1/final" --set data.num_workers=0 "${@:3}"
+}
+keep() {  # STAGE...: copy the runs' files and evaluate each on the validation and test splits
+  for STAGE in "$@"; do
     cp "$OUT/$STAGE/metrics.jsonl" "$R/$STAGE-metrics.jsonl"; cp "$OUT/$STAGE/summary.json" "$R/$STAGE-summary.json"
     for S in val test; do
       fastvlm eval --model "$OUT/$STAGE/final" --task synth --data "$D/$S.json" --out "$OUT/eval-$STAGE-$S" \
@@ -28,6 +29,18 @@ run() {  # SUFFIX [stage-1 arguments]: stage 1, stage 2 from it, their files and
     done
   done
 }
+allpairs() {  # NAME:MODEL...: every answerable pair question of the test scenes (built below)
+  for M in "$@"; do
+    fastvlm eval --model "${M#*:}" --task synth --data "$OUT/test-all-pairs.json" --image-root "$D" \
+      --out "$OUT/eval-allpairs-${M%%:*}" --dtype fp32 --device cpu --batch-size 32 --no-progress
+    cp "$OUT/eval-allpairs-${M%%:*}/summary.json" "$R/eval-allpairs-${M%%:*}.json"
+  done
+}
+run() {  # SUFFIX [stage-1 arguments]: stage 1, the recipe's stage 2 from it, their files and evaluations
+  stage1 "$@"; stage2 "$1" "$1"; keep "stage1$1" "stage2$1"
+}
+data=(--set tokenizer="$D/tokenizer" --set "data.train=[$D/train.json,$D/moved-train.json]"
+      --set data.val="$D/val.json" --set data.image_folder="$D" --set train.seed=43)
 # the first run: the recipe's stage 1 (2,400 steps) and stage 2
 run ""
 
@@ -40,9 +53,22 @@ run -3600 --set train.max_steps=3600
 # Every answerable pair question of the 1,000 test scenes (3,682, unmoved, on the test images): a position test
 # 27 times larger than the 135 the test split asks, for the shipped model and each run's models.
 python scripts/moved_pair_split.py --data "$D" --split test --all-pairs --out "$OUT/test-all-pairs.json"
-for M in shipped:fastvlm/assets/fastvlm-synth stage1:"$OUT/stage1/final" stage2:"$OUT/stage2/final" \
-         stage1-3600:"$OUT/stage1-3600/final" stage2-3600:"$OUT/stage2-3600/final"; do
-  fastvlm eval --model "${M#*:}" --task synth --data "$OUT/test-all-pairs.json" --image-root "$D" \
-    --out "$OUT/eval-allpairs-${M%%:*}" --dtype fp32 --device cpu --batch-size 32 --no-progress
-  cp "$OUT/eval-allpairs-${M%%:*}/summary.json" "$R/eval-allpairs-${M%%:*}.json"
-done
+allpairs shipped:fastvlm/assets/fastvlm-synth stage1:"$OUT/stage1/final" stage2:"$OUT/stage2/final" \
+  stage1-3600:"$OUT/stage1-3600/final" stage2-3600:"$OUT/stage2-3600/final"
+
+# A third run (session 13), decided after the second and written here before it started. In the second run
+# stage 1 gave 84.4% test / 83.2% validation and its stage 2 82.5% / 82.2%: counting was still below the shipped
+# model's (82% against 90%; the original records get 62% of the steps), and both stage 2s so far lost accuracy
+# from their stage 1 (the second's validation loss went from stage 1's 0.185 to 0.203 at step 100 and ended at
+# 0.187; the encoder here already went through one stage 2 in the shipped model). So: stage 1 of 4,800 steps
+# (the original records get about 2,980 steps' worth, against 2,400 in the shipped recipe), then two stage 2s
+# from it: the recipe's (-4800), and one at half its learning rates (-4800-half: LM and projector 1e-4, encoder
+# 5e-5). The rule, fixed now: the run's result is the stage 2 with the higher validation accuracy (the recipe's
+# on a tie); it replaces the shipped model only if that accuracy is 83.1% or more (as before: the shipped 81.6%
+# plus 1.5). The test split is not looked at for the choice.
+stage1 -4800 --set train.max_steps=4800
+stage2 -4800 -4800
+stage2 -4800 -4800-half --set optim.lr=1.0e-4 --set optim.lr_vision_tower=5.0e-5
+keep stage1-4800 stage2-4800 stage2-4800-half
+allpairs stage1-4800:"$OUT/stage1-4800/final" stage2-4800:"$OUT/stage2-4800/final" \
+  stage2-4800-half:"$OUT/stage2-4800-half/final"
