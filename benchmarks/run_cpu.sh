@@ -2,7 +2,7 @@
 # The CPU benchmark behind benchmarks/results/README.md (run from the repository root).
 #   bash benchmarks/run_cpu.sh            # everything below, one step after the other
 #   bash benchmarks/run_cpu.sh main       # one step: profile | grouped | onednn | main | fresh | paired | decode |
-#                                         #   prefetch | plan | train-alloc | sweep | 1.5b | 7b
+#                                         #   prefetch | prefetch-fine | plan | train-alloc | sweep | 1.5b | 7b
 # On a shared machine every timed run first waits (up to QUIET_WAIT s) for the CPUs to go idle;
 # the waits and the load average are recorded in each JSON. SUFFIX names another machine's files:
 #   SUFFIX=-intel bash benchmarks/run_cpu.sh main     # writes bench-0.5b-cpu-intel.json (the AMX Xeon's runs)
@@ -56,6 +56,10 @@ step prefetch && python benchmarks/decode_step.py --rounds 12 --prefetch 0 1024 
     --out "$OUT/decode-step-cpu-bf16-prefetch$S.json"
 step prefetch && { echo "# python benchmarks/gemv_variants/run.py --rounds 8"; \
     python benchmarks/gemv_variants/run.py --rounds 8; } > "$OUT/gemv-variants-cpu-prefetch$S.log" 2>&1
+
+# the same at distances between 0.5 and 2 KB (session 13: is 1 KB, the Intel default, the best of them?)
+step prefetch-fine && python benchmarks/decode_step.py --rounds 16 --prefetch 512 768 1024 1536 2048 \
+    --out "$OUT/decode-step-cpu-bf16-prefetch-fine$S.json"
 
 # the lean decode layers' per-layer plans (session 12) against the layers before them (45b6670), interleaved:
 # the 0.5B step, and the same 24 layers with tiny weights (per-step overhead alone)
