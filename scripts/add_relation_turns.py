@@ -87,9 +87,9 @@ def pair_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in records:
         scene = r["scene"]
-        names = [tuple(p["a"]) for _, _, p in answerable_pairs(scene)]
-        rank = {name: i for i, name in enumerate(dict.fromkeys(names))}
-        pairs = sorted(answerable_pairs(scene), key=lambda t: (rank[tuple(t[2]["a"])], rank[tuple(t[2]["b"])]))
+        pairs = answerable_pairs(scene)
+        rank = {name: i for i, name in enumerate(dict.fromkeys(tuple(p["a"]) for _, _, p in pairs))}
+        pairs.sort(key=lambda t: (rank[tuple(t[2]["a"])], rank[tuple(t[2]["b"])]))
         for q, answer, params in pairs:
             out.append({"id": f"{r['id']}-{'-'.join(params['a'] + params['b'])}-{params['axis']}", "image": r["image"],
                         "scene": scene, "conversations": [{"from": "human", "value": "<image>\n" + q},

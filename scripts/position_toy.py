@@ -27,7 +27,7 @@ questions with the object named second ("Is the middle of the image left or righ
 ``--test`` accepts ``S:reversed`` for the same on a test split, and ``S:no-b`` / ``S:no-a`` for its pair questions
 with the second / first object left out of the visual tokens (``--drop-b`` / ``--drop-a`` do that to training
 pairs; together, each pair loses at most one of the two). ``--pairs-from FILE`` adds every answerable pair question
-about FILE's scenes (both orders, both axes; `all_pair_records`) to the training set, and ``--image-last`` puts the
+about FILE's scenes (both orders, both axes; `add_relation_turns.pair_records`) to the training set, and ``--image-last`` puts the
 visual tokens after the question instead of before it; ``--only-named`` leaves every object but the two named ones
 out of a pair question's tokens.
 """
@@ -50,8 +50,7 @@ from fastvlm.data.synth import COLORS, OPPOSITE, SHAPES, SynthDataError, derive_
 from fastvlm.train.collate import tokenize_conversation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from add_relation_turns import moved_towards_middle
-from add_relation_turns import pair_records as all_pair_records
+from add_relation_turns import moved_towards_middle, pair_records
 
 RELATIONS = ("left or right of", "above or below")
 
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pool = [r for s in args.train for r in split(s)] + [r for s in args.reverse for r in split(f"{s}:reversed")]
     if args.pairs_from:
-        pool += all_pair_records(json.loads(Path(args.pairs_from).read_text()))
+        pool += pair_records(json.loads(Path(args.pairs_from).read_text()))
     train = encode(pool, hide_b=args.drop_b, hide_a=args.drop_a)
     warm = encode(split(args.warm_start), hide_b=args.drop_b, hide_a=args.drop_a) if args.warm_start else None
     tests = {name: encode(split(name), hide_b=float(name.endswith(":no-b")), hide_a=float(name.endswith(":no-a")))

@@ -250,7 +250,7 @@ def test_position_toy_left_out_object(toy):
 
 def test_position_toy_all_pairs(toy, split):
     records = load_split(split / "train.json")
-    pairs = toy.all_pair_records(records)
+    pairs = toy.pair_records(records)
     assert pairs
     by_scene = Counter()
     for p in pairs:
@@ -323,7 +323,7 @@ def test_position_toy_trains_and_reports(toy, sqs, split, tmp_path):
 def test_position_toy_moved_b(toy, split):
     """--centre-b: the second object moved towards the middle along the asked axis, by the given fraction of its
     distance; answers kept (the true ones) or derived again from the moved scene."""
-    pairs = toy.all_pair_records(load_split(split / "train.json"))
+    pairs = toy.pair_records(load_split(split / "train.json"))
     ideal = toy.IdealTokens(4, 64)
     flipped = 0
     for p in pairs[:200]:
