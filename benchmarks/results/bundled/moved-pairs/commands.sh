@@ -11,8 +11,8 @@ set -euo pipefail
 D=${D:-runs/bundled/data}; OUT=${OUT:-runs/moved}
 R=benchmarks/results/bundled/moved-pairs
 python scripts/moved_pair_split.py --data "$D" --split train --out "$D/moved-train.json"
-stage1() {  # SUFFIX [stage-1 arguments]
-  OMP_NUM_THREADS=2 fastvlm train synth_stage1 --output-dir "$OUT/stage1$1" "${data[@]}" \
+stage1() {  # SUFFIX [stage-1 arguments]; THREADS=1 for two runs side by side
+  OMP_NUM_THREADS=${THREADS:-2} fastvlm train synth_stage1 --output-dir "$OUT/stage1$1" "${data[@]}" \
     --set init.vision.inference_mode=true --set init.vision_tower=fastvlm/assets/fastvlm-synth "${@:2}"
 }
 stage2() {  # FROM-SUFFIX SUFFIX [stage-2 arguments]: stage 2 from stage1FROM-SUFFIX's export
@@ -91,3 +91,36 @@ stage1 -3600-seed44 --set train.max_steps=3600 --set train.seed=44
 stage2 -3600-seed44 -3600-seed44 --set train.seed=44
 keep stage1-3600-seed44 stage2-3600-seed44
 allpairs stage1-3600-seed44:"$OUT/stage1-3600-seed44/final" stage2-3600-seed44:"$OUT/stage2-3600-seed44/final"
+
+# A sixth run (session 14), written here before it started. Every stage 1 so far ends far below its training loss
+# on validation (3,600 steps: training 0.057 against validation 0.185 for seed 43, 0.100 against 0.244 for seed
+# 44): the 32,114 records are seen 14 times and the LM fits them better than it generalises. So: twice the data,
+# in the same mix. 20,000 more training scenes from the generator with --seed 1 (the generator seeds each split by
+# seed and name, so they share no scene with the seed-0 validation and test splits), with their own moved pair
+# questions made the same way, in DATA/extra/; the paths are rewritten relative to DATA. The 3,600-step stage 1
+# (now 8.9 passes over 64,228 records) with seeds 43 and 44, side by side on one core each; compared with the
+# same seeds on the original data (validation 83.2% and 67.0% after stage 1, mean 75.1%). Then the recipe's stage
+# 2 from whichever of the two has the higher validation accuracy after stage 1 (43 on a tie), with that seed.
+# The rule as before: it replaces the shipped model if its stage 2 reaches 83.1% on the validation split. The test
+# split plays no part in any choice.
+fastvlm data synth --out "$D/extra" --num-train 20000 --num-val 0 --num-test 0 --image-size 256 --level basic \
+  --train-turns 7 --seed 1 --workers 2
+python scripts/moved_pair_split.py --data "$D/extra" --split train --out "$D/extra/moved-train.json"
+python - "$D" <<'PY'
+import json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+for src, dst in (("extra/train.json", "extra-train.json"), ("extra/moved-train.json", "extra-moved-train.json")):
+    records = json.loads((d / src).read_text())
+    for r in records:
+        r["image"] = "extra/" + r["image"]
+    (d / dst).write_text(json.dumps(records))
+PY
+data2=(--set "data.train=[$D/train.json,$D/moved-train.json,$D/extra-train.json,$D/extra-moved-train.json]")
+THREADS=1 stage1 -3600-x2 --set train.max_steps=3600 "${data2[@]}" &
+THREADS=1 stage1 -3600-x2-seed44 --set train.max_steps=3600 --set train.seed=44 "${data2[@]}" &
+wait
+keep stage1-3600-x2 stage1-3600-x2-seed44
+# then, by the rule above, one of:
+#   stage2 -3600-x2 -3600-x2 "${data2[@]}"; keep stage2-3600-x2
+#   stage2 -3600-x2-seed44 -3600-x2-seed44 --set train.seed=44 "${data2[@]}"; keep stage2-3600-x2-seed44
