@@ -8,7 +8,10 @@ training split where each record also asks
 - up to ``--position N`` more pair questions of the test's own form (pairs and axes the record does not ask
   yet, either way round, so no answer can be copied from an earlier turn), and
 - up to ``--halves M`` one-object questions, "Is the A above or below the middle of the image?" (or left or
-  right of it), answerable only where the object lies clearly inside one half,
+  right of it), answerable only where the object lies clearly inside one half, and
+- up to ``--binding K`` more existence questions of the test's own form that only a model binding each colour to
+  its shape answers: alternately a hard "no" (a colour and shape that are both in the scene, or one of them is,
+  but not together) and a "yes" about an object that is there (none the record asks already),
 
 every answer derived from the record's stored scene (``fastvlm.data.synth.derive_answer`` for the pairs).
 The added turns go at random places after the first (which holds ``<image>``), in ``conversations`` and
@@ -39,7 +42,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from fastvlm.data.synth import SynthDataError, _unique, derive_answer, load_split
+from fastvlm.data.synth import (
+    _TEMPLATES,
+    COLORS,
+    SHAPES,
+    SynthDataError,
+    _unique,
+    derive_answer,
+    load_split,
+)
 
 HALF_TEMPLATES = {  # answered with the pair questions' own words, each one token of the bundled tokenizer
     "x": "Is the {a} left or right of the middle of the image?",
@@ -116,7 +127,36 @@ def moved_towards_middle(scene: dict[str, Any], params: dict[str, Any], alpha: f
     return out, b
 
 
-def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, n_halves: int) -> list[dict]:
+def binding_turns(record: dict[str, Any], rng: random.Random, n: int) -> list[dict]:
+    """Up to n existence turns, hard "no" and "yes" alternately (the other kind when one runs out), about
+    colour-shape combinations the record does not ask yet. A hard "no" names a colour or a shape (or both) of the
+    scene's objects, never one that is there together: answering from the shape or the colour alone fails it."""
+    objs = record["scene"]["objects"]
+    asked = {(q["params"]["color"], q["params"]["shape"]) for q in record.get("qa", [])
+             if q.get("question_type") == "exists"}
+    present = {(o["color"], o["shape"]) for o in objs}
+    colors, shapes = {o["color"] for o in objs}, {o["shape"] for o in objs}
+    hard = [(c, s) for c in COLORS for s in SHAPES
+            if (c, s) not in present and (c, s) not in asked and (c in colors or s in shapes)]
+    yes = [p for p in sorted(present) if p not in asked]
+    rng.shuffle(hard)
+    rng.shuffle(yes)
+    out = []
+    for i in range(n):
+        pools = (hard, yes) if i % 2 == 0 else (yes, hard)
+        pool = pools[0] or pools[1]
+        if not pool:
+            break
+        color, shape = pool.pop()
+        params = {"color": color, "shape": shape}
+        question = rng.choice(_TEMPLATES["exists"]).format(color=color, shape=shape)
+        out.append({"question": question, "answer": derive_answer(record["scene"], "exists", params),
+                    "kind": "exists", "params": params})
+    return out
+
+
+def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, n_halves: int,
+                   n_binding: int = 0) -> list[dict]:
     """The turns to add to one record: {question, answer, kind, params} dicts, every answer derived from the scene."""
     scene, asked = record["scene"], _asked(record)
     halves = []
@@ -139,6 +179,8 @@ def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, 
             out.append({"question": question, "answer": answer, "kind": "position", "params": params})
     for question, answer, params in rng.sample(halves, min(n_halves, len(halves))):
         out.append({"question": question, "answer": answer, "kind": "half", "params": params})
+    if n_binding:
+        out += binding_turns(record, rng, n_binding)
     return out
 
 
@@ -169,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="where to write the extended split (JSON)")
     ap.add_argument("--position", type=int, default=2, help="extra pair questions per record (default 2)")
     ap.add_argument("--halves", type=int, default=2, help="one-object half questions per record (default 2)")
+    ap.add_argument("--binding", type=int, default=0,
+                    help="existence questions per record that need each colour bound to its shape (default 0)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.position < 0 or args.halves < 0:
-        ap.error("--position and --halves must be >= 0")
+    if args.position < 0 or args.halves < 0 or args.binding < 0:
+        ap.error("--position, --halves and --binding must be >= 0")
     if Path(args.out).resolve() == Path(args.data).resolve():
         ap.error("--out must differ from --data")
     records = load_split(args.data)
@@ -182,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     counts: Counter = Counter()
     out = []
     for rec in records:
-        turns = relation_turns(rec, rng, args.position, args.halves)
+        turns = relation_turns(rec, rng, args.position, args.halves, args.binding)
         counts.update(f"{t['kind']}:{t['answer']}" for t in turns)
         out.append(add_turns(rec, turns, rng))
     Path(args.out).write_text(json.dumps(out))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastvlm.data.synth import (
+    _TEMPLATES,
     COLORS,
     SHAPES,
     _unique,
@@ -119,6 +120,37 @@ def test_added_turns_follow_from_the_scene(art, split, tmp_path):
     again = tmp_path / "again.json"
     art.main(["--data", str(split / "train.json"), "--out", str(again), "--position", "3", "--halves", "2"])
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_binding_turns_need_colour_and_shape_together(art, split, tmp_path):
+    out = tmp_path / "binding.json"
+    args = ["--data", str(split / "train.json"), "--out", str(out), "--position", "0", "--halves", "0"]
+    assert art.main([*args, "--binding", "4"]) == 0
+    before, after = load_split(split / "train.json"), load_split(out)
+    answers = Counter()
+    for b, a in zip(before, after):
+        validate_record(a, split)  # the added existence turns re-derive from the scene like the generator's own
+        objs = a["scene"]["objects"]
+        present = {(o["color"], o["shape"]) for o in objs}
+        asked = [(q["params"]["color"], q["params"]["shape"]) for q in a["qa"] if q["question_type"] == "exists"]
+        assert len(asked) == len(set(asked)), "an existence question was asked twice in one record"
+        assert all(t["kind"] == "exists" for t in a["added_turns"]) and len(a["added_turns"]) <= 4
+        for i, t in enumerate(a["added_turns"]):
+            color, shape = t["params"]["color"], t["params"]["shape"]
+            assert t["question"] in {f.format(color=color, shape=shape) for f in _TEMPLATES["exists"]}
+            assert t["answer"] == ("yes" if (color, shape) in present else "no")
+            if t["answer"] == "no":  # hard: the colour or the shape alone is in the scene
+                assert any(o["color"] == color for o in objs) or any(o["shape"] == shape for o in objs)
+            answers[t["answer"]] += 1
+        kinds = [t["answer"] for t in a["added_turns"]]
+        if len(kinds) >= 2 and len(set(kinds)) == 2:
+            assert kinds[0] == "no" and kinds[1] == "yes", kinds  # alternating, a hard "no" first
+    assert answers["no"] > 0 and answers["yes"] > 0
+    # without --binding the output is what it was before the option existed
+    plain, zero = tmp_path / "plain.json", tmp_path / "zero.json"
+    art.main(args[:3] + [str(plain), "--position", "2", "--halves", "2"])
+    art.main(args[:3] + [str(zero), "--position", "2", "--halves", "2", "--binding", "0"])
+    assert plain.read_bytes() == zero.read_bytes()
 
 
 def test_bad_arguments(art, split, tmp_path, capsys):
