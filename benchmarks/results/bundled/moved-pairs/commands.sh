@@ -157,5 +157,8 @@ allpairs stage1-3600-x2:"$OUT/stage1-3600-x2/final" stage1-3600-x2-seed44:"$OUT/
 stage1 -3600-x2-seed45 --set train.max_steps=3600 --set train.seed=45 "${data2[@]}"
 keep stage1-3600-x2-seed45
 allpairs stage1-3600-x2-seed45:"$OUT/stage1-3600-x2-seed45/final"
-# only if its validation accuracy is above 79.4%:
-#   stage2 -3600-x2-seed45 -3600-x2-seed45 --set train.seed=45 "${data2[@]}"; keep stage2-3600-x2-seed45
+# Its stage 1 scored 80.0% on the validation split (above 79.4%; its time includes 4.7 minutes paused while CI ran),
+# so by the rule its stage 2 runs:
+stage2 -3600-x2-seed45 -3600-x2-seed45 --set train.seed=45 "${data2[@]}"
+keep stage2-3600-x2-seed45
+# Its stage 2 scored 79.0% on the validation split (81.0% on the test split): below 83.1%, nothing ships.
