@@ -162,3 +162,12 @@ allpairs stage1-3600-x2-seed45:"$OUT/stage1-3600-x2-seed45/final"
 stage2 -3600-x2-seed45 -3600-x2-seed45 --set train.seed=45 "${data2[@]}"
 keep stage2-3600-x2-seed45
 # Its stage 2 scored 79.0% on the validation split (81.0% on the test split): below 83.1%, nothing ships.
+
+# The colour-shape binding breakdown the README quotes (session 14), from the test predictions kept in predictions/:
+mkdir -p "$R/predictions"
+for M in stage1-3600 stage1-3600-x2 stage1-3600-x2-seed44; do
+  cp "$OUT/eval-$M-test/predictions.jsonl" "$R/predictions/$M-test.jsonl"
+done
+python scripts/binding_errors.py --split "$D/test.json" --train "$D/train.json" --out "$R/binding-errors.json" \
+  stage1-3600="$R/predictions/stage1-3600-test.jsonl" stage1-3600-x2="$R/predictions/stage1-3600-x2-test.jsonl" \
+  stage1-3600-x2-seed44="$R/predictions/stage1-3600-x2-seed44-test.jsonl"

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Colour-shape binding errors of synthetic-split predictions (README, "What the failing runs get wrong").
+
+For each predictions file of `fastvlm eval --task synth` on a split: existence questions answered "no" whose named
+shape is in the scene in another colour (the shortcut answers them "yes"), against all other "no" questions; and
+colour questions, wrong answers that name a colour present in the scene, by the scene's object count. With
+--train, also how often answering existence from the shape alone is right on a training split.
+
+  python scripts/binding_errors.py --split runs/bundled/data/test.json --train runs/bundled/data/train.json \\
+      NAME=predictions.jsonl ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+from fastvlm.data.synth import load_split
+
+
+def asked(record: dict) -> dict:
+    """The evaluated turn's qa entry (the last one of a multi-turn record)."""
+    return record["qa"][-1] if len(record["conversations"]) > 2 else record["qa"][0]
+
+
+def binding_errors(records: list[dict], predictions: dict[str, str]) -> dict:
+    out: Counter = Counter()
+    for r in records:
+        q, objs = asked(r), r["scene"]["objects"]
+        p = predictions[r["id"]].strip()
+        if q["question_type"] == "exists" and q["answer"] == "no":
+            shape_there = any(o["shape"] == q["params"]["shape"] for o in objs)
+            key = "exists_no_shape_present" if shape_there else "exists_no_other"
+            out[f"{key}/n"] += 1
+            out[f"{key}/wrong"] += p != q["answer"]
+        elif q["question_type"] == "color":
+            out["color/n"] += 1
+            if p != q["answer"]:
+                colours = {o["color"] for o in objs} | {t["color"] for t in r["scene"]["texts"]}
+                out["color/wrong"] += 1
+                out["color/wrong_in_scene"] += p in colours
+                out[f"color/wrong_with_{len(objs)}_objects"] += 1
+    return dict(sorted(out.items()))
+
+
+def shape_only_rate(records: list[dict]) -> dict:
+    """Existence questions of every turn of a training split, answered from the shape alone."""
+    n = right = 0
+    for r in records:
+        shapes = {o["shape"] for o in r["scene"]["objects"]}
+        for q in r["qa"]:
+            if q["question_type"] == "exists":
+                n += 1
+                right += ("yes" if q["params"]["shape"] in shapes else "no") == q["answer"]
+    return {"n": n, "right": right, "accuracy": right / n if n else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("predictions", nargs="+", help="NAME=PATH of a predictions.jsonl")
+    ap.add_argument("--split", required=True, help="the split the predictions answer (JSON with scenes)")
+    ap.add_argument("--train", help="a training split: also report the shape-only existence rate")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    records = load_split(args.split)
+    result: dict = {"split": args.split, "models": {}}
+    for item in args.predictions:
+        name, sep, path = item.partition("=")
+        if not sep:
+            ap.error(f"{item!r}: give NAME=PATH")
+        with open(path) as f:
+            preds = {row["id"]: row["prediction"] for row in map(json.loads, f)}
+        missing = [r["id"] for r in records if r["id"] not in preds]
+        if missing:
+            ap.error(f"{path}: no prediction for {len(missing)} records of {args.split} (first {missing[0]})")
+        result["models"][name] = binding_errors(records, preds)
+    if args.train:
+        result["train_shape_only_existence"] = shape_only_rate(load_split(args.train))
+    text = json.dumps(result, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
