@@ -11,7 +11,10 @@ training split where each record also asks
   right of it), answerable only where the object lies clearly inside one half, and
 - up to ``--binding K`` more existence questions of the test's own form that only a model binding each colour to
   its shape answers: alternately a hard "no" (a colour and shape that are both in the scene, or one of them is,
-  but not together) and a "yes" about an object that is there (none the record asks already),
+  but not together) and a "yes" about an object that is there (none the record asks already), and
+- up to ``--colour C`` more colour questions of the test's own form ("What color is the {shape}?") in scenes of two
+  or more objects, about a shape the scene holds once and the record does not ask yet: the colour of another
+  object in the scene is wrong there, so answering with any colour in view fails it,
 
 every answer derived from the record's stored scene (``fastvlm.data.synth.derive_answer`` for the pairs).
 The added turns go at random places after the first (which holds ``<image>``), in ``conversations`` and
@@ -155,8 +158,25 @@ def binding_turns(record: dict[str, Any], rng: random.Random, n: int) -> list[di
     return out
 
 
+def colour_turns(record: dict[str, Any], rng: random.Random, n: int) -> list[dict]:
+    """Up to n colour turns about shapes the scene holds exactly once, only in scenes of two or more objects (where
+    another object's colour is there to be wrongly named), none the record asks already."""
+    objs = record["scene"]["objects"]
+    if len(objs) < 2:
+        return []
+    asked = {q["params"]["shape"] for q in record.get("qa", []) if q.get("question_type") == "color"}
+    shapes = [s for s in sorted({o["shape"] for o in objs}) if s not in asked and _unique(objs, shape=s)]
+    out = []
+    for shape in rng.sample(shapes, min(n, len(shapes))):
+        params = {"shape": shape}
+        question = rng.choice(_TEMPLATES["color"]).format(shape=shape)
+        out.append({"question": question, "answer": derive_answer(record["scene"], "color", params),
+                    "kind": "color", "params": params})
+    return out
+
+
 def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, n_halves: int,
-                   n_binding: int = 0) -> list[dict]:
+                   n_binding: int = 0, n_colour: int = 0) -> list[dict]:
     """The turns to add to one record: {question, answer, kind, params} dicts, every answer derived from the scene."""
     scene, asked = record["scene"], _asked(record)
     halves = []
@@ -181,6 +201,8 @@ def relation_turns(record: dict[str, Any], rng: random.Random, n_position: int, 
         out.append({"question": question, "answer": answer, "kind": "half", "params": params})
     if n_binding:
         out += binding_turns(record, rng, n_binding)
+    if n_colour:
+        out += colour_turns(record, rng, n_colour)
     return out
 
 
@@ -213,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--halves", type=int, default=2, help="one-object half questions per record (default 2)")
     ap.add_argument("--binding", type=int, default=0,
                     help="existence questions per record that need each colour bound to its shape (default 0)")
+    ap.add_argument("--colour", type=int, default=0,
+                    help="colour questions per record about a shape in a scene of two or more objects (default 0)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.position < 0 or args.halves < 0 or args.binding < 0:
-        ap.error("--position, --halves and --binding must be >= 0")
+    if min(args.position, args.halves, args.binding, args.colour) < 0:
+        ap.error("--position, --halves, --binding and --colour must be >= 0")
     if Path(args.out).resolve() == Path(args.data).resolve():
         ap.error("--out must differ from --data")
     records = load_split(args.data)
@@ -226,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     counts: Counter = Counter()
     out = []
     for rec in records:
-        turns = relation_turns(rec, rng, args.position, args.halves, args.binding)
+        turns = relation_turns(rec, rng, args.position, args.halves, args.binding, args.colour)
         counts.update(f"{t['kind']}:{t['answer']}" for t in turns)
         out.append(add_turns(rec, turns, rng))
     Path(args.out).write_text(json.dumps(out))

@@ -153,6 +153,51 @@ def test_binding_turns_need_colour_and_shape_together(art, split, tmp_path):
     assert plain.read_bytes() == zero.read_bytes()
 
 
+def test_colour_turns_ask_a_unique_shape_among_several_objects(art, split, tmp_path):
+    out = tmp_path / "colour.json"
+    args = ["--data", str(split / "train.json"), "--out", str(out), "--position", "0", "--halves", "0"]
+    assert art.main([*args, "--binding", "1", "--colour", "2"]) == 0
+    before, after = load_split(split / "train.json"), load_split(out)
+    n_colour = n_other_colour_in_view = 0
+    for b, a in zip(before, after):
+        validate_record(a, split)  # every added colour answer re-derives from the scene
+        objs = a["scene"]["objects"]
+        colour = [t for t in a["added_turns"] if t["kind"] == "color"]
+        assert len(colour) <= 2 and len([t for t in a["added_turns"] if t["kind"] == "exists"]) <= 1
+        if len(objs) < 2:
+            assert not colour, "a colour turn in a one-object scene binds nothing"
+        asked = [q["params"]["shape"] for q in a["qa"] if q["question_type"] == "color"]
+        assert len(asked) == len(set(asked)), "a colour question was asked twice in one record"
+        for t in colour:
+            shape = t["params"]["shape"]
+            assert t["question"] in {f.format(shape=shape) for f in _TEMPLATES["color"]}
+            (obj,) = [o for o in objs if o["shape"] == shape]  # the shape is in the scene exactly once
+            assert t["answer"] == obj["color"]
+            n_colour += 1
+            n_other_colour_in_view += any(o["color"] != obj["color"] for o in objs)
+        # the record's own turns are all still there, in order, with <image> in the first
+        assert a["conversations"][:2] == b["conversations"][:2]
+        assert len(a["conversations"]) == len(b["conversations"]) + 2 * len(a["added_turns"])
+        rest = iter(a["conversations"])
+        assert all(any(c == x for x in rest) for c in b["conversations"]), "an original turn was lost or moved"
+    assert n_colour > 0 and n_other_colour_in_view > 0
+    # hand-made scenes: nothing for one object; for two, only the shape that is there once, unless already asked
+    rng = random.Random(0)
+    one = {"scene": {"objects": [{"shape": "circle", "color": "red"}], "texts": []}, "qa": []}
+    assert art.colour_turns(one, rng, 2) == []
+    objs = [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"},
+            {"shape": "square", "color": "green"}]
+    three = {"scene": {"objects": objs, "texts": []}, "qa": []}
+    assert [(t["params"], t["answer"]) for t in art.colour_turns(three, rng, 2)] == [({"shape": "circle"}, "red")]
+    three["qa"] = [{"question_type": "color", "params": {"shape": "circle"}}]
+    assert art.colour_turns(three, rng, 2) == []
+    # --colour 0 leaves the output as it was before the option existed
+    plain, zero = tmp_path / "plain.json", tmp_path / "zero.json"
+    art.main([*args[:3], str(plain), "--binding", "2"])
+    art.main([*args[:3], str(zero), "--binding", "2", "--colour", "0"])
+    assert plain.read_bytes() == zero.read_bytes()
+
+
 def test_bad_arguments(art, split, tmp_path, capsys):
     with pytest.raises(SystemExit):
         art.main(["--data", str(split / "train.json"), "--out", str(split / "train.json")])
