@@ -18,9 +18,9 @@ training split where each record also asks
 
 every answer derived from the record's stored scene (``fastvlm.data.synth.derive_answer`` for the pairs).
 The added turns go at random places after the first (which holds ``<image>``), in ``conversations`` and
-in ``qa`` (as types ``position`` and ``half``, so ``validate_record`` re-derives them too); the first turn and
-``question_type`` stay as they were, and the added turns are also listed under ``added_turns``. Only for
-training: the validation and test splits stay as generated.
+in ``qa`` (as types ``position``, ``half``, ``exists`` and ``color``, so ``validate_record`` re-derives
+them too); the first turn and ``question_type`` stay as they were, and the added turns are also listed under
+``added_turns``. Only for training: the validation and test splits stay as generated.
 
 Tried once for the bundled model and not kept: its stage 1 on such a split (``--position 2 --halves 2``) scored
 69.4% with position at 55%, against 81.7% without the added turns (README; benchmarks/results/bundled/
@@ -30,6 +30,10 @@ questions alone did not learn the vertical ones in 300 steps (it answered "top" 
 one-token words. Asked alone (scripts/single_question_split.py), the one-object questions are learned (80-82% on
 the test scenes) and the pair questions are not (chance after 1,000 steps), also when both are trained
 together (benchmarks/results/bundled/position-diagnostics/).
+
+``--binding 2 --colour 1`` was tried once too (README, "Hard binding turns"; benchmarks/results/bundled/
+moved-pairs/, run 9): both seeds' stage 1s did far worse on validation (53.6% and 68.2% against 79.4% and 73.8%
+without the turns), colour and existence questions included.
 
   python scripts/add_relation_turns.py --data data/synth/train.json --out data/synth/train_rel.json \\
       --position 2 --halves 2
