@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
 from fastvlm.data.synth import load_split
+from fastvlm.eval.runner import read_predictions
 
 
 def asked(record: dict) -> dict:
@@ -69,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         name, sep, path = item.partition("=")
         if not sep:
             ap.error(f"{item!r}: give NAME=PATH")
-        with open(path) as f:
-            preds = {row["id"]: row["prediction"] for row in map(json.loads, f)}
+        if not os.path.isfile(path):
+            ap.error(f"{path}: no such predictions file")
+        preds = read_predictions(path)
         missing = [r["id"] for r in records if r["id"] not in preds]
         if missing:
             ap.error(f"{path}: no prediction for {len(missing)} records of {args.split} (first {missing[0]})")

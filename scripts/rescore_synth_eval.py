@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from fastvlm.eval.runner import read_predictions
 from fastvlm.eval.tasks import TASKS
 
 
@@ -29,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         name, sep, path = run.partition("=")
         if not sep:
             ap.error(f"expected NAME=PREDICTIONS.jsonl, got {run!r}")
-        with open(path) as f:
-            pred = {r["id"]: r["prediction"] for r in map(json.loads, f)}
+        if not os.path.isfile(path):
+            ap.error(f"{path}: no such predictions file")
+        pred = read_predictions(path)
         missing = [s.id for s in samples if s.id not in pred]
         if missing:
             ap.error(f"{path}: no prediction for {len(missing)} samples (first: {missing[0]})")

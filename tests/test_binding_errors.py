@@ -7,12 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from fastvlm.data.synth import generate_dataset, load_split
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "binding_errors.py"
 
 
-def test_shortcut_answers_are_counted_as_binding_errors(tmp_path):
+def test_shortcut_answers_are_counted_as_binding_errors(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("binding_errors", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -43,3 +45,12 @@ def test_shortcut_answers_are_counted_as_binding_errors(tmp_path):
     assert all(len(r["scene"]["objects"]) >= 2 for r in wrong_colour)
     rate = json.loads(out.read_text())["train_shape_only_existence"]
     assert 0 < rate["right"] < rate["n"]
+    # bad predictions arguments exit with a message that names the problem
+    for arg, message in ((str(path), "give NAME=PATH"), (f"m={tmp_path / 'none.jsonl'}", "no such predictions file")):
+        with pytest.raises(SystemExit):
+            mod.main(["--split", str(tmp_path / "test.json"), arg])
+        assert message in capsys.readouterr().err
+    path.write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in list(preds.items())[1:]))
+    with pytest.raises(SystemExit):
+        mod.main(["--split", str(tmp_path / "test.json"), f"m={path}"])
+    assert "no prediction for 1 records" in capsys.readouterr().err
