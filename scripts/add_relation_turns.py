@@ -2,7 +2,7 @@
 """Add relational training turns to a synthetic split: a curriculum for the position questions.
 
 The bundled model answers "Is the A above or below the B?" near chance while a linear probe reads both
-objects' coordinates from the encoder's tokens (README, "The bundled model"). This writes a copy of a
+objects' coordinates from the encoder's tokens (docs/bundled-model.md, "The bundled model"). This writes a copy of a
 training split where each record also asks
 
 - up to ``--position N`` more pair questions of the test's own form (pairs and axes the record does not ask
@@ -23,7 +23,7 @@ them too); the first turn and ``question_type`` stay as they were, and the added
 ``added_turns``. Only for training: the validation and test splits stay as generated.
 
 Tried once for the bundled model and not kept: its stage 1 on such a split (``--position 2 --halves 2``) scored
-69.4% with position at 55%, against 81.7% without the added turns (README; benchmarks/results/bundled/
+69.4% with position at 55%, against 81.7% without the added turns (docs/bundled-model.md; benchmarks/results/bundled/
 relation-curriculum/). That run asked the halves as "in the top or bottom half of the image?" (commit 92b4457);
 "top" and "bottom" are three and four byte-level tokens of the bundled tokenizer, and an LM trained on such
 questions alone did not learn the vertical ones in 300 steps (it answered "top" to all). They now take the pair questions'
@@ -31,7 +31,7 @@ one-token words. Asked alone (scripts/single_question_split.py), the one-object 
 the test scenes) and the pair questions are not (chance after 1,000 steps), also when both are trained
 together (benchmarks/results/bundled/position-diagnostics/).
 
-``--binding 2 --colour 1`` was tried once too (README, "Hard binding turns"; benchmarks/results/bundled/
+``--binding 2 --colour 1`` was tried once too (docs/bundled-model.md, "Hard binding turns"; benchmarks/results/bundled/
 moved-pairs/, run 9): both seeds' stage 1s did far worse on validation (53.6% and 68.2% against 79.4% and 73.8%
 without the turns), colour and existence questions included.
 

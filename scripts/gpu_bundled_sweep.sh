@@ -9,7 +9,7 @@
 # reading-seed1 (default all four), STAGE2=0 stops after stage 1.
 #
 # The LM sweep: ENCODER=path skips the pretraining and gives every variant that (train-form) encoder, S1 sets
-# stage 1's steps, and the lm* variants (which need ENCODER) change the LM's size and the stage seeds (README, "The bundled model"):
+# stage 1's steps, and the lm* variants (which need ENCODER) change the LM's size and the stage seeds (docs/bundled-model.md, "The bundled model"):
 #
 #   ENCODER=.dev/r5/encoder-reading-seed1.safetensors S1=2400 STAGE2=0 \
 #     VARIANTS="lm3 lm3-seed2 lm256x4 lm256x6 lm384x4" OUT=runs/gpu-lm bash scripts/gpu_bundled_sweep.sh

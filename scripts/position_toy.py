@@ -2,7 +2,7 @@
 """Position questions without the encoder: can the bundled model's LM learn them from ideal visual tokens?
 
 The bundled model answers "Is the A left or right of the B?" at chance although a linear probe reads both objects'
-coordinates from its encoder's tokens (README, "The bundled model"). This script takes the encoder out of the
+coordinates from its encoder's tokens (docs/bundled-model.md, "The bundled model"). This script takes the encoder out of the
 question. It trains the bundled model's LM shape (a new Qwen2: 3 layers, 192 wide, 3 heads sharing 1 KV head,
 through transformers) and an ``mlp2x_gelu``-shaped projector on *ideal* visual tokens computed from each record's
 stored scene, then scores test splits by the answer's first token (the argmax; each answer word is one token).

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Position questions asked alone (README, "The bundled model"): does the small LM learn one-object positions,
+# Position questions asked alone (docs/bundled-model.md, "The bundled model"): does the small LM learn one-object positions,
 # two-object comparisons, either? Every run: recipe synth_stage1 (encoder frozen, features cached, projector and
 # a new 3 x 192 LM train, lr 1e-3 cosine, batches of 128), one thread each, two runs side by side on the 2-core
 # AMD EPYC; evaluated in fp32 on this CPU. D is the bundled model's data (scripts/train_bundled_model.sh step 1).
 set -euo pipefail
 D=${D:-runs/bundled/data}; O=${O:-runs/position-diagnostics}; mkdir -p "$O"
 SHIP=runs/bundled/encoder-256.safetensors            # the shipped model's encoder (variant reading-seed1)
-IMGPOS=runs/bundled/encoder-image-pos.safetensors    # continued with whole-image position labels: README,
+IMGPOS=runs/bundled/encoder-image-pos.safetensors    # continued with whole-image position labels: docs/bundled-model.md,
                                                      # "Continuing the encoder's pretraining with those position labels"
 q() { python scripts/single_question_split.py --data "$D/$1.json" --out "$O/$2.json" "${@:3}"; }
 q train pos_train --kind position                 # 12,184 pair questions

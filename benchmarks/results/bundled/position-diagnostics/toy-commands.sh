@@ -70,7 +70,7 @@ if [ "$ROUND" = all ] || [ "$ROUND" = 5 ]; then
   toy pairs-all-3000 --train pos_train --pairs-from "$D/train.json" --test pos_test --test pos_testall \
     --steps 3000 --eval-every 250 &
   toy pairs-all-6x6-3000 --train pos_train --pairs-from "$D/train.json" --test pos_test --test pos_testall \
-    --layers 6 --heads 6 --kv-heads 6 --steps 3000 --eval-every 250 &  # stopped at step 1,500 (see the README)
+    --layers 6 --heads 6 --kv-heads 6 --steps 3000 --eval-every 250 &  # stopped at step 1,500 (see docs/bundled-model.md)
   wait
 fi
 if [ "$ROUND" = all ] || [ "$ROUND" = 6 ]; then

@@ -1,4 +1,4 @@
-# The relational-curriculum run (README, "The bundled model"), on the 2-core CPU here, 2 threads.
+# The relational-curriculum run (docs/bundled-model.md, "The bundled model"), on the 2-core CPU here, 2 threads.
 # D is the bundled model's data (fastvlm data synth ... as in scripts/train_bundled_model.sh), ENC the shipped
 # encoder's train form (scripts/gpu_bundled_sweep.sh variant reading-seed1).
 set -euo pipefail
