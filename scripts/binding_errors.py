@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Colour-shape binding errors of synthetic-split predictions (README, "What the failing runs get wrong").
+"""Colour-shape binding errors of synthetic-split predictions (docs/bundled-model.md, "What the failing runs get wrong"), and
+with --reading, reading errors by text size.
 
 For each predictions file of `fastvlm eval --task synth` on a split: existence questions answered "no" whose named
 shape is in the scene in another colour (the shortcut answers them "yes"), against all other "no" questions; and
 colour questions, wrong answers that name a colour present in the scene, by the scene's object count. With
---train, also how often answering existence from the shape alone is right on a training split.
+--train, also how often answering existence from the shape alone is right on a training split. With --reading, the
+word and number questions: right answers per text size, over all of them and over those whose scene holds that one
+text only (nothing to choose between: reading alone); questions that name the text's colour, and how often such a
+wrong answer is another text of the scene; and for wrong numbers, which digit was right.
 
   python scripts/binding_errors.py --split runs/bundled/data/test.json --train runs/bundled/data/train.json \\
       NAME=predictions.jsonl ...
@@ -46,6 +50,30 @@ def binding_errors(records: list[dict], predictions: dict[str, str]) -> dict:
     return dict(sorted(out.items()))
 
 
+def reading_errors(records: list[dict], predictions: dict[str, str]) -> dict:
+    out: Counter = Counter()
+    for r in records:
+        q, texts = asked(r), r["scene"]["texts"]
+        kind = q["question_type"]
+        if kind not in ("read_word", "read_number"):
+            continue
+        p, a = predictions[r["id"]].strip().rstrip("."), q["answer"]
+        right = p == a
+        groups = [f"{kind}/size_{q['text_size']}"]
+        if len(texts) == 1:
+            groups.append(f"{kind}/one_text/size_{q['text_size']}")
+        if q["params"].get("color"):
+            groups.append(f"{kind}/colour_named")
+            out[f"{kind}/colour_named/wrong_other_text"] += not right and p in {t["text"] for t in texts}
+        for g in groups:
+            out[f"{g}/n"] += 1
+            out[f"{g}/right"] += right
+        if kind == "read_number" and not right:
+            tens, units = len(p) == 2 and p[0] == a[0], len(p) == 2 and p[1] == a[1]
+            out[f"read_number/wrong/{'tens_right' if tens else 'units_right' if units else 'neither_right'}"] += 1
+    return dict(sorted(out.items()))
+
+
 def shape_only_rate(records: list[dict]) -> dict:
     """Existence questions of every turn of a training split, answered from the shape alone."""
     n = right = 0
@@ -63,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("predictions", nargs="+", help="NAME=PATH of a predictions.jsonl")
     ap.add_argument("--split", required=True, help="the split the predictions answer (JSON with scenes)")
     ap.add_argument("--train", help="a training split: also report the shape-only existence rate")
+    ap.add_argument("--reading", action="store_true", help="also the reading errors (reading_errors)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     records = load_split(args.split)
@@ -78,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             ap.error(f"{path}: no prediction for {len(missing)} records of {args.split} (first {missing[0]})")
         result["models"][name] = binding_errors(records, preds)
+        if args.reading:
+            result["models"][name]["reading"] = reading_errors(records, preds)
     if args.train:
         result["train_shape_only_existence"] = shape_only_rate(load_split(args.train))
     text = json.dumps(result, indent=1)

@@ -1,10 +1,11 @@
-"""scripts/binding_errors.py: the colour-shape binding breakdown the README quotes."""
+"""scripts/binding_errors.py: the colour-shape binding breakdown docs/bundled-model.md quotes."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,48 @@ def test_shortcut_answers_are_counted_as_binding_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mod.main(["--split", str(tmp_path / "test.json"), f"m={path}"])
     assert "no prediction for 1 records" in capsys.readouterr().err
+
+
+def test_reading_errors_split_by_size_scene_and_digit(tmp_path):
+    spec = importlib.util.spec_from_file_location("binding_errors", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    generate_dataset(tmp_path, num_train=0, num_val=0, num_test=300, image_size=256, level="basic", train_turns=1,
+                     progress=False)
+    test = load_split(tmp_path / "test.json")
+    preds, expect = {}, {"tens": 0, "other_text": 0, "not_in_scene": 0, "words": Counter(), "one_text_words": Counter()}
+    for r in test:
+        q, texts = mod.asked(r), r["scene"]["texts"]
+        a = q["answer"]
+        if q["question_type"] == "read_number":
+            # the tens digit right, the units digit wrong
+            preds[r["id"]] = a[0] + str((int(a[1]) + 1) % 10)
+            expect["tens"] += 1
+        elif q["question_type"] == "read_word" and q["params"].get("color") and len(texts) > 1:
+            # colour-named words, answered in turn with another text of the scene and with a word not in it
+            if expect["other_text"] <= expect["not_in_scene"]:
+                preds[r["id"]] = next(t["text"] for t in texts if t["text"] != a)
+                expect["other_text"] += 1
+            else:
+                preds[r["id"]] = "zebra-not-in-scene"
+                expect["not_in_scene"] += 1
+        else:
+            preds[r["id"]] = a + "."  # a closing full stop does not count against it
+            if q["question_type"] == "read_word":
+                expect["words"][q["text_size"]] += 1
+                expect["one_text_words"][q["text_size"]] += len(texts) == 1
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in preds.items()))
+    out = tmp_path / "r.json"
+    assert mod.main(["--split", str(tmp_path / "test.json"), "--reading", f"m={path}", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["models"]["m"]["reading"]
+    assert expect["tens"] > 0 and expect["other_text"] > 0 and expect["not_in_scene"] > 0
+    assert got["read_number/wrong/tens_right"] == expect["tens"]
+    assert "read_number/wrong/units_right" not in got and "read_number/wrong/neither_right" not in got
+    assert sum(v for k, v in got.items() if k.startswith("read_number/size_") and k.endswith("/right")) == 0
+    assert got["read_word/colour_named/wrong_other_text"] == expect["other_text"]
+    assert got["read_word/colour_named/n"] - got["read_word/colour_named/right"] == expect["other_text"] + expect["not_in_scene"]
+    for size, n in expect["words"].items():
+        assert got[f"read_word/size_{size}/right"] == n
+        assert got.get(f"read_word/one_text/size_{size}/right", 0) == expect["one_text_words"][size]

@@ -163,7 +163,7 @@ stage2 -3600-x2-seed45 -3600-x2-seed45 --set train.seed=45 "${data2[@]}"
 keep stage2-3600-x2-seed45
 # Its stage 2 scored 79.0% on the validation split (81.0% on the test split): below 83.1%, nothing ships.
 
-# The colour-shape binding breakdown the README quotes (session 14), from the test predictions kept in predictions/:
+# The colour-shape binding breakdown docs/bundled-model.md quotes (session 14), from the test predictions kept in predictions/:
 mkdir -p "$R/predictions"
 for M in stage1-3600 stage1-3600-x2 stage1-3600-x2-seed44; do
   cp "$OUT/eval-$M-test/predictions.jsonl" "$R/predictions/$M-test.jsonl"
@@ -196,10 +196,18 @@ keep stage1-3600-bind stage1-3600-bind-seed44
 stage2 -3600-bind-seed44 -3600-bind-seed44 --set train.seed=44 "${data3[@]}"
 keep stage2-3600-bind-seed44
 # Its stage 2 scored 68.4% on the validation split (72.5% on the test split): below 83.1%, nothing ships.
-# Run 9's binding breakdown (README), from its stage 1s' kept test predictions; --train is the extended split here:
+# Run 9's binding breakdown (docs/bundled-model.md), from its stage 1s' kept test predictions; --train is the extended split here:
 for M in stage1-3600-bind stage1-3600-bind-seed44; do
   cp "$OUT/eval-$M-test/predictions.jsonl" "$R/predictions/$M-test.jsonl"
 done
 python scripts/binding_errors.py --split "$D/test.json" --train "$D/train-bind.json" --out "$R/binding-errors-bind.json" \
   stage1-3600-bind="$R/predictions/stage1-3600-bind-test.jsonl" \
   stage1-3600-bind-seed44="$R/predictions/stage1-3600-bind-seed44-test.jsonl"
+
+# Session 16: where reading fails. The shipped model's test predictions (fastvlm eval as in `keep`), then the reading
+# breakdown (binding_errors.py --reading) for it and for the best stage 1 so far (stage1-3600), into reading-errors.json.
+fastvlm eval --model fastvlm/assets/fastvlm-synth --task synth --data "$D/test.json" --out "$OUT/eval-shipped-test" \
+  --dtype fp32 --device cpu --batch-size 32 --no-progress
+cp "$OUT/eval-shipped-test/predictions.jsonl" "$R/predictions/shipped-test.jsonl"
+python scripts/binding_errors.py --split "$D/test.json" --reading --out "$R/reading-errors.json" \
+  shipped="$R/predictions/shipped-test.jsonl" stage1-3600="$R/predictions/stage1-3600-test.jsonl"
