@@ -141,7 +141,12 @@ def _open_bytes(data: bytes, name: str, max_pixels: Optional[int], exif: bool, w
         raise ImageError(what) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # Raised by Image.open from the header alone (the warning only where the caller's
-        # warning filters turn warnings into errors).
+        # warning filters turn warnings into errors). PIL refuses before our own check can
+        # run; where our limit is the lower one, name it rather than only PIL's.
+        pil_limit = Image.MAX_IMAGE_PIXELS
+        if max_pixels is not None and pil_limit is not None and max_pixels <= pil_limit:
+            raise ImageError(f"{name} has more than {max_pixels} pixels, the limit (refused as a possible "
+                             f"decompression bomb; PIL: {e})") from None
         raise ImageError(f"{name} refused as a possible decompression bomb: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL plugins raise many types on malformed headers
         raise ImageError(f"{name} is corrupt or truncated ({type(e).__name__}: {e})") from None
@@ -157,7 +162,7 @@ def _finish(img: Image.Image, name: str, max_pixels: Optional[int], exif: bool, 
         if max_pixels is not None and w * h > max_pixels:
             raise ImageError(
                 f"{name} is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
-                "(refused as a possible decompression bomb; raise max_pixels to allow it)"
+                "(refused as a possible decompression bomb)"
             )
         try:
             # Decode now, inside the try, so truncated data fails here and not later.

@@ -305,6 +305,8 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
 def test_pil_decompression_bomb_paths_map_to_image_error():
     # Over 2x PIL's MAX_IMAGE_PIXELS: Image.open itself raises DecompressionBombError.
     _raises_image_error(_png_header(100_000, 100_000), "decompression bomb", max_pixels=None)
+    # ... and where our limit is the lower one, the error names it, not only PIL's
+    _raises_image_error(_png_header(100_000, 100_000), "more than 50000000 pixels, the limit", max_pixels=50_000_000)
     # Over PIL's warning threshold with warnings escalated to errors: DecompressionBombWarning.
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -178,12 +178,16 @@ def test_openai_client_streaming(client):
     assert usage_chunk.usage.prompt_tokens == full.usage.prompt_tokens
 
 
-def test_raw_sse_format_without_usage(api):
+def test_raw_sse_format_without_include_usage(api):
+    full = chat(api, messages=text_message(), max_tokens=8).json()
     _, chunks = stream_text(api, messages=text_message(), max_tokens=8)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert chunks[-1]["choices"][0]["delta"] == {}
-    assert all("usage" not in c for c in chunks)  # only with stream_options.include_usage
+    # usage and timings come with the last chunk of every stream; without stream_options.include_usage there is
+    # no usage-only chunk and no usage field on the others
+    assert [c for c in chunks if "usage" in c] == [chunks[-1]]
+    assert chunks[-1]["usage"] == full["usage"] and "ttft_s" in chunks[-1]["timings"]
     assert len({c["id"] for c in chunks}) == 1
 
 
@@ -289,6 +293,13 @@ BAD_BODIES = {
     "max_tokens_fraction": ({"messages": text_message(), "max_tokens": 2.5}, 400, "max_tokens", None),
     "max_tokens_over_limit": ({"messages": text_message(), "max_tokens": 5000}, 400, "max_tokens", None),
     "stream_wrong_type": ({"messages": text_message(), "stream": "maybe"}, 400, "stream", None),
+    # refused, not converted: "8" -> 8, true -> 1, "yes" -> true
+    "max_tokens_string": ({"messages": text_message(), "max_tokens": "8"}, 400, "max_tokens", None),
+    "max_tokens_bool": ({"messages": text_message(), "max_tokens": True}, 400, "max_tokens", None),
+    "stream_string_yes": ({"messages": text_message(), "stream": "yes"}, 400, "stream", None),
+    "temperature_nan": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature",
+                        None),
+    "seed_over_64_bits": ({"messages": text_message(), "seed": 2**64, "temperature": 1}, 400, "seed", None),
     "n_2": ({"messages": text_message(), "n": 2}, 400, "n", "unsupported_parameter"),
     "tools": ({"messages": text_message(), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
               "unsupported_parameter"),
@@ -332,7 +343,11 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(api, case):
         r = api.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
     else:
         r = api.post("/v1/chat/completions", json=body)
-    assert_error(r, status, param, code)
+    err = assert_error(r, status, param, code)
+    if case == "temperature_nan":
+        assert "finite" in err["message"], err
+    if case == "too_many_pixels":  # names the limit and the flag that sets it
+        assert "1000000" in err["message"] and "--max-image-pixels" in err["message"], err
     ok = chat(api, messages=text_message(), max_tokens=2)
     assert ok.status_code == 200, ok.text
 

@@ -260,7 +260,8 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
             try:
                 images.append(load_image(data, max_pixels=settings.max_image_pixels))
             except FastVLMError as e:
-                raise bad_request(f"invalid image: {e}", param=param, code="invalid_image") from None
+                hint = " (the server's --max-image-pixels)" if "decompression bomb" in str(e) else ""
+                raise bad_request(f"invalid image: {e}{hint}", param=param, code="invalid_image") from None
         try:
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         except FastVLMError as e:
@@ -411,7 +412,11 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
                     yield sse(make(delta={"content": event[1]}))
                 elif event[0] == "done":
                     _, reason, usage, timings = event
-                    yield sse(make(delta={}, finish_reason=reason, timings=timings))
+                    # usage and timings come with the last choice chunk in every stream (documented in
+                    # `fastvlm serve --help`); stream_options.include_usage adds OpenAI's usage-only chunk
+                    last = make(delta={}, finish_reason=reason, timings=timings)
+                    last["usage"] = usage
+                    yield sse(last)
                     if include_usage:
                         yield sse(make(no_choices=True, usage=usage, timings=timings))
                     break

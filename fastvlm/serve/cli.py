@@ -15,8 +15,8 @@ Local file paths are never read.
 
 Every response carries `usage` (prompt_tokens counts image tokens) and a `timings` object
 (ttft_s from request received to first token, queue_s, encode_s, prefill_s, decode_s,
-decode_tokens_per_s, total_s, batch_size); when streaming, they come with the last chunk
-(and the usage chunk with stream_options.include_usage).
+decode_tokens_per_s, total_s, batch_size); when streaming, they come with the last choice
+chunk, and stream_options.include_usage adds OpenAI's usage-only chunk after it.
 
 Parameters: max_tokens / max_completion_tokens, temperature (default 0 = greedy, unlike
 OpenAI's 1; see --default-temperature), top_p, seed, stop (up to 4 strings), stream,

@@ -165,27 +165,29 @@ class Message(_Model):
 
 
 class StreamOptions(_Model):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class ChatCompletionRequest(_Model):
     model: Optional[str] = None
     messages: list[Message] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = None
+    # strict: a string or a boolean where a number belongs is refused, not converted ("8" -> 8, true -> 1)
+    max_tokens: Optional[int] = Field(None, ge=1, strict=True)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, strict=True)
+    temperature: Optional[float] = Field(None, ge=0, le=2, strict=True, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0, le=1, strict=True, allow_inf_nan=False)
+    # the range torch.Generator.manual_seed takes
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, strict=True)
     stop: Union[str, list[str], None] = None
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = Field(None, ge=1)
+    n: Optional[int] = Field(None, ge=1, strict=True)
     user: Optional[str] = None
     # Parameters accepted only at their neutral value (anything else is refused below).
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    presence_penalty: Optional[float] = Field(None, strict=True, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(None, strict=True, allow_inf_nan=False)
+    logprobs: Optional[bool] = Field(None, strict=True)
+    top_logprobs: Optional[int] = Field(None, strict=True)
     logit_bias: Optional[dict[str, Any]] = None
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
@@ -193,9 +195,9 @@ class ChatCompletionRequest(_Model):
     functions: Optional[list[Any]] = None
     function_call: Optional[Any] = None
     # Extensions (as in vLLM): not part of the OpenAI API.
-    top_k: Optional[int] = Field(None, ge=0)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
-    ignore_eos: bool = False
+    top_k: Optional[int] = Field(None, ge=0, strict=True)
+    repetition_penalty: Optional[float] = Field(None, gt=0, strict=True, allow_inf_nan=False)
+    ignore_eos: bool = Field(False, strict=True)
 
     def check_supported(self) -> None:
         """Refuse what the server cannot honour, naming the parameter."""
