@@ -533,6 +533,30 @@ def test_evaluate_errors(tmp_path):
         evaluate("synth", samples, Predictor(), out_dir=bad, progress=False)
 
 
+def test_resume_with_other_settings_is_refused(tmp_path):
+    samples = make_samples(3)
+    first = {"model": "/m/a", "resolution": 256, "decoding": {"greedy": True, "max_new_tokens": 8}}
+    evaluate("synth", samples[:2], Predictor(), out_dir=tmp_path / "r", progress=False, settings=first)
+    # the same settings resume: only the new sample is predicted
+    p = Predictor()
+    s = evaluate("synth", samples, p, out_dir=tmp_path / "r", progress=False, settings=dict(first))
+    assert p.seen == ["s2"] and s["n_resumed"] == 2
+    # another model or decoding would mix two runs' predictions into one score: refused, naming what changed
+    for change, name in (({"model": "/m/b"}, "model: '/m/a' then, '/m/b' now"),
+                         ({"decoding": {"greedy": True, "max_new_tokens": 1}}, "decoding:")):
+        p = Predictor()
+        with pytest.raises(ConfigError, match="other settings") as ei:
+            evaluate("synth", samples, p, out_dir=tmp_path / "r", progress=False, settings={**first, **change})
+        assert name in str(ei.value) and "--out" in str(ei.value) and p.seen == []
+    # a folder from before settings were recorded is resumed, and records them from then on
+    old = tmp_path / "old"
+    evaluate("synth", samples[:1], Predictor(), out_dir=old, progress=False)
+    evaluate("synth", samples, Predictor(), out_dir=old, progress=False, settings=first)
+    assert json.loads((old / "run.json").read_text())["settings"] == first
+    with pytest.raises(ConfigError, match="other settings"):
+        evaluate("synth", samples, Predictor(), out_dir=old, progress=False, settings={**first, "resolution": 512})
+
+
 def test_evaluate_limit_and_score_predictions(tmp_path):
     samples = make_samples(6)
     summary = evaluate("synth", samples, Predictor(), out_dir=tmp_path, limit=4, progress=False)

@@ -310,9 +310,13 @@ def test_skip_bad_counts_and_never_substitutes(tmp_path, img_dir, tok):
     assert [d[i]["id"] for i in range(len(d))] == ["good", "good2"]
 
 
-def test_llava_prepends_image_placeholder_only_for_one_image(tmp_path, img_dir, tok):
+def test_llava_prepends_image_placeholder_only_for_one_image(tmp_path, img_dir, tok, caplog):
     rec = {"id": "x", "image": "a.png", "conversations": conv("What color?", "red")}
-    d = ds(write_json(tmp_path / "d.json", [rec]), str(img_dir), tok)
+    with caplog.at_level("WARNING"):
+        d = ds(write_json(tmp_path / "d.json", [rec, dict(GOOD, id="g")]), str(img_dir), tok)
+    # not silent: counted (the run summary reports it) and logged with the first record named
+    assert d.placeholders_added == 1
+    assert "1 record(s) have one image and no <image> placeholder" in caplog.text and "(id 'x')" in caplog.text
     sample = d[0]
     want = tokenize_conversation([("user", "<image>\nWhat color?"), ("assistant", "red")], tok, N_IMG, SYSTEM)
     assert sample["input_ids"] == want.input_ids and sample["labels"] == want.labels
@@ -320,6 +324,7 @@ def test_llava_prepends_image_placeholder_only_for_one_image(tmp_path, img_dir, 
     # a placeholder in a later turn is not "missing": nothing is prepended, the count must match
     rec2 = {"id": "y", "image": "a.png", "conversations": conv("Hi", "hello", "<image>\nAnd this?", "red")}
     d2 = ds(write_json(tmp_path / "d2.json", [rec2]), str(img_dir), tok)
+    assert d2.placeholders_added == 0
     ids = d2[0]["input_ids"]
     assert ids.index(IMAGE_TOKEN_INDEX) > ids.index(tok.convert_tokens_to_ids("<|im_end|>"))
 
@@ -654,7 +659,11 @@ def test_cli_train_options(tmp_path, capsys):
     assert d["optim"]["lr"] == 3e-5 and d["data"]["skip_bad"] is True and d["train"]["max_steps"] == 7
     assert d["output"]["dir"] == str(tmp_path / "o") and d["output"]["resume"] == "never"
     assert main(["train", "stage2", "--set", "optim.nope=1", "--print-recipe"]) == 1
-    assert "unknown recipe key optim.'nope'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the --set that gave the bad key or value is blamed, not the (correct) recipe file
+    assert "--set optim.nope=1: unknown recipe key optim.'nope'" in err
+    assert main(["train", "stage2", "--set", "optim.lr=abc", "--print-recipe"]) == 1
+    assert "--set optim.lr=abc: optim.lr must be a number, got 'abc'" in capsys.readouterr().err
 
 
 def test_cli_stops_at_a_bad_record(tmp_path, tok_dir, capsys):
@@ -669,3 +678,19 @@ def test_cli_stops_at_a_bad_record(tmp_path, tok_dir, capsys):
     assert main(["train", str(path), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "fastvlm train: error:" in err and "record 4 (id 'm1')" in err and data["train"] in err
+
+
+def test_cli_names_the_recipe_key_of_a_missing_data_path(tmp_path, tok_dir, capsys):
+    import yaml
+
+    from fastvlm.cli import main
+
+    data = make_dataset(tmp_path / "data", 4)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(data, tok_dir, tmp_path / "out")))
+    for override, message in ((f"data.val={tmp_path / 'none.json'}", "data.val: no such data file"),
+                              (f"data.image_folder={tmp_path / 'nodir'}", "data.image_folder: no such data folder"),
+                              (f"init.language_model={tmp_path / 'nolm'}", "init.language_model: no model directory")):
+        assert main(["train", str(path), "--no-progress", "--set", override]) == 1
+        err = capsys.readouterr().err
+        assert message in err and str(tmp_path) in err, err

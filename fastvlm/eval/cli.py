@@ -163,7 +163,7 @@ def run(args) -> int:
     from ..commands.common import load_model, model_path
     from ..errors import ConfigError, FastVLMError
     from .glue import TimingLog, default_max_new_tokens, make_predict_fn, measure_batch1_ttft
-    from .runner import SUMMARY_FILE, evaluate
+    from .runner import SUMMARY_FILE, check_run_file, evaluate
     from .tasks import get_task
 
     task = get_task(args.task)
@@ -177,6 +177,7 @@ def run(args) -> int:
     if not samples:
         raise FastVLMError(f"{args.data}: no samples to evaluate for task {task.name}")
     print(f"{task.name}: {len(samples)} samples from {args.data}", file=sys.stderr)
+    check_run_file(args.out, task)  # another task's folder is refused before the (slow) model load
 
     model = load_model(args)
     max_new_tokens = args.max_new_tokens or default_max_new_tokens(task.name)
@@ -200,14 +201,30 @@ def run(args) -> int:
         print(f"measuring batch-1 TTFT on {min(args.ttft_samples, len(samples))} samples ...", file=sys.stderr)
         ttft_batch1 = measure_batch1_ttft(model, samples, n=args.ttft_samples, system_prompt=args.system)
 
+    # what the predictions depend on: a resume into args.out with other settings is refused
+    settings = {k: details[k] for k in ("model", "resolution", "num_image_tokens", "dtype", "attention", "data",
+                                        "image_root", "decoding", "system_prompt")}
+    if os.path.isdir(settings["model"]):
+        settings["model"] = os.path.abspath(settings["model"])
+    previous = None
+    summary_path = os.path.join(args.out, SUMMARY_FILE)
+    if os.path.isfile(summary_path):
+        try:
+            with open(summary_path, encoding="utf-8") as f:
+                previous = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            previous = None
     log = TimingLog()
     predict_fn = make_predict_fn(model, max_new_tokens=max_new_tokens, timing_log=log, system_prompt=args.system)
     summary = evaluate(
         task, samples, predict_fn, out_dir=args.out, batch_size=args.batch_size, limit=args.limit,
-        progress=not args.no_progress, extra_summary={**details, "ttft_batch1": ttft_batch1},
+        progress=not args.no_progress, extra_summary={**details, "ttft_batch1": ttft_batch1}, settings=settings,
     )
-    # Batched TTFT is known only once the run is over: add it and rewrite the summary.
+    # Batched TTFT is known only once the run is over: add it and rewrite the summary. It covers the requests
+    # predicted in this run; when everything was resumed, the previous run's figure is kept.
     summary["ttft"] = log.summary(args.batch_size)
+    if summary["ttft"] is None and summary["n_predicted_this_run"] == 0 and isinstance(previous, dict):
+        summary["ttft"] = previous.get("ttft")
     _write_json_atomic(os.path.join(args.out, SUMMARY_FILE), summary)
     print_summary(summary, args.out)
     return 0

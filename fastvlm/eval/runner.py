@@ -16,8 +16,10 @@ dropped), their samples are skipped, and the scores at the end cover every sampl
 Files written in ``out_dir``:
 
 * ``predictions.jsonl``: grows during the run;
-* ``run.json``: the task name and the time of the first start (a rerun for another task
-  in the same folder is refused);
+* ``run.json``: the task name, the time of the first start and the run's ``settings`` (what
+  the predictions depend on: model, resolution, dtype, data, decoding, ...); a rerun for
+  another task, or with other settings, in the same folder is refused, since it would mix
+  two runs' predictions into one score;
 * ``scores.jsonl``: per-sample prediction, references and scores, rewritten at the end;
 * ``summary.json``: task, n, scores, breakdown, timings, and ``extra_summary``.
 """
@@ -126,21 +128,38 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _check_run_file(out: Path, task: Task) -> str:
+def check_run_file(out: Union[str, os.PathLike], task: Union[str, Task], settings: Optional[dict] = None) -> str:
+    """Refuse an output folder that holds another task's run, or predictions made with other
+    ``settings``; record the task and settings for the first run. Returns the first start's time."""
+    out, task = Path(out), get_task(task)
     run_file = out / RUN_FILE
+    meta: Any = {}
     if run_file.exists():
         try:
             meta = json.loads(run_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             meta = {}
-        if isinstance(meta, dict) and meta.get("task") not in (None, task.name):
+    if not isinstance(meta, dict):
+        meta = {}
+    if meta.get("task") not in (None, task.name):
+        raise ConfigError(
+            f"{out} holds a run of task {meta['task']!r}; use another output folder (--out) for {task.name!r}"
+        )
+    old = meta.get("settings")
+    if settings is not None and isinstance(old, dict):
+        diffs = [f"{k}: {old[k]!r} then, {settings[k]!r} now" for k in sorted(set(old) & set(settings))
+                 if old[k] != settings[k]]
+        if diffs:
             raise ConfigError(
-                f"{out} holds a run of task {meta['task']!r}; use another out_dir for {task.name!r}"
+                f"{out} holds predictions made with other settings ({'; '.join(diffs)}); resuming would score "
+                "them as this run's. Use another output folder (--out), or delete this one to start over"
             )
-        if isinstance(meta, dict) and isinstance(meta.get("created_at"), str):
-            return meta["created_at"]
-    created = _now()
-    _write_json_atomic(run_file, {"task": task.name, "created_at": created})
+    created = meta["created_at"] if isinstance(meta.get("created_at"), str) else _now()
+    if not run_file.exists() or (settings is not None and old is None):
+        # the first run, or a folder from before settings were recorded: record them now
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(run_file, {"task": task.name, "created_at": created,
+                                      **({"settings": settings} if settings is not None else {})})
     return created
 
 
@@ -168,6 +187,7 @@ def evaluate(
     limit: Optional[int] = None,
     progress: bool = True,
     extra_summary: Optional[dict[str, Any]] = None,
+    settings: Optional[dict[str, Any]] = None,
 ) -> dict:
     """Run ``predict_fn`` over the samples not yet predicted in ``out_dir``, then score
     all of them and write ``summary.json``; returns the summary.
@@ -177,6 +197,8 @@ def evaluate(
     limit: evaluate only the first ``limit`` samples.
     extra_summary: merged into the summary (model, resolution, TTFT, ...); its keys
         must not clash with the summary's own.
+    settings: what the predictions depend on (JSON values), kept in ``run.json``; resuming
+        in a folder whose recorded settings differ is refused (:func:`check_run_file`).
     """
     task = get_task(task)
     if batch_size < 1:
@@ -196,7 +218,7 @@ def evaluate(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    created_at = _check_run_file(out, task)
+    created_at = check_run_file(out, task, settings)
     run_started_at = _now()
     t0 = time.perf_counter()
 

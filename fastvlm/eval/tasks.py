@@ -784,7 +784,7 @@ class Task:
             missing = [p for s in samples for p in s.images if not os.path.isfile(p)]
             if missing:
                 raise FastVLMError(
-                    f"{data}: {len(missing)} image file(s) not found, e.g. {missing[:3]}; pass image_root"
+                    f"{data}: {len(missing)} image file(s) not found, e.g. {missing[:3]}; give the folder they are relative to (--image-root)"
                 )
         return samples
 

@@ -13,8 +13,8 @@ model's system prompt. ``<image>`` may appear only in human turns, once per imag
 order of the record's image list.
 
 **Placeholder rule.** When a record has exactly one image and no ``<image>`` anywhere in
-its conversation, ``<image>\\n`` is prepended to the first human turn, as LLaVA's loader
-does. In every other case the placeholders must match the images one to one: nothing is
+its conversation, ``<image>\\n`` is prepended to the first human turn (a convenience of this
+loader; such records are counted in ``placeholders_added`` and logged). In every other case the placeholders must match the images one to one: nothing is
 moved (the reference also moves a lone ``<image>`` to the front of its turn; records with
 it elsewhere keep it where it is here) and nothing is guessed for multi-image records.
 
@@ -69,6 +69,7 @@ class Conversation:
     images: list[str]
     turns: list[tuple[str, str]]
     system: Optional[str] = None
+    placeholder_added: bool = False  # one image, no <image>: put before the first question
 
 
 def _where(path: str, index: int, record: Any) -> str:
@@ -140,14 +141,18 @@ def parse_record(record: Any, *, path: str, index: int, image_folder: Optional[s
 
     n_ph = sum(text.count(IMAGE_TOKEN) for _, text in turns)
     if len(images) == 1 and n_ph == 0:
-        # LLaVA's loader: a lone image with no placeholder goes before the first question.
+        # a lone image with no placeholder goes before the first question (counted and logged)
         turns[0] = (USER, IMAGE_TOKEN + "\n" + turns[0][1])
         n_ph = 1
+        added = True
+    else:
+        added = False
     if n_ph != len(images):
         raise bad(f"{n_ph} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)", "placeholder_mismatch")
 
     resolved = [p if os.path.isabs(p) or image_folder is None else os.path.join(image_folder, p) for p in images]
-    return Conversation(id=record.get("id", index), images=resolved, turns=turns, system=system)
+    return Conversation(id=record.get("id", index), images=resolved, turns=turns, system=system,
+                        placeholder_added=added)
 
 
 def check_image_file(path: str, how: str) -> Optional[tuple[str, str]]:
@@ -274,11 +279,14 @@ class ConversationDataset:
         self.sources = [_Source(f, d) for f, d in zip(files, image_folders)]
         self.bad_counts: Counter = Counter()
         self.bad_examples: list[str] = []
+        # records given the placeholder rule's <image> (counted and logged, and in the run summary)
+        self.placeholders_added = 0
         self._index(progress)
 
     # ------------------------------------------------------------------ validation pass
     def _index(self, progress: bool) -> None:
         src_ids, rec_ids, lengths, num_labels, has_images = [], [], [], [], []
+        first = None  # the first record given the placeholder rule's <image>
         total = sum(len(s) for s in self.sources)
         bar = None
         if progress and total > 1000:
@@ -302,8 +310,15 @@ class ConversationDataset:
                 lengths.append(len(tok.input_ids))
                 num_labels.append(tok.num_labels)
                 has_images.append(bool(conv.images))
+                if conv.placeholder_added:
+                    if not self.placeholders_added:
+                        first = self.describe_record(si, ri)
+                    self.placeholders_added += 1
         if bar is not None:
             bar.close()
+        if self.placeholders_added:
+            logger.warning("%d record(s) have one image and no %s placeholder; it was put before the first "
+                           "question (first: %s)", self.placeholders_added, IMAGE_TOKEN, first)
         self.source_index = np.asarray(src_ids, dtype=np.int32)
         self.record_index = np.asarray(rec_ids, dtype=np.int64)
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -346,7 +361,9 @@ class ConversationDataset:
         return len(self.lengths)
 
     def describe(self, i: int) -> str:
-        si, ri = int(self.source_index[i]), int(self.record_index[i])
+        return self.describe_record(int(self.source_index[i]), int(self.record_index[i]))
+
+    def describe_record(self, si: int, ri: int) -> str:
         return _where(self.sources[si].path, ri, self.sources[si].record(ri))
 
     def image_paths(self, i: int) -> list[str]:

@@ -504,7 +504,15 @@ def load_recipe(path: str, overrides: Optional[list[str]] = None, *, validate: b
     try:
         return recipe_from_dict(data, source=path, validate=validate)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        # blame the --set that gave the bad value, when one did, rather than the (correct) recipe file
+        msg = str(e)
+        for text in reversed(overrides or []):
+            parts = text.split("=", 1)[0].strip().split(".")
+            # the key itself, or the first unknown part of it ("unknown recipe key data.'nope'")
+            if msg.startswith(".".join(parts)) or any(
+                    f"'{parts[i]}'" in msg and ".".join(parts[:i]) in msg for i in range(len(parts))):
+                raise ConfigError(f"--set {text}: {msg} (recipe {path})") from None
+        raise ConfigError(f"{path}: {msg}") from None
 
 
 __all__ = [

@@ -42,7 +42,7 @@ from ..errors import CheckpointError, ConfigError
 from . import build
 from . import checkpointing as ckpt
 from .collate import DataCollator, GlobalBatchSampler, eval_batches
-from .data import ConversationDataset
+from .data import ConversationDataset, DataError
 from .recipe import Recipe
 
 logger = logging.getLogger("fastvlm.train")
@@ -158,6 +158,14 @@ class Trainer:
         folders = r.data.image_folder or [None]
         if len(folders) == 1:
             folders = folders * len(r.data.train)
+        # a missing file, or an image folder that is not one, is named with the recipe key that gave it
+        for key, paths, kind in (("data.train", r.data.train, "file"), ("data.val", r.data.val or [], "file"),
+                                 ("data.image_folder", r.data.image_folder or [], "folder"),
+                                 ("data.val_image_folder", [r.data.val_image_folder] if r.data.val_image_folder
+                                  else [], "folder")):
+            for path in paths:
+                if not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
+                    raise DataError(f"{key}: no such data {kind}: {path}")
         self.train_data = ConversationDataset(r.data.train, folders, **common)
         self.val_data = None
         if r.data.val:
@@ -640,6 +648,7 @@ class Trainer:
             "skipped_by_kind": bad,
             "skipped_examples": self.train_data.bad_examples[:5],
             "val_skipped_bad_records": self.val_data.num_bad if self.val_data is not None else 0,
+            "image_placeholders_added": self.train_data.placeholders_added,
             "final_loss": self.last_loss,
             "final_val_loss": val_loss,
             "train_time_s": round(self.train_time_before + (time.time() - self.t_start), 3),
