@@ -50,7 +50,18 @@ class VisionConfig:
     inference_mode: bool = True
 
     def __post_init__(self) -> None:
+        # the scalar fields take their annotated types (a JSON "256" for image_size is refused here, not
+        # left to fail deep in the model's construction)
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            want = {"int": int, "float": (int, float), "bool": bool}.get(kind.removeprefix("Optional[").rstrip("]"))
+            if want is None or (value is None and kind.startswith("Optional[")):
+                continue
+            if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
+                raise ConfigError(f"vision.{f.name} must be {kind}, got {value!r}")
         for name in ("depths", "embed_dims", "mlp_ratios", "token_mixers", "pos_embs"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ConfigError(f"vision.{name} must be a list, got {getattr(self, name)!r}")
             setattr(self, name, tuple(getattr(self, name)))
         n = len(self.depths)
         for name in ("embed_dims", "mlp_ratios", "token_mixers", "pos_embs"):
@@ -98,6 +109,14 @@ class FastVLMConfig:
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
             self.vision = VisionConfig(**self.vision)
+        if not isinstance(self.vision, VisionConfig):
+            raise ConfigError(f"vision must be a mapping of encoder settings, got {self.vision!r}")
+        if not isinstance(self.text, dict):
+            raise ConfigError(f"text must be a mapping (the language model's config), got {self.text!r}")
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if k not in self.text]
+        if missing:
+            raise ConfigError(f"text (the language model's config) lacks {', '.join(missing)}")
         if self.projector_type != "mlp2x_gelu" and not self.projector_type.startswith("mlp"):
             if self.projector_type not in ("linear", "identity"):
                 raise ConfigError(f"unknown projector_type {self.projector_type!r}")
@@ -131,6 +150,8 @@ class FastVLMConfig:
         if unknown:
             raise ConfigError(f"unknown FastVLM config fields: {sorted(unknown)}")
         vision = d.pop("vision", {})
+        if not isinstance(vision, dict):
+            raise ConfigError(f"vision must be a mapping of encoder settings, got {vision!r}")
         vknown = {f.name for f in dataclasses.fields(VisionConfig)}
         vunknown = set(vision) - vknown
         if vunknown:

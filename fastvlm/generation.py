@@ -8,6 +8,7 @@ logits only for the last position, and text can be streamed as it is produced.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
@@ -76,6 +77,11 @@ class SamplingParams:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not self.do_sample and (self.temperature not in (0, 1.0) or self.top_p != 1.0 or self.top_k):
+            # transformers' convention: sampling settings act only with do_sample=True (the CLI and the
+            # server turn sampling on for a temperature above 0); say so rather than ignore them silently
+            warnings.warn("temperature, top_p and top_k take effect only with do_sample=True; decoding greedily",
+                          UserWarning, stacklevel=4)
 
 
 def cache_argument(language_model) -> str:

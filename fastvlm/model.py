@@ -45,8 +45,10 @@ def text_config_object(config: FastVLMConfig):
     model_type = text.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **text)
-    except ValueError as e:
-        raise ConfigError(f"transformers cannot build a {model_type!r} language model: {e}") from None
+    except Exception as e:  # noqa: BLE001 - ValueError, TypeError, huggingface_hub's strict-dataclass errors, ...
+        detail = " ".join(str(e).split())  # the strict-dataclass errors span several lines
+        raise ConfigError(f"transformers cannot build a {model_type!r} language model from the text config: "
+                          f"{detail}") from None
 
 
 def sync_special_tokens(config: FastVLMConfig, tokenizer) -> FastVLMConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -48,6 +49,7 @@ def load_image(
     *,
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     apply_exif_orientation: bool = True,
+    scale_16bit: bool = True,
 ) -> Image.Image:
     """Load an image as an RGB ``PIL.Image.Image``.
 
@@ -57,8 +59,8 @@ def load_image(
     Steps: open with PIL, decode the pixels, apply the EXIF orientation tag
     (``ImageOps.exif_transpose``), then ``.convert("RGB")``. The conversion is exactly the
     reference's ``Image.open(path).convert("RGB")`` for every mode: alpha is dropped (not
-    composited), palettes are expanded, 16-bit and CMYK images go through PIL's own
-    conversion. Animated images give their first frame.
+    composited), palettes are expanded, CMYK images go through PIL's own conversion.
+    Animated images give their first frame.
 
     **Deliberate difference from the reference:** the reference ignores EXIF orientation,
     so a phone photo stored sideways with an orientation tag reaches its model sideways.
@@ -67,13 +69,19 @@ def load_image(
     (Passing ``Image.open(path).convert("RGB")`` does not: the converted image keeps the
     EXIF block, so it is still rotated here.)
 
+    **Second deliberate difference:** 16-bit greyscale images (PIL modes ``I;16*``, and
+    ``I`` holding values above 255) are scaled to 8 bits (value / 257, rounded; ``I``
+    images with values above 65535 by their maximum). PIL's ``convert("RGB")``, which the
+    reference calls, clips every value above 255, so a typical 16-bit PNG reaches its model
+    almost entirely white. ``scale_16bit=False`` reproduces the reference.
+
     Every failure raises :class:`ImageError` with a message naming the problem (missing
     file, directory, empty, not an image, corrupt or truncated, too many pixels). The
     pixel count is checked from the header, before any pixel data is decoded, against
     ``max_pixels`` (``None`` disables this check; PIL's own decompression-bomb limit
     still applies and is reported as an ImageError too).
     """
-    exif = apply_exif_orientation
+    exif = (apply_exif_orientation, scale_16bit)  # the two deliberate differences, passed down together
     if isinstance(source, Image.Image):
         return _finish(source, "image", max_pixels, exif, close=False)
     if isinstance(source, np.ndarray):
@@ -134,9 +142,14 @@ def _from_array(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _open_bytes(data: bytes, name: str, max_pixels: Optional[int], exif: bool, what: str) -> Image.Image:
+def _open_bytes(data: bytes, name: str, max_pixels: Optional[int], exif: tuple, what: str) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            if max_pixels is not None:
+                # our own limit decides (checked from the header next); PIL's warning would only
+                # print a second, differently worded, notice for the same image
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError(what) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -153,7 +166,21 @@ def _open_bytes(data: bytes, name: str, max_pixels: Optional[int], exif: bool, w
     return _finish(img, name, max_pixels, exif, close=True)
 
 
-def _finish(img: Image.Image, name: str, max_pixels: Optional[int], exif: bool, close: bool) -> Image.Image:
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit (or wider) greyscale image as 8-bit "L", scaled rather than clipped."""
+    arr = np.asarray(img).astype(np.float64)
+    top = float(arr.max()) if arr.size else 0.0
+    if img.mode == "I" and top <= 255:
+        scale = 1.0  # 8-bit values held in a 32-bit image: nothing to scale
+    elif img.mode == "I" and top > 65535:
+        scale = 255.0 / top
+    else:
+        scale = 1 / 257
+    return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), mode="L")
+
+
+def _finish(img: Image.Image, name: str, max_pixels: Optional[int], exif: tuple, close: bool) -> Image.Image:
+    exif, scale16 = exif
     try:
         w, h = img.size
         if w <= 0 or h <= 0:
@@ -179,6 +206,8 @@ def _finish(img: Image.Image, name: str, max_pixels: Optional[int], exif: bool, 
                 # A malformed EXIF block does not make the pixels unusable: keep the image as
                 # stored, which is what the reference does for every image.
                 upright = img
+        if scale16 and (upright.mode.startswith("I;16") or upright.mode == "I"):
+            upright = _to_8bit(upright)
         try:
             # .convert returns a new image even for RGB input, so the result never shares
             # pixels or an open file with the source.

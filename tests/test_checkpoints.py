@@ -183,6 +183,9 @@ def test_own_layout_round_trip_keeps_train_form(tmp_path, tiny_tokenizer):
     model.save_pretrained(str(tmp_path / "own"))
     again = FastVLM.from_pretrained(str(tmp_path / "own"), device="cpu", dtype=torch.float32)
     assert not again.config.vision.inference_mode
+    # the weights get the same file mode as config.json beside them (safetensors alone makes them 0600)
+    mode = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "own").iterdir()}
+    assert mode["model.safetensors"] == mode["config.json"], mode
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # Apple's layout stores the fused encoder: same outputs, fewer tensors
@@ -234,6 +237,32 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="offline"):
         FastVLM.from_pretrained("apple/FastVLM-0.5B")
+
+
+def test_malformed_configs_are_checkpoint_errors_naming_the_file(tmp_path, tiny_model):
+    from fastvlm.checkpoints import read_config
+
+    d = tmp_path / "own"
+    tiny_model.save_pretrained(str(d), layout="fastvlm")
+    good = json.loads((d / "config.json").read_text())
+    no_text = {k: v for k, v in good.items() if k != "text"}
+    cases = [
+        ([1, 2], "a config must be a JSON object, got list"),
+        ({**good, "vision": {**good["vision"], "image_size": "256"}}, "vision.image_size must be int, got '256'"),
+        ({**good, "vision": None}, "vision must be a mapping"),
+        (no_text, "text (the language model's config) lacks hidden_size"),
+    ]
+    for cfg, message in cases:
+        (d / "config.json").write_text(json.dumps(cfg))
+        for load in (read_config, FastVLM.from_pretrained):
+            with pytest.raises(CheckpointError) as e:
+                load(str(d))
+            assert message in str(e.value) and str(d / "config.json") in str(e.value), str(e.value)
+    # a text field of the wrong type: transformers' strict config refuses it, as one line of ours
+    (d / "config.json").write_text(json.dumps({**good, "text": {**good["text"], "hidden_size": "big"}}))
+    with pytest.raises(CheckpointError, match="cannot build a 'qwen2' language model .*'hidden_size'") as e:
+        FastVLM.from_pretrained(str(d))
+    assert "\n" not in str(e.value)
 
 
 def test_code_shipped_with_a_checkpoint_is_never_run(tmp_path, tiny_model):

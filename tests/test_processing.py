@@ -168,14 +168,33 @@ def test_mode_parity_through_files(tmp_path, mode):
     img.save(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's palette-transparency note, same in the reference
-        ours = load_image(path)
+        ours = load_image(path, scale_16bit=False)  # 16-bit: the reference's clipping (see the next test)
         with Image.open(path) as f:
             ref_img = f.convert("RGB")  # predict.py: Image.open(image_file).convert('RGB')
     assert ours.mode == "RGB"
     assert np.array_equal(np.asarray(ours), np.asarray(ref_img))
     assert_bit_equal(preprocess_image(ours, S), reference_pixels(ref_img, S))
     # Also from an in-memory PIL image of that mode.
-    assert np.array_equal(np.asarray(load_image(img)), np.asarray(img.convert("RGB")))
+    assert np.array_equal(np.asarray(load_image(img, scale_16bit=False)), np.asarray(img.convert("RGB")))
+
+
+def test_16bit_greyscale_is_scaled_not_clipped(tmp_path):
+    # The second deliberate difference: PIL's convert("RGB") clips 16-bit values above 255 (a typical 16-bit
+    # PNG turns white); load_image scales them to 8 bits instead.
+    arr = (np.arange(40 * 24, dtype=np.uint16).reshape(24, 40) * 67).astype(np.uint16)
+    Image.fromarray(arr).save(tmp_path / "g16.png")
+    want = np.rint(arr / 257).astype(np.uint8)
+    for src in (tmp_path / "g16.png", Image.fromarray(arr)):
+        got = np.asarray(load_image(src))
+        assert np.array_equal(got, np.repeat(want[:, :, None], 3, axis=2))
+    with Image.open(tmp_path / "g16.png") as f:
+        assert (np.asarray(f.convert("RGB")) == 255).mean() > 0.99  # what the reference sees
+    # 32-bit "I" images: 8-bit values are kept, wider ones scaled by their maximum
+    small = np.arange(200, dtype=np.int32).reshape(10, 20)
+    assert np.array_equal(np.asarray(load_image(Image.fromarray(small, mode="I")))[:, :, 0], small.astype(np.uint8))
+    wide = (np.arange(200, dtype=np.int64).reshape(10, 20) * 1_000_000).astype(np.int32)
+    got = np.asarray(load_image(Image.fromarray(wide, mode="I")))[:, :, 0]
+    assert got.max() == 255 and np.array_equal(got, np.rint(wide * (255 / wide.max())).astype(np.uint8))
 
 
 @pytest.mark.parametrize("orientation", [6, 8, 3])

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import FastVLMConfig, load_config_file
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from . import apple, hf
 from .io import atomic_write_json, check_keys, load_state_dict, save_state_dict
 
@@ -113,9 +113,7 @@ def load_checkpoint(cls, path_or_repo, *, device=None, dtype=None, revision=None
 
     directory = resolve_path(path_or_repo, revision=revision)
     cfg_path = os.path.join(directory, "config.json")
-    cfg_dict = load_config_file(cfg_path)
-    layout = detect_layout(cfg_dict, cfg_path)
-    config = layout.to_config(cfg_dict)
+    config, layout = _read_config(cfg_path)
     if image_size is not None:
         config = config.with_image_size(int(image_size))
     state = layout.to_internal(load_state_dict(directory, progress=progress))
@@ -124,7 +122,11 @@ def load_checkpoint(cls, path_or_repo, *, device=None, dtype=None, revision=None
     if tied and EMBED_KEY in state:
         state[LM_HEAD_KEY] = state[EMBED_KEY]
 
-    model = cls(config, init_weights=False)
+    try:
+        model = cls(config, init_weights=False)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot build a model from this config "
+                              f"({type(e).__name__}: {e})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(expected, state, source=f"{directory} ({layout.NAME} layout)")
     model.load_state_dict(state, strict=True, assign=True)
@@ -216,12 +218,29 @@ def save_checkpoint(model, directory: str, *, layout: str = "fastvlm", max_shard
         tokenizer.save_pretrained(directory)
 
 
+def _read_config(cfg_path: str):
+    """(FastVLMConfig, layout) from a config.json; a malformed one raises CheckpointError naming it."""
+    cfg = load_config_file(cfg_path)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: a config must be a JSON object, got {type(cfg).__name__}")
+    layout = detect_layout(cfg, cfg_path)
+    try:
+        return layout.to_config(cfg), layout
+    except CheckpointError:
+        raise
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        # a section of the wrong type, a missing key, a value of the wrong type (transformers'
+        # strict config classes raise ValueError subclasses)
+        what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{cfg_path}: not a valid {layout.NAME}-layout config ({what})") from None
+
+
 def read_config(path_or_dir: str) -> tuple[FastVLMConfig, str]:
     """The FastVLMConfig and layout name of a checkpoint directory, without loading weights."""
-    cfg_path = os.path.join(path_or_dir, "config.json")
-    cfg = load_config_file(cfg_path)
-    layout = detect_layout(cfg, cfg_path)
-    return layout.to_config(cfg), layout.NAME
+    config, layout = _read_config(os.path.join(path_or_dir, "config.json"))
+    return config, layout.NAME
 
 
 def convert(src: str, dst: str, layout: str, *, dtype=None, max_shard_size: Optional[int] = None) -> None:

@@ -135,6 +135,9 @@ def save_state_dict(
     for name, shard in zip(names, shards):
         path = os.path.join(directory, name)
         save_file(shard, path + ".tmp", metadata=metadata)
+        # safetensors creates its file owner-only (0600); give it the mode any other file gets (0644 under
+        # the usual umask), as config.json and the tokenizer files beside it have
+        os.chmod(path + ".tmp", 0o666 & ~_umask())
         os.replace(path + ".tmp", path)
         written.append(path)
     if len(shards) > 1:
@@ -144,6 +147,12 @@ def save_state_dict(
         }
         atomic_write_json(os.path.join(directory, SAFE_INDEX), index)
     return written
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str, obj) -> None:
