@@ -3,15 +3,22 @@
 Type a message and press Enter. Commands:
   /image PATH   attach an image to your next message (repeatable)
   /reset        forget the conversation
-  /quit         leave (Ctrl-D works too)
+  /quit         leave (Ctrl-D works too; /exit also)
+Any other line that starts with "/" and a letter is refused as an unknown command and not sent;
+start a message with "//" to send it with one leading "/".
 The answer streams as it is generated; timings follow each answer.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 from .common import add_model_args, add_sampling_args, load_model, sampling_kwargs
+
+
+COMMANDS_HELP = "/image PATH, /reset, /quit"
+_COMMAND = re.compile(r"/[A-Za-z]")
 
 
 def add_arguments(p):
@@ -32,7 +39,7 @@ def run(args) -> int:
     images: list = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    print("fastvlm chat: /image PATH to attach, /reset, /quit", file=sys.stderr)
+    print(f"fastvlm chat: commands {COMMANDS_HELP}", file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()
@@ -41,20 +48,28 @@ def run(args) -> int:
             return 0
         if not line:
             continue
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/reset":
-            messages = messages[:1] if args.system else []
-            images, pending = [], []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            try:
-                pending.append(load_image(path))
-                print(f"(attached {path})", file=sys.stderr)
-            except FastVLMError as e:
-                print(f"error: {e}", file=sys.stderr)
+        if line.startswith("//"):
+            line = line[1:]  # an escaped message, sent with one leading "/"
+        elif _COMMAND.match(line):
+            command, rest = (line.split(None, 1) + [""])[:2]
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                messages = messages[:1] if args.system else []
+                images, pending = [], []
+                print("(conversation cleared)", file=sys.stderr)
+            elif command == "/image":
+                if not rest:
+                    print("usage: /image PATH", file=sys.stderr)
+                    continue
+                try:
+                    pending.append(load_image(rest))
+                    print(f"(attached {rest})", file=sys.stderr)
+                except FastVLMError as e:
+                    print(f"error: {e}", file=sys.stderr)
+            else:
+                print(f"unknown command {command}; commands: {COMMANDS_HELP} "
+                      "(start a message with // to send a leading /)", file=sys.stderr)
             continue
         content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]
         turn_images = images + pending

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from importlib import resources
@@ -33,14 +34,54 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False) 
                         "kernels) instead of the fast path")
 
 
+def _float_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _int_arg(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+
+
+def _checked(parse, ok, message: str):
+    """An argparse `type` that parses with `parse` and refuses values failing `ok` with `message`."""
+    def check(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{message}, got {text}")
+        return value
+    return check
+
+
+# The same rules as generation.SamplingParams, checked when the arguments are parsed, so a bad
+# value is refused at once, before any model loads.
+_max_new_tokens_arg = _checked(_int_arg, lambda v: v >= 1, "max_new_tokens must be at least 1")
+_temperature_arg = _checked(_float_arg, lambda v: v >= 0, "temperature must be >= 0")
+_top_p_arg = _checked(_float_arg, lambda v: 0 < v <= 1, "top_p must be in (0, 1]")
+_top_k_arg = _checked(_int_arg, lambda v: v >= 0, "top_k must be >= 0")
+_repetition_penalty_arg = _checked(_float_arg, lambda v: v > 0, "repetition_penalty must be > 0")
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=0.0,
+    g.add_argument("--max-new-tokens", type=_max_new_tokens_arg, default=256,
+                   help="most tokens to generate, at least 1 (default 256)")
+    g.add_argument("--temperature", type=_temperature_arg, default=0.0,
                    help="0 (default) decodes greedily; > 0 samples with this temperature")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    g.add_argument("--top-p", type=_top_p_arg, default=1.0,
+                   help="nucleus sampling mass, in (0, 1] (default 1.0: off)")
+    g.add_argument("--top-k", type=_top_k_arg, default=0,
+                   help="sample among the k most likely tokens, >= 0 (default 0: off)")
+    g.add_argument("--repetition-penalty", type=_repetition_penalty_arg, default=1.0,
+                   help="> 0; > 1 discourages repeats (default 1.0)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
@@ -98,3 +139,28 @@ def parse_size(text: str | None) -> int | None:
         return int(t)
     except ValueError:
         raise ConfigError(f"cannot read size {text!r}; use e.g. 5GB or 500MB") from None
+
+
+def prepare_output_dir(path: str) -> bool:
+    """Check that `path` can be an output directory, and create it; True if this call created it.
+
+    Runs before any heavy work, so a bad --out fails at once with a one-line ConfigError
+    instead of a traceback after minutes of building or loading.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output path {path} exists and is not a directory")
+    if os.path.isdir(path):
+        return False
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise ConfigError(f"cannot create output directory {path}: {e.strerror or e}") from None
+    return True
+
+
+def remove_if_empty(path: str) -> None:
+    """Undo prepare_output_dir's mkdir after a failure, if nothing was written there."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass

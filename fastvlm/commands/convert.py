@@ -3,30 +3,106 @@
   fastvlm convert llava-fastvithd_0.5b_stage3 out-hf --to hf
   fastvlm convert out-hf out-apple --to apple --max-shard-size 2GB
 The source layout is detected from its config.json. Weights keep their dtype unless --dtype is given.
+DST must be new or empty (or SRC itself: a checkpoint can be converted in place); --overwrite replaces the
+model files of an existing checkpoint in DST and leaves its other files alone.
 Converting to 'hf' adds an <image> token and pads the vocabulary to a multiple of 64 as transformers' port does.
 """
 
 from __future__ import annotations
 
+import argparse
+import fnmatch
+import os
 import sys
+
+# What a checkpoint folder of any layout consists of (the writers in fastvlm.checkpoints and
+# tokenizer/processor save_pretrained, and the files of Apple's and transformers' releases):
+# --overwrite removes these from DST, and nothing else.
+MODEL_FILE_NAMES = frozenset({
+    "config.json", "generation_config.json", "generate_config.json",
+    "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
+    "video_preprocessor_config.json", "fastvlm_processor.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+})
+MODEL_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.tiktoken")
+
+# --dtype names convert accepts (resolve_dtype's, less "auto": a conversion must not depend on the machine)
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+
+
+def _dtype_arg(text: str) -> str:
+    try:
+        return _DTYPE_NAMES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}; use one of fp32, bf16, fp16 (or leave --dtype out to keep the "
+            "checkpoint's dtype)") from None
 
 
 def add_arguments(p):
     p.add_argument("src", help="source checkpoint directory (or Hub id)")
-    p.add_argument("dst", help="output directory")
+    p.add_argument("dst", help="output directory: new, empty, or SRC itself (see --overwrite)")
     p.add_argument("--to", required=True, choices=["fastvlm", "apple", "hf"], help="target layout")
-    p.add_argument("--dtype", default=None, help="cast weights (fp32, bf16, fp16); default: keep")
+    p.add_argument("--dtype", default=None, type=_dtype_arg, metavar="{fp32,bf16,fp16}",
+                   help="cast weights to this dtype; default: keep the checkpoint's dtype")
     p.add_argument("--max-shard-size", default=None, help="split weights into shards of at most this size (e.g. 5GB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a non-empty DST: first remove the model files in it (weights, configs, tokenizer "
+                        "and processor files of any layout) and leave any other files alone")
+
+
+def is_model_file(name: str) -> bool:
+    """A file a checkpoint folder of any layout consists of (or a temporary one its writers leave)."""
+    if name.endswith(".tmp"):
+        name = name[: -len(".tmp")]
+    return name in MODEL_FILE_NAMES or any(fnmatch.fnmatchcase(name, pat) for pat in MODEL_FILE_PATTERNS)
+
+
+def remove_model_files(directory: str) -> list[str]:
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if is_model_file(name) and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def _same_directory(src: str, dst: str) -> bool:
+    src = os.path.expanduser(src)
+    return os.path.isdir(src) and os.path.isdir(dst) and os.path.samefile(src, dst)
 
 
 def run(args) -> int:
-    from ..checkpoints import convert
-    from ..model import resolve_dtype
-    from .common import parse_size
+    from ..errors import ConfigError
+    from .common import parse_size, prepare_output_dir, remove_if_empty
 
-    import torch
+    max_shard_size = parse_size(args.max_shard_size)
+    # Check DST before any heavy work (a Hub download, loading the weights).
+    in_place = _same_directory(args.src, args.dst)
+    if not in_place and os.path.isdir(args.dst) and os.listdir(args.dst) and not args.overwrite:
+        raise ConfigError(f"output directory {args.dst} is not empty; choose a new or empty directory, or pass "
+                          "--overwrite to replace the model files in it")
+    created = prepare_output_dir(args.dst)
+    try:
+        import torch
 
-    dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else None
-    convert(args.src, args.dst, args.to, dtype=dtype, max_shard_size=parse_size(args.max_shard_size))
+        from ..checkpoints import convert, read_config, resolve_path
+        from ..model import resolve_dtype
+
+        src = resolve_path(args.src)
+        read_config(src)  # a bad SRC fails before anything in DST is removed
+        if args.overwrite and not in_place and not created:
+            removed = remove_model_files(args.dst)
+            if removed:
+                print(f"removed {len(removed)} model file(s) from {args.dst}: {', '.join(removed)}", file=sys.stderr)
+        dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else None
+        convert(src, args.dst, args.to, dtype=dtype, max_shard_size=max_shard_size)
+    except BaseException:
+        if created:
+            remove_if_empty(args.dst)
+        raise
     print(f"wrote {args.dst} ({args.to} layout)", file=sys.stderr)
     return 0

@@ -13,11 +13,14 @@ import sys
 
 from .common import add_model_args, add_sampling_args, load_model, sampling_kwargs
 
+DEFAULT_PROMPT = "Describe the image."
+
 
 def add_arguments(p):
     add_model_args(p)
     p.add_argument("--image", "-i", action="append", default=[], help="image file (repeat for several images)")
-    p.add_argument("--prompt", "-p", default="Describe the image.", help="the question or instruction")
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, metavar="TEXT",
+                   help=f"the question or instruction (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--system", default=None, help="system prompt (default: the reference's 'You are a helpful assistant.')")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object with the answer and timings")

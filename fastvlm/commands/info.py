@@ -15,7 +15,8 @@ def add_arguments(p):
     g.add_argument("--model", "-m", help="checkpoint directory (default: the bundled model)")
     g.add_argument("--preset", help="a preset architecture instead of a checkpoint")
     p.add_argument("--resolution", type=int, nargs="*", default=None,
-                   help="resolutions to list visual tokens for (default: 256 512 768 1024 1536 2048)")
+                   help="resolutions to list visual tokens for, each a positive multiple of the encoder's stride (64) "
+                        "(default: 256 512 768 1024 1536 2048)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -40,8 +41,8 @@ def run(args) -> int:
     params = model.num_parameters()
     resolutions = args.resolution or [256, 512, 768, 1024, 1536, 2048]
     for r in resolutions:
-        if r % config.vision.patch_size:
-            raise ConfigError(f"resolution {r} is not a multiple of {config.vision.patch_size}")
+        if r <= 0 or r % config.vision.patch_size:
+            raise ConfigError(f"resolution {r} is not a positive multiple of {config.vision.patch_size}")
     tokens = {r: config.vision.num_tokens(r) for r in resolutions}
     info = {
         "source": source,

@@ -38,16 +38,23 @@ def run(args) -> int:
 
     from ..config import get_preset
     from ..model import FastVLM, resolve_dtype
-    from .common import parse_size
+    from .common import parse_size, prepare_output_dir, remove_if_empty
 
     config = get_preset(args.preset)
     if args.image_size:
         config = config.with_image_size(args.image_size)
-    tokenizer = standin_tokenizer_for(config)
-    print(f"building {args.preset} with random weights (seed {args.seed}) ...", file=sys.stderr)
-    model = FastVLM.from_config(config, tokenizer=tokenizer, device="cpu",
-                                dtype=resolve_dtype(args.dtype, torch.device("cpu")), seed=args.seed)
-    model.save_pretrained(args.out, layout=args.layout, max_shard_size=parse_size(args.max_shard_size))
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    max_shard_size = parse_size(args.max_shard_size)
+    created = prepare_output_dir(args.out)  # a bad --out fails now, not after building the model
+    try:
+        tokenizer = standin_tokenizer_for(config)
+        print(f"building {args.preset} with random weights (seed {args.seed}) ...", file=sys.stderr)
+        model = FastVLM.from_config(config, tokenizer=tokenizer, device="cpu", dtype=dtype, seed=args.seed)
+        model.save_pretrained(args.out, layout=args.layout, max_shard_size=max_shard_size)
+    except BaseException:
+        if created:
+            remove_if_empty(args.out)
+        raise
     n = model.num_parameters()["total"]
     print(f"wrote {args.out} ({args.layout} layout, {n / 1e6:.1f} M parameters)", file=sys.stderr)
     return 0

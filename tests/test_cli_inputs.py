@@ -1,0 +1,235 @@
+"""Bad command-line input is refused with a one-line message that names the problem, before any heavy work."""
+
+import builtins
+import os
+import re
+import shutil
+
+import pytest
+
+from fastvlm.cli import build_parser, main
+from fastvlm.commands.common import bundled_model_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE = os.path.join(ROOT, "examples", "shapes.png")
+BUNDLED = bundled_model_path()
+needs_bundled = pytest.mark.skipif(BUNDLED is None, reason="this install has no bundled model")
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fastvlm {command}: error: "), err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def argparse_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def unusable_out_paths(tmp_path):
+    """(path, words in the message): an existing regular file, and paths that cannot be created."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory\n")
+    cases = [(str(afile), "exists and is not a directory"), (str(afile / "sub"), "cannot create output directory")]
+    if os.path.isdir("/proc/self"):  # Linux: nothing can be created in /proc
+        cases.append(("/proc/fastvlm-test-out", "cannot create output directory"))
+    return cases
+
+
+# --- 1. an output path that is a file or cannot be created ----------------------------------
+
+
+@needs_bundled
+def test_convert_unusable_output_path_is_one_line_error(tmp_path, capsys, monkeypatch):
+    def no_heavy_work(*a, **k):
+        raise AssertionError("the source was read before the output path was checked")
+
+    monkeypatch.setattr("fastvlm.checkpoints.resolve_path", no_heavy_work)
+    for path, words in unusable_out_paths(tmp_path):
+        assert main(["convert", BUNDLED, path, "--to", "hf"]) == 1
+        err = one_line_error(capsys, "convert")
+        assert path in err and words in err
+
+
+def test_init_unusable_output_path_is_one_line_error(tmp_path, capsys, monkeypatch):
+    def no_heavy_work(*a, **k):
+        raise AssertionError("the model was built before the output path was checked")
+
+    monkeypatch.setattr("fastvlm.commands.init.standin_tokenizer_for", no_heavy_work)
+    for path, words in unusable_out_paths(tmp_path):
+        assert main(["init", "--preset", "fastvlm-tiny", "--out", path]) == 1
+        err = one_line_error(capsys, "init")
+        assert path in err and words in err
+
+
+# --- 2. sampling flags are checked when parsed, before the model loads ----------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "-1", "temperature must be >= 0"),
+    ("--temperature", "nan", "must be a finite number"),
+    ("--top-p", "0", "top_p must be in (0, 1]"),
+    ("--top-p", "1.5", "top_p must be in (0, 1]"),
+    ("--top-k", "-1", "top_k must be >= 0"),
+    ("--repetition-penalty", "0", "repetition_penalty must be > 0"),
+    ("--max-new-tokens", "0", "max_new_tokens must be at least 1"),
+])
+def test_bad_sampling_flag_is_refused_by_argparse(command, flag, value, message, capsys):
+    err = argparse_error(capsys, [command, "-i", IMAGE, flag, value])
+    assert f"fastvlm {command}: error: argument {flag}: {message}, got {value}" in err
+
+
+def test_valid_sampling_flags_parse():
+    args = build_parser().parse_args(["generate", "--temperature", "0.7", "--top-p", "1", "--top-k", "0",
+                                      "--repetition-penalty", "1.1", "--max-new-tokens", "1"])
+    assert (args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.max_new_tokens) == \
+        (0.7, 1.0, 0, 1.1, 1)
+    assert build_parser().parse_args(["chat", "--temperature", "0"]).temperature == 0.0
+
+
+# --- 3. info --resolution: 0 and negatives are refused like 100 ------------------------------
+
+
+@pytest.mark.parametrize("resolution", ["0", "-64", "100"])
+def test_info_refuses_non_positive_multiple_resolution(resolution, capsys):
+    assert main(["info", "--preset", "fastvlm-tiny", "--resolution", "256", resolution]) == 1
+    err = one_line_error(capsys, "info")
+    assert f"resolution {resolution} is not a positive multiple of 64" in err
+    assert capsys.readouterr().out == ""
+
+
+# --- 4. convert into a non-empty directory needs --overwrite --------------------------------
+
+
+def stale_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "generate_config.json").write_text("{}\n")  # a file of an older model
+    (out / "config.json").write_text('{"model_type": "llava_qwen2"}\n')
+    (out / "notes.txt").write_text("mine\n")
+    (out / "sub").mkdir()
+    return out
+
+
+@needs_bundled
+def test_convert_refuses_non_empty_output_without_overwrite(tmp_path, capsys):
+    out = stale_output(tmp_path)
+    assert main(["convert", BUNDLED, str(out), "--to", "fastvlm"]) == 1
+    err = one_line_error(capsys, "convert")
+    assert f"output directory {out} is not empty" in err and "--overwrite" in err
+    assert sorted(os.listdir(out)) == ["config.json", "generate_config.json", "notes.txt", "sub"]
+
+
+@needs_bundled
+def test_convert_overwrite_replaces_only_model_files(tmp_path, capsys):
+    from fastvlm.checkpoints import read_config
+
+    out = stale_output(tmp_path)
+    assert main(["convert", BUNDLED, str(out), "--to", "fastvlm", "--overwrite"]) == 0
+    names = set(os.listdir(out))
+    assert "generate_config.json" not in names
+    assert {"notes.txt", "sub", "config.json", "model.safetensors"} <= names
+    assert (out / "notes.txt").read_text() == "mine\n"
+    assert read_config(str(out))[1] == "fastvlm"
+
+
+@needs_bundled
+def test_convert_overwrite_keeps_output_when_source_is_bad(tmp_path, capsys):
+    out = stale_output(tmp_path)
+    assert main(["convert", str(tmp_path / "no-such-model"), str(out), "--to", "hf", "--overwrite"]) == 1
+    one_line_error(capsys, "convert")
+    assert sorted(os.listdir(out)) == ["config.json", "generate_config.json", "notes.txt", "sub"]
+
+
+@needs_bundled
+def test_convert_in_place_still_works(tmp_path, capsys):
+    from fastvlm.checkpoints import read_config
+
+    here = tmp_path / "model"
+    shutil.copytree(BUNDLED, here)
+    assert main(["convert", str(here), str(here), "--to", "apple"]) == 0
+    assert read_config(str(here))[1] == "apple"
+
+
+def test_convert_help_documents_overwrite(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--overwrite" in out and "leave any other files alone" in out
+
+
+# --- 5. convert --dtype: no "auto" --------------------------------------------------------------
+
+
+def test_convert_refuses_dtype_auto(tmp_path, capsys):
+    err = argparse_error(capsys, ["convert", "src", str(tmp_path / "out"), "--to", "hf", "--dtype", "auto"])
+    assert "argument --dtype: unknown dtype 'auto'; use one of fp32, bf16, fp16" in err
+    assert "fp16, auto" not in err
+    assert not (tmp_path / "out").exists()
+    assert build_parser().parse_args(["convert", "a", "b", "--to", "hf", "--dtype", "BFloat16"]).dtype == "bf16"
+
+
+# --- 6. chat: unknown /commands and a bare /image ------------------------------------------------
+
+
+class FakeModel:
+    last_timings = None
+
+    def __init__(self):
+        self.sent = []
+
+    def chat(self, images, messages, stream=False, **kwargs):
+        self.sent.append(messages[-1]["content"][-1]["text"])
+        return iter(["ok"])
+
+
+def run_chat(monkeypatch, lines):
+    model = FakeModel()
+    monkeypatch.setattr("fastvlm.commands.chat.load_model", lambda args: model)
+    feed = iter(lines)
+
+    def fake_input(prompt=""):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    assert main(["chat"]) == 0
+    return model
+
+
+def test_chat_refuses_unknown_command_and_explains_bare_image(monkeypatch, capsys):
+    model = run_chat(monkeypatch, ["/unknown", "/imagefoo x", "/image", "/image   ", "//hello", "hi"])
+    err = capsys.readouterr().err
+    assert "unknown command /unknown; commands: /image PATH, /reset, /quit" in err
+    assert "unknown command /imagefoo;" in err
+    assert len(re.findall(r"^usage: /image PATH$", err, flags=re.M)) == 2
+    assert "image file not found" not in err
+    assert model.sent == ["/hello", "hi"]  # nothing of the refused commands reached the model
+
+
+# --- 7. generate's default prompt is documented ---------------------------------------------------
+
+
+def test_generate_help_states_default_prompt(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--prompt TEXT, -p TEXT the question or instruction (default: 'Describe the image.')" in out
+
+
+def test_readme_command_table_shows_prompt_optional():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = readme[readme.index("## Command line"):]
+    table = table[:table.index("\n\n", table.index("| command |"))]
+    row = next(line for line in table.splitlines() if line.startswith("| `fastvlm generate"))
+    assert "[--prompt TEXT]" in row and "Describe the image." in row
