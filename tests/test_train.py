@@ -694,3 +694,43 @@ def test_cli_names_the_recipe_key_of_a_missing_data_path(tmp_path, tok_dir, caps
         assert main(["train", str(path), "--no-progress", "--set", override]) == 1
         err = capsys.readouterr().err
         assert message in err and str(tmp_path) in err, err
+
+
+def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_path, tok_dir, monkeypatch):
+    from fastvlm.errors import CheckpointError
+    from fastvlm.train.trainer import train
+
+    data = make_dataset(tmp_path / "data", 8)
+    out = tmp_path / "out"
+    base = dict(train={"max_steps": 2, "global_batch_size": 4, "per_device_batch_size": 2, "seed": 0},
+                output={"dir": str(out), "save_every": 1, "log_every": 1, "eval_every": 0, "tensorboard": False,
+                        "export_apple": False})
+    train(recipe_from_dict(tiny_recipe(data, tok_dir, out, **base)), progress=False)
+    step = str(out / "step_2")
+    # another model (a wider LM): one CheckpointError naming the checkpoint, not torch's size mismatch
+    wider = tiny_recipe(data, tok_dir, tmp_path / "o2", **base,
+                        init={"preset": "fastvlm-tiny", "seed": 0, "vision": {"image_size": 64},
+                              "text": {"intermediate_size": 96}})
+    wider["output"] = {**base["output"], "dir": str(tmp_path / "o2"), "resume": step}
+    with pytest.raises(CheckpointError, match="cannot resume from .*another model's weights"):
+        train(recipe_from_dict(wider), progress=False)
+    # other trainable parts: the optimizer state has other parameter groups
+    frozen = tiny_recipe(data, tok_dir, tmp_path / "o3", **base)
+    frozen["train"] = {**base["train"], "trainable": {"vision_tower": False}}
+    frozen["output"] = {**base["output"], "dir": str(tmp_path / "o3"), "resume": step}
+    with pytest.raises(CheckpointError, match="optimizer state does not fit this run"):
+        train(recipe_from_dict(frozen), progress=False)
+    # an accelerate config that asks for FSDP, which accelerate drops on CPUs: refused, not run as DDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="asks for FSDP"):
+        train(recipe_from_dict(tiny_recipe(data, tok_dir, tmp_path / "o4", **base)), progress=False)
+
+
+def test_bundled_recipe_name_is_not_hidden_by_a_folder_of_that_name(tmp_path, monkeypatch):
+    from fastvlm.train.recipe import resolve_recipe_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lora").mkdir()  # e.g. an earlier run's output directory
+    assert resolve_recipe_path("lora") == bundled_recipes()["lora"]
+    with pytest.raises(ConfigError, match="is a directory, not a recipe file"):
+        resolve_recipe_path(str(tmp_path / "lora"))

@@ -632,3 +632,29 @@ def test_full_bf16_close_to_fp32(full, ref_features):
     rel = max_diff(feats, ref) / ref.abs().max().item()
     print(f"\nbf16 channels-last vs fp32 timm, 1024: max|diff|/max|ref| = {rel:.3g}")
     assert rel < 0.1
+
+
+def test_gradient_checkpointing_counts_each_batch_once_in_batchnorm():
+    # The checkpointed backward runs each stage again; its BatchNorms must not update their running statistics
+    # a second time (that would apply the momentum twice per batch).
+    import copy
+
+    from fastvlm.config import get_preset
+    from fastvlm.vision.fastvithd import FastViTHD
+
+    cfg = get_preset("fastvlm-tiny").vision
+    cfg.inference_mode = False
+    torch.manual_seed(0)
+    plain = FastViTHD(cfg).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.grad_checkpointing = True
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    for model in (plain, ckpt):
+        for _ in range(3):
+            model(x).sum().backward()
+    a, b = plain.state_dict(), ckpt.state_dict()
+    stats = [k for k in a if "running_" in k or "num_batches_tracked" in k]
+    assert stats and all(torch.equal(a[k], b[k]) for k in stats)
+    assert all(int(a[k]) == 3 for k in stats if "num_batches_tracked" in k)
+    grads = {n: p.grad for n, p in plain.named_parameters()}
+    assert all(torch.allclose(grads[n], p.grad, atol=1e-6) for n, p in ckpt.named_parameters() if p.grad is not None)

@@ -331,7 +331,8 @@ def trainable_summary(model) -> dict[str, int]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             out[module_of(name)] += p.numel()
-    out["total"] = sum(p.numel() for p in model.parameters())
+    out["trainable"] = sum(out[m] for m in MODULES)  # the parts above, added up
+    out["total"] = sum(p.numel() for p in model.parameters())  # every parameter, trainable or not
     return out
 
 

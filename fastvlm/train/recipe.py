@@ -446,9 +446,13 @@ def resolve_recipe_path(path: str) -> str:
     bundled = bundled_recipes()
     name = os.path.basename(path)
     name = name[:-5] if name.endswith(".yaml") else name
-    if not os.path.exists(path) and name in bundled and os.sep not in path.rstrip(os.sep):
+    # a bare name is a bundled recipe unless a file of that name exists (a folder of that name, e.g. an
+    # earlier run's output directory called lora/, does not hide the bundled recipe)
+    if not os.path.isfile(path) and name in bundled and os.sep not in path.rstrip(os.sep):
         return bundled[name]
     known = f"; bundled recipes: {', '.join(sorted(bundled))}" if bundled else ""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path!r} is a directory, not a recipe file{known}")
     raise ConfigError(f"no recipe file {path!r}{known}")
 
 

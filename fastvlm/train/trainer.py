@@ -126,6 +126,13 @@ class Trainer:
 
         self.is_fsdp = self.accelerator.distributed_type == DistributedType.FSDP
         self.is_deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        for engine, env, active in (("FSDP", "ACCELERATE_USE_FSDP", self.is_fsdp),
+                                    ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", self.is_deepspeed)):
+            if os.environ.get(env, "").lower() in ("1", "true") and not active:
+                # accelerate falls back to plain DDP (or one process) on CPUs without a word
+                raise ConfigError(f"the accelerate config asks for {engine}, but accelerate set up "
+                                  f"{self.accelerator.distributed_type.value} here ({engine} needs CUDA GPUs); "
+                                  "on CPUs train with DDP: torchrun --nproc_per_node N -m fastvlm.cli train ...")
         if self.is_fsdp and self.mixed_precision != "no":
             # FSDP's own mixed precision would cast the encoder's parameters to bf16 while its
             # BatchNorm statistics stay fp32, which BatchNorm refuses. Keep FSDP in fp32 and
@@ -301,7 +308,13 @@ class Trainer:
 
         state = load_state_dict(path, progress=False)
         mode = ckpt.read_state(path).get("checkpoint_weights", "full")
-        missing, unexpected = self.vlm.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.vlm.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # tensors of other shapes: another model's checkpoint
+            shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:3]
+            raise CheckpointError(f"cannot resume from {path}: it holds another model's weights "
+                                  f"({'; '.join(shapes) or e}); resume only a run of the same model and recipe, "
+                                  "or start a new output directory") from None
         if unexpected:
             raise CheckpointError(f"{path}: weights do not match the model built from the recipe: unexpected "
                                   f"{unexpected[:5]} (did the stage or LoRA settings change?)")
@@ -502,7 +515,12 @@ class Trainer:
         self.last_saved_step = None
         if resume_state is not None:
             self.sampler.check_compatible(resume_state["sampler"])
-            self._load_optimizer_state(ckpt.load_torch(os.path.join(resume_from, ckpt.OPTIMIZER_FILE)))
+            try:
+                self._load_optimizer_state(ckpt.load_torch(os.path.join(resume_from, ckpt.OPTIMIZER_FILE)))
+            except ValueError as e:  # torch: "loaded state dict has a different number of parameter groups", ...
+                raise CheckpointError(f"cannot resume from {resume_from}: its optimizer state does not fit this run "
+                                      f"({e}); did train.trainable or the learning-rate groups change? Resume "
+                                      "with the recipe that wrote it, or start a new output directory") from None
             self.scheduler.load_state_dict(ckpt.load_torch(os.path.join(resume_from, ckpt.SCHEDULER_FILE)))
             scaler_path = os.path.join(resume_from, ckpt.SCALER_FILE)
             if self.accelerator.scaler is not None and os.path.isfile(scaler_path):

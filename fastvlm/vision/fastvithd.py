@@ -8,6 +8,7 @@ staged layout of timm / transformers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -63,6 +64,28 @@ def _check_config(config: VisionConfig) -> None:
             f"vision.expansion_ratio={config.expansion_ratio} must give a multiple of embed_dims[-1]={dims[-1]} "
             f"(got {config.out_channels}): conv_exp is grouped per input channel"
         )
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_stats(module: nn.Module):
+    """Run `module` again (a gradient-checkpoint recompute) without updating BatchNorm running statistics.
+
+    The recompute sees the same batch as the forward that already updated them; a second update would
+    apply the momentum twice per batch. Momentum 0 leaves the running mean and variance as they are, and
+    the batch counter is put back.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 class FastViTHD(nn.Module):
@@ -286,7 +309,12 @@ class FastViTHD(nn.Module):
         x = self.patch_embed(x)
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for module in self.network:
-            x = checkpoint(module, x, use_reentrant=False) if use_ckpt else module(x)
+            if use_ckpt:
+                # the backward pass runs the module again: its BatchNorms must not count that batch twice
+                x = checkpoint(module, x, use_reentrant=False,
+                               context_fn=lambda m=module: (contextlib.nullcontext(), _frozen_batchnorm_stats(m)))
+            else:
+                x = module(x)
         return self.conv_exp(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
