@@ -515,6 +515,8 @@ class FastVLM(nn.Module):
         from .generation import build_batch_inputs
 
         processor = self._require_processor()
+        if not requests:
+            raise PromptError("chat_batch needs at least one (images, prompt) request")
         inputs = build_batch_inputs(processor, requests, system_prompt=system_prompt)
         out = self.generate(**inputs, return_dict=True, **sampling)
         return processor.batch_decode(out.sequences)

@@ -514,8 +514,10 @@ def _flatten_images(images: Any) -> list[Any]:
         # consumed in order across the whole batch anyway.
         if _is_single_image(item) or item is None:
             out.append(item)
-        else:
+        elif isinstance(item, (list, tuple)):
             out.extend(item)
+        else:
+            out.append(item)  # not an image: load_image names its type
     for k, item in enumerate(out):
         if item is None:
             raise ImageError(f"image {k} is None")

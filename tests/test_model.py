@@ -178,3 +178,13 @@ def test_encode_images_any_multiple_of_64(tiny_model):
     assert tiny_model.encode_images(torch.rand(2, 3, 128, 192)).shape == (2, 6, 256)
     with pytest.raises(ImageError, match="64"):
         tiny_model.encode_images(torch.rand(1, 3, 100, 128))
+
+
+def test_chat_names_bad_image_sources_and_empty_batches(tiny_model):
+    from fastvlm.errors import ImageError, PromptError
+
+    for images in (5, [5], [[5]]):
+        with pytest.raises(ImageError, match="unsupported image source of type int"):
+            tiny_model.chat(images, "hi", max_new_tokens=1)
+    with pytest.raises(PromptError, match="at least one"):
+        tiny_model.chat_batch([])
