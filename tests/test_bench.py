@@ -110,3 +110,212 @@ def test_bench_checkpoint_with_transformers_baseline(tmp_path):
     assert all(r["ttft_over_transformers"] > 0 and r["ttft_over_transformers_fresh"] > 0 for r in report["results"])
     acc = {a["mode"]: a for a in report["accuracy"]}
     assert acc["transformers"]["logits_max_abs_diff"] < 1e-4 and acc["transformers"]["greedy_tokens_same"]
+
+
+# --- bad input is refused before any measurement (a new-user audit) ------------------------------------------
+
+
+def _tiny(out, *extra):
+    """The quickest real run: the tiny preset, one timed round, no roofline, baselines or plots."""
+    return ["bench", "--preset", "fastvlm-tiny", "--repeats", "1", "--warmup", "0", "--no-roofline",
+            "--baselines", "none", "--modes", "fast", "--no-plots", "--out", str(out), "--name", "t", *extra]
+
+
+def _argparse_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastvlm bench: error: "), err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def _help(capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("the benchmark ran before the bad input was refused")
+
+    monkeypatch.setattr("fastvlm.bench.runner.run_benchmark", fail)
+
+
+@pytest.mark.parametrize("flag, value, minimum", [
+    ("--text-tokens", "-5", 0),       # was a RuntimeError traceback (negative tensor dimension)
+    ("--threads", "-1", 1),           # was a RuntimeError traceback from torch.set_num_threads
+    ("--threads", "0", 1),            # was silently ignored
+    ("--repeats", "0", 1),            # was silently changed to 1
+    ("--warmup", "-1", 0),            # ... to 0
+    ("--new-tokens", "0", 1),         # ... to 1
+    ("--new-tokens", "-3", 1),
+    ("--baseline-repeats", "0", 1),   # ... to 1
+    ("--bandwidth-mb", "0", 1),       # was a 0.0 GB/s roofline
+    ("--matmul-size", "0", 1),        # was silently 2048
+])
+def test_out_of_range_counts_are_refused_at_parse_time(flag, value, minimum, tmp_path, capsys, no_measuring):
+    err = _argparse_error(capsys, _tiny(tmp_path / "r", flag, value))
+    assert f"{flag} must be at least {minimum}, got {value}" in err
+
+
+def test_in_range_counts_are_accepted():
+    from fastvlm.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--text-tokens", "0", "--warmup", "0", "--threads", "1",
+                                      "--new-tokens", "1", "--repeats", "1", "--baseline-repeats", "1",
+                                      "--bandwidth-mb", "1", "--matmul-size", "1"])
+    assert (args.text_tokens, args.warmup, args.threads, args.new_tokens, args.repeats) == (0, 0, 1, 1, 1)
+
+
+def test_unusable_out_path_is_refused_before_measuring(tmp_path, capsys, no_measuring):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory\n")
+    for path, words in ((str(afile), "exists and is not a directory"),
+                        (str(afile / "sub"), "cannot create output directory")):
+        assert main(_tiny(path)) == 1
+        err = _one_line_error(capsys)
+        assert path in err and words in err
+
+
+def test_parse_resolutions_refuses_empty_ranges_and_extra_fields():
+    with pytest.raises(ConfigError, match="empty"):
+        parse_resolutions(["2048:256:256"])  # was [] and a silent fallback to the model's size
+    with pytest.raises(ConfigError, match="4 fields"):
+        parse_resolutions(["64:128:64:5"])  # the 5 was silently dropped
+    assert parse_resolutions(["256:256"]) == [256] and parse_resolutions(["128:256"]) == [128, 192, 256]
+
+
+def test_help_states_range_step_default_and_new_tokens_minimum(capsys):
+    out = _help(capsys)
+    assert "START:STOP[:STEP] (STOP included, STEP 64 if left out)" in out
+    assert "the decode rate needs at least 2 (with 1, decode tok/s is reported as null)" in out
+
+
+def test_new_tokens_1_notes_the_missing_decode_rate(tmp_path):
+    assert main(_tiny(tmp_path, "--new-tokens", "1")) == 0
+    with open(tmp_path / "t.json") as f:
+        report = json.load(f)
+    assert report["results"] and all(r["decode_tokens_per_s"] is None for r in report["results"])
+    assert any("--new-tokens 1" in n and "at least 2" in n for n in report["notes"]), report["notes"]
+
+
+def test_accuracy_note_names_what_is_missing(tmp_path):
+    # fp32 is in --dtypes, exact is not in --modes: the note used to ask for fp32
+    assert main(_tiny(tmp_path, "--dtypes", "fp32", "--resolutions", "128")) == 0
+    with open(tmp_path / "t.json") as f:
+        notes = [n for n in json.load(f)["notes"] if n.startswith("accuracy")]
+    assert notes == ["accuracy: no fp32 exact reference in this run (add exact to --modes)"]
+    from fastvlm.bench.runner import BenchConfig, _accuracy_missing_note
+
+    note = _accuracy_missing_note(BenchConfig(modes=["fast"]), [torch.bfloat16])
+    assert note.endswith("(add fp32 to --dtypes and exact to --modes)")
+    assert _accuracy_missing_note(BenchConfig(modes=["exact"]), [torch.bfloat16]).endswith("(add fp32 to --dtypes)")
+
+
+@pytest.mark.filterwarnings("ignore:.*no tokenizer files")
+def test_model_takes_a_hub_id_like_generate(tmp_path, monkeypatch, capsys):
+    from fastvlm import FastVLM
+
+    ckpt = str(tmp_path / "ckpt")
+    FastVLM.from_preset("fastvlm-tiny", dtype=torch.float32).save_pretrained(ckpt)
+    asked = []
+
+    def resolve(path, revision=None):
+        if os.path.isdir(path):
+            return path
+        asked.append(path)
+        if path == "someone/tiny-vlm":
+            return ckpt  # what a download returns: a snapshot directory
+        raise ConfigError(f"no model directory at {path}")
+
+    monkeypatch.setattr("fastvlm.checkpoints.resolve_path", resolve)
+    argv = _tiny(tmp_path / "r", "--resolutions", "128")
+    argv[argv.index("--preset"):argv.index("--preset") + 2] = ["--model", "someone/tiny-vlm"]
+    argv.remove("--name"), argv.remove("t")
+    assert main(argv) == 0 and asked == ["someone/tiny-vlm"]
+    # named after the Hub id, not after the snapshot directory
+    with open(tmp_path / "r" / "bench-tiny-vlm-cpu.json") as f:
+        assert {r["model"] for r in json.load(f)["results"]} == {"tiny-vlm"}
+    capsys.readouterr()
+
+
+def test_model_missing_local_directory_is_a_clear_error(tmp_path, capsys, no_measuring):
+    missing = str(tmp_path / "no-such-model")
+    argv = _tiny(tmp_path / "r")
+    argv[argv.index("--preset"):argv.index("--preset") + 2] = ["--model", missing]
+    assert main(argv) == 1
+    err = _one_line_error(capsys)
+    assert f"no model directory at {missing}" in err
+    assert not os.path.exists(tmp_path / "r")  # the output directory made up front is removed again
+
+
+def test_unknown_dtypes_are_refused(tmp_path, capsys, no_measuring):
+    for flag in ("--dtypes", "--baseline-dtypes"):
+        err = _argparse_error(capsys, _tiny(tmp_path / "r", flag, "fp64"))
+        assert "unknown dtype 'fp64'; use one of fp32, bf16, fp16, auto" in err
+    # a paper-encoder dtype that is not measured used to run nothing, silently
+    assert main(_tiny(tmp_path / "r", "--dtypes", "fp32", "--baseline-dtypes", "bf16")) == 1
+    assert "--baseline-dtypes bf16: not among the measured --dtypes (fp32)" in _one_line_error(capsys)
+    from fastvlm.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--dtypes", "float32", "BF16", "--baseline-dtypes", "bfloat16"])
+    assert args.dtypes == ["fp32", "bf16"] and args.baseline_dtypes == ["bf16"]
+
+
+def test_baselines_help_says_what_auto_does(capsys):
+    out = _help(capsys)
+    assert "only the port for fastvlm-tiny" not in out
+    assert "every preset but fastvlm-tiny" in out and "Qwen2-0.5B-sized LLM (fastvlm-0.5b" in out
+
+
+def test_weights_estimate_counts_the_encoder():
+    from fastvlm.bench.runner import _weights_gb
+
+    # fastvlm-tiny has ~0.5M parameters: ~1 MB in bf16, not the 0.3 GB of a fixed 125M-parameter encoder
+    assert _weights_gb(get_preset("fastvlm-tiny"), torch.bfloat16) < 0.002
+    # the 0.5B: Qwen2-0.5B (~0.63B with an untied head) + FastViTHD (125M) + projector, in bf16
+    assert 1.4 < _weights_gb(get_preset("fastvlm-0.5b"), torch.bfloat16) < 1.6
+
+
+def test_help_says_accuracy_needs_fp32_and_exact_and_the_default_modes(capsys):
+    out = _help(capsys)
+    assert "the accuracy of every mode against the fp32 exact path." not in out  # the old, unconditional claim
+    assert "is measured only when the run has both fp32 in --dtypes and exact in --modes" in out
+    assert "Default: exact fast int8." in out
+
+
+def test_compile_with_warmup_0_is_noted(tmp_path, monkeypatch, capsys):
+    from fastvlm.bench import suite
+
+    build = suite.build_variants
+    # stand-in for compile (torch.compile would take minutes here): the fast variant under compile's name
+    monkeypatch.setattr(suite, "build_variants", lambda base, modes, **k: {"compile": build(base, ["fast"])["fast"]})
+    argv = _tiny(tmp_path, "--resolutions", "128", "--no-accuracy")
+    argv[argv.index("--modes") + 1] = "compile"
+    assert main(argv) == 0
+    with open(tmp_path / "t.json") as f:
+        report = json.load(f)
+    assert [r["mode"] for r in report["results"]] == ["compile"]
+    assert any("--warmup 0" in n and "compil" in n for n in report["notes"]), report["notes"]
+    assert "note: compile measured with --warmup 0" in capsys.readouterr().out
+
+
+def test_readme_modes_line_is_not_about_bench():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    perf = readme[readme.index("## Performance"):]
+    modes = " ".join(perf[perf.index("\nModes ("):perf.index("\n- `exact`")].split())
+    assert "CLI default `fast`, `--exact` for the other" not in modes
+    assert "`bench` has no `--exact`" in modes and "`--modes`" in modes

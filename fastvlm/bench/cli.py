@@ -3,12 +3,14 @@
 Batch 1, medians over repeated runs after warm-up, every configuration interleaved round
 by round. In the same run: transformers' FastVlmForConditionalGeneration on identical
 weights, the encoders the FastVLM paper compares with (CLIP ViT-L/14, SigLIP-SO400M,
-LLaVA-OneVision tiling, ConvLLaVA's ConvNeXt-L) feeding the same LLM, the machine's
-matmul and memory-bandwidth roofline, and the accuracy of every mode against the fp32
-exact path. Random weights unless --model is given (no download).
+LLaVA-OneVision tiling, ConvLLaVA's ConvNeXt-L) feeding the same LLM (see --baselines for
+which run by default), and the machine's matmul and memory-bandwidth roofline. The accuracy
+of every mode against the fp32 exact path is measured only when the run has both fp32 in
+--dtypes and exact in --modes (the default dtype is bf16 on CPUs with native bf16, so add
+e.g. --dtypes fp32 bf16). Random weights (no download) unless --model is given.
 
   fastvlm bench --preset fastvlm-tiny                       # seconds: a smoke test
-  fastvlm bench --preset fastvlm-0.5b --dtypes fp32 bf16    # the 0.5B architecture at 1024 px
+  fastvlm bench --preset fastvlm-0.5b --dtypes fp32 bf16    # the 0.5B architecture at 1024 px, with accuracy
   fastvlm bench --preset fastvlm-0.5b --modes fast --resolutions 256:2048:64 --baselines none
   fastvlm bench --model DIR --device cuda --dtypes bf16 fp16
 
@@ -20,11 +22,37 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..commands.common import _checked, _int_arg
+
 MODES = ("exact", "fast", "compile", "int8")
+DEFAULT_MODES = ["exact", "fast", "int8"]
+RESOLUTION_STEP = 64  # STEP of a START:STOP range when left out
+
+# dtype names accepted (resolve_dtype's), each mapped to the name the report uses
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                "fp16": "fp16", "float16": "fp16", "half": "fp16", "auto": "auto"}
+
+
+def _dtype_arg(text: str) -> str:
+    try:
+        return _DTYPE_NAMES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of fp32, bf16, fp16, auto") from None
+
+
+def _at_least(minimum: int, what: str):
+    return _checked(_int_arg, lambda v: v >= minimum, f"{what} must be at least {minimum}")
+
+
+def _resolution_arg(text: str) -> int:
+    value = _int_arg(text)
+    if value <= 0 or value % 64:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 64 (the encoder's stride), got {text}")
+    return value
 
 
 def parse_resolutions(values: list[str]) -> list[int]:
-    """'256 512 1024' or ranges 'START:STOP:STEP' (STOP included), e.g. 256:2048:64."""
+    """'256 512 1024' or ranges 'START:STOP[:STEP]' (STOP included, STEP 64 if left out), e.g. 256:2048:64."""
     from ..errors import ConfigError
 
     out: list[int] = []
@@ -33,18 +61,28 @@ def parse_resolutions(values: list[str]) -> list[int]:
             part = part.strip()
             if not part:
                 continue
-            try:
-                if ":" in part:
-                    bits = [int(b) for b in part.split(":")]
-                    start, stop = bits[0], bits[1]
-                    step = bits[2] if len(bits) > 2 else 64
-                    if step <= 0:
-                        raise ValueError
-                    out += list(range(start, stop + 1, step))
-                else:
+            if ":" in part:
+                fields = part.split(":")
+                if len(fields) > 3:
+                    raise ConfigError(f"cannot read resolution range {part!r}: it has {len(fields)} fields; "
+                                      "use START:STOP or START:STOP:STEP, e.g. 256:2048:64")
+                try:
+                    bits = [int(b) for b in fields]
+                except ValueError:
+                    raise ConfigError(f"cannot read resolution {part!r}; use e.g. 1024 or 256:2048:64") from None
+                start, stop = bits[0], bits[1]
+                step = bits[2] if len(bits) > 2 else RESOLUTION_STEP
+                if step <= 0:
+                    raise ConfigError(f"resolution range {part!r}: STEP must be positive")
+                if start > stop:
+                    raise ConfigError(f"resolution range {part!r} is empty: START {start} is above STOP {stop} "
+                                      f"(write {stop}:{start}" + (f":{step}" if len(bits) > 2 else "") + ")")
+                out += list(range(start, stop + 1, step))
+            else:
+                try:
                     out.append(int(part))
-            except ValueError:
-                raise ConfigError(f"cannot read resolution {part!r}; use e.g. 1024 or 256:2048:64") from None
+                except ValueError:
+                    raise ConfigError(f"cannot read resolution {part!r}; use e.g. 1024 or 256:2048:64") from None
     for r in out:
         if r <= 0 or r % 64:
             raise ConfigError(f"resolution {r} is not a positive multiple of 64 (the encoder's stride)")
@@ -56,35 +94,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", nargs="+", default=None,
                      help="preset architecture(s) with random weights: fastvlm-tiny, fastvlm-0.5b, fastvlm-1.5b, "
                           "fastvlm-7b (the 7B needs ~15 GB in bf16; default fastvlm-0.5b)")
-    src.add_argument("--model", "-m", default=None, help="benchmark this checkpoint directory or Hub id instead")
+    src.add_argument("--model", "-m", default=None,
+                     help="benchmark this checkpoint directory or Hugging Face Hub id instead (a Hub id is "
+                          "downloaded, as by `fastvlm generate`)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
-    p.add_argument("--dtypes", nargs="+", default=["auto"],
-                   help="fp32, bf16, fp16, auto (bf16 on CUDA and native-bf16 CPUs, fp16 on MPS, else fp32)")
-    p.add_argument("--modes", nargs="+", default=["exact", "fast", "int8"], choices=MODES,
+    p.add_argument("--dtypes", nargs="+", default=["auto"], type=_dtype_arg, metavar="DTYPE",
+                   help="fp32, bf16, fp16, auto (bf16 on CUDA and native-bf16 CPUs, fp16 on MPS, else fp32; "
+                        "default auto). The accuracy comparison needs fp32 here")
+    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
                    help="exact: reference arithmetic; fast: fused encoder, channels-last, SDPA, native decode "
-                        "kernels; compile: fast + torch.compile of the encoder; int8: fast + int8 LLM linears (CPU)")
+                        "kernels; compile: fast + torch.compile of the encoder (give --warmup >= 1, or TTFT "
+                        "includes the compilation); int8: fast + int8 LLM linears (CPU). "
+                        f"Default: {' '.join(DEFAULT_MODES)}. The accuracy comparison needs exact here")
     p.add_argument("--resolutions", nargs="+", default=None,
-                   help="square input sizes, multiples of 64, or ranges START:STOP:STEP (default: the model's)")
-    p.add_argument("--text-tokens", type=int, default=32, help="text tokens around the image (default 32)")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run for the decode rate (default 16)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+                   help="square input sizes, multiples of 64, or ranges START:STOP[:STEP] (STOP included, "
+                        f"STEP {RESOLUTION_STEP} if left out) (default: the model's)")
+    p.add_argument("--text-tokens", type=_at_least(0, "--text-tokens"), default=32,
+                   help="text tokens around the image, >= 0 (default 32)")
+    p.add_argument("--new-tokens", type=_at_least(1, "--new-tokens"), default=16,
+                   help="tokens generated per run, >= 1; the decode rate needs at least 2 (with 1, decode tok/s "
+                        "is reported as null) (default 16)")
+    p.add_argument("--warmup", type=_at_least(0, "--warmup"), default=1, help="untimed rounds first, >= 0 (default 1)")
+    p.add_argument("--repeats", type=_at_least(1, "--repeats"), default=5, help="timed rounds, >= 1 (default 5)")
     p.add_argument("--baselines", default="auto", choices=("auto", "none", "transformers", "encoders", "all"),
-                   help="transformers' FastVLM port and/or the paper's encoders (auto: both, only the port for "
-                        "fastvlm-tiny)")
+                   help="transformers' FastVLM port and/or the paper's encoders. auto: the port whenever it can "
+                        "hold the model (the full FastViTHD encoder and a Qwen2 LLM: every preset but "
+                        "fastvlm-tiny, which gets a note instead), and the paper's encoders only for a "
+                        "Qwen2-0.5B-sized LLM (fastvlm-0.5b, as in the paper) (default auto)")
     p.add_argument("--baseline-resolutions", nargs="+", default=None,
                    help="resolutions at which transformers' port runs too (default 1024 if measured, else the first)")
-    p.add_argument("--baseline-repeats", type=int, default=3, help="timed rounds per paper encoder (default 3)")
-    p.add_argument("--baseline-dtypes", nargs="+", default=None,
-                   help="dtypes for the paper encoders (default: the last of --dtypes)")
-    p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy comparison against fp32 exact")
-    p.add_argument("--accuracy-resolution", type=int, default=None)
+    p.add_argument("--baseline-repeats", type=_at_least(1, "--baseline-repeats"), default=3,
+                   help="timed rounds per paper encoder, >= 1 (default 3)")
+    p.add_argument("--baseline-dtypes", nargs="+", default=None, type=_dtype_arg, metavar="DTYPE",
+                   help="dtypes for the paper encoders, each one of --dtypes (default: the last of --dtypes)")
+    p.add_argument("--no-accuracy", action="store_true",
+                   help="skip the accuracy comparison against fp32 exact (it runs only when fp32 is in --dtypes "
+                        "and exact in --modes)")
+    p.add_argument("--accuracy-resolution", type=_resolution_arg, default=None,
+                   help="resolution of the accuracy comparison, a multiple of 64 (default 1024 if measured, "
+                        "else the first of --resolutions)")
     p.add_argument("--no-roofline", action="store_true", help="skip the matmul and bandwidth measurements")
-    p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 matmul peak (default 2048 CPU, 8192 GPU)")
-    p.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer read for the bandwidth figure (default 1024)")
+    p.add_argument("--matmul-size", type=_at_least(1, "--matmul-size"), default=None,
+                   help="n of the n^3 matmul peak, >= 1 (default 2048 CPU, 8192 GPU)")
+    p.add_argument("--bandwidth-mb", type=_at_least(1, "--bandwidth-mb"), default=1024,
+                   help="MB of buffer read for the bandwidth figure, >= 1 (default 1024)")
     p.add_argument("--plain-init", action="store_true",
                    help="keep from_preset's training init for the encoder (default: trained-model scales)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=_at_least(1, "--threads"), default=None,
+                   help="torch threads, >= 1 (default: torch's choice)")
     p.add_argument("--quiet-wait", type=float, default=0.0,
                    help="on a shared machine: before each timed run, wait up to this many seconds for the CPUs "
                         "to go idle (others using < --quiet-below %%); waits are recorded (default 0: off)")
@@ -102,17 +159,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true")
 
 
+def _baseline_dtype_names(args, device) -> list[str] | None:
+    """--baseline-dtypes as the report's names (auto resolved); each must be one of --dtypes."""
+    from ..errors import ConfigError
+    from ..model import resolve_dtype
+    from .runner import DTYPE_NAMES
+
+    if args.baseline_dtypes is None:
+        return None
+    measured = [DTYPE_NAMES[resolve_dtype(d, device)] for d in args.dtypes]
+    names = list(dict.fromkeys(DTYPE_NAMES[resolve_dtype(d, device)] for d in args.baseline_dtypes))
+    missing = [n for n in names if n not in measured]
+    if missing:
+        raise ConfigError(f"--baseline-dtypes {' '.join(missing)}: not among the measured --dtypes "
+                          f"({' '.join(dict.fromkeys(measured))}); the paper's encoders run beside our model "
+                          "in one of its dtypes")
+    return names
+
+
 def run(args) -> int:
+    from ..commands.common import prepare_output_dir, remove_if_empty
+
+    # a bad --out fails now, in one line, not after the whole benchmark has run
+    created = prepare_output_dir(args.out)
+    try:
+        return _run(args)
+    except BaseException:
+        if created:
+            remove_if_empty(args.out)
+        raise
+
+
+def _run(args) -> int:
     import os
 
     import torch
 
+    from .. import checkpoints, kernels
+    from ..config import get_preset
     from ..model import resolve_device
     from . import report as rep
+    from . import suite
     from .runner import BenchConfig, default_output_name, run_benchmark
 
-    from .. import kernels
-    from . import suite
+    # everything that can be refused is checked before any measurement
+    device = resolve_device(args.device)
+    model_dir = model_name = None
+    if args.model:
+        # a local directory, or a Hub id downloaded like `fastvlm generate` does (a clear error offline)
+        model_dir = checkpoints.resolve_path(args.model)
+        model_name = os.path.basename(os.path.normpath(os.path.expanduser(args.model)))
+        checkpoints.read_config(model_dir)
+    presets = args.preset or (["fastvlm-0.5b"] if not args.model else [])
+    for preset in presets:
+        get_preset(preset)
+    baseline_dtypes = _baseline_dtype_names(args, device)
+    resolutions = parse_resolutions(args.resolutions) if args.resolutions else None
+    baseline_resolutions = parse_resolutions(args.baseline_resolutions) if args.baseline_resolutions else None
 
     # every variant runs in this one process: fix the allocator's behaviour up front rather
     # than let it drift with what ran before (see kernels.tune_allocator)
@@ -121,20 +224,21 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     suite.QUIET.update(max_wait_s=args.quiet_wait, busy_below=args.quiet_below)
     cfg = BenchConfig(
-        presets=args.preset or (["fastvlm-0.5b"] if not args.model else []),
-        model_dir=args.model,
+        presets=presets,
+        model_dir=model_dir,
+        model_name=model_name,
         device=args.device,
         dtypes=args.dtypes,
         modes=list(dict.fromkeys(args.modes)),
-        resolutions=parse_resolutions(args.resolutions) if args.resolutions else None,
+        resolutions=resolutions,
         text_tokens=args.text_tokens,
-        new_tokens=max(args.new_tokens, 1),
-        warmup=max(args.warmup, 0),
-        repeats=max(args.repeats, 1),
+        new_tokens=args.new_tokens,
+        warmup=args.warmup,
+        repeats=args.repeats,
         baselines=args.baselines,
-        baseline_resolutions=parse_resolutions(args.baseline_resolutions) if args.baseline_resolutions else None,
-        baseline_repeats=max(args.baseline_repeats, 1),
-        baseline_dtypes=args.baseline_dtypes,
+        baseline_resolutions=baseline_resolutions,
+        baseline_repeats=args.baseline_repeats,
+        baseline_dtypes=baseline_dtypes,
         accuracy=not args.no_accuracy,
         accuracy_resolution=args.accuracy_resolution,
         roofline=not args.no_roofline,
@@ -147,7 +251,7 @@ def run(args) -> int:
     )
     report = run_benchmark(cfg)
     report["machine"]["allocator"] = "glibc, mmap/trim thresholds raised" if allocator_tuned else "default"
-    name = args.name or default_output_name(cfg, resolve_device(args.device))
+    name = args.name or default_output_name(cfg, device)
     stem = os.path.join(args.out, name)
     rep.write_json(report, stem + ".json")
     print(rep.format_report(report))

@@ -23,6 +23,7 @@ _GB = 1e9
 class BenchConfig:
     presets: list[str] = field(default_factory=lambda: ["fastvlm-0.5b"])
     model_dir: Optional[str] = None
+    model_name: Optional[str] = None  # the report's name for model_dir (default: its last path component)
     device: str = "auto"
     dtypes: list[str] = field(default_factory=lambda: ["auto"])
     modes: list[str] = field(default_factory=lambda: ["exact", "fast", "int8"])
@@ -74,14 +75,51 @@ def _build_ours(cfg: BenchConfig, preset: Optional[str], device: torch.device, d
     return model.eval()
 
 
+def _encoder_params(config) -> int:
+    """Parameters of this config's vision tower and projector, counted on the meta device (no memory, no init)."""
+    from ..model import build_projector
+    from ..vision.fastvithd import FastViTHD
+
+    with torch.device("meta"):
+        modules = (FastViTHD(config.vision), build_projector(config))
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
 def _weights_gb(config, dtype: torch.dtype) -> float:
-    """Rough size of a model of this config in this dtype (parameters only)."""
+    """Rough size of a model of this config in this dtype (parameters only): the LLM estimated, the encoder counted."""
     t = config.text
     h, L, inter, vocab = t["hidden_size"], t["num_hidden_layers"], t["intermediate_size"], t["vocab_size"]
     kv = t.get("num_key_value_heads", t["num_attention_heads"]) * (h // t["num_attention_heads"])
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * inter
     lm = L * per_layer + 2 * vocab * h
-    return (lm + 125e6) * (2 if dtype in (torch.bfloat16, torch.float16) else 4) / _GB
+    return (lm + _encoder_params(config)) * (2 if dtype in (torch.bfloat16, torch.float16) else 4) / _GB
+
+
+def _gb_text(gb: float) -> str:
+    return f"{gb:.1f} GB" if gb >= 0.1 else f"{gb * 1000:.1f} MB"
+
+
+def settings_notes(cfg: BenchConfig) -> list[str]:
+    """Notes on settings that leave a figure missing or skewed; they go into the report and the log."""
+    notes = []
+    if cfg.new_tokens == 1:
+        notes.append("decode rate: not measured (null) with --new-tokens 1: the first token is the prefill's, "
+                     "so a decode rate needs at least 2 generated tokens")
+    if "compile" in cfg.modes and cfg.warmup == 0:
+        notes.append("compile measured with --warmup 0: its first timed run includes torch.compile's compilation, "
+                     "so its encode and TTFT figures are compile time, not inference; use --warmup 1 or more")
+    return notes
+
+
+def _accuracy_missing_note(cfg: BenchConfig, dtypes: list[torch.dtype]) -> str:
+    missing = []
+    if torch.float32 not in dtypes:
+        missing.append("fp32 to --dtypes")
+    if "exact" not in cfg.modes:
+        missing.append("exact to --modes")
+    if missing:
+        return f"accuracy: no fp32 exact reference in this run (add {' and '.join(missing)})"
+    return "accuracy: no fp32 exact reference in this run (the fp32 model was skipped; see the note above)"
 
 
 def _roofline_fields(res: dict[str, Any], enc_flops: int, pre_flops: int, peak: Optional[float],
@@ -163,6 +201,9 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     }
     log(f"device {device} | {report['machine']['cpu_model']} | torch {torch.__version__} | "
         f"{torch.get_num_threads()} threads | load {report['machine']['load_average_start']}")
+    for note in settings_notes(cfg):
+        log(f"note: {note}")
+        report["notes"].append(note)
 
     # ------------------------------------------------------------------ roofline
     peaks: dict[torch.dtype, float] = {}
@@ -184,7 +225,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     try:
         for preset in targets:
             config = read_config(cfg.model_dir)[0] if cfg.model_dir else get_preset(preset)
-            name = os.path.basename(os.path.normpath(cfg.model_dir)) if cfg.model_dir else preset
+            name = _model_name(cfg) if cfg.model_dir else preset
             resolutions = cfg.resolutions or [config.image_size]
             want_hf, want_enc = _baselines_wanted(cfg, config)
             hf_res = set(cfg.baseline_resolutions or [1024 if 1024 in resolutions else resolutions[0]])
@@ -201,11 +242,11 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 need = _weights_gb(config, dtype)
                 free = suite.free_memory_gb()
                 if device.type == "cpu" and free is not None and need > free * 0.9:
-                    msg = f"{name} {dname}: skipped, needs ~{need:.1f} GB for weights, {free:.1f} GB available"
+                    msg = f"{name} {dname}: skipped, needs ~{_gb_text(need)} for weights, {free:.1f} GB available"
                     log(msg)
                     report["notes"].append(msg)
                     continue
-                log(f"building {name} in {dname} (~{need:.1f} GB of weights)")
+                log(f"building {name} in {dname} (~{_gb_text(need)} of weights)")
                 t0 = time.perf_counter()
                 base = _build_ours(cfg, preset, device, dtype)
                 log(f"built in {time.perf_counter() - t0:.0f} s")
@@ -244,7 +285,9 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                         variants["exact"].activate()
                         ref_probe = suite.accuracy_probe(variants["exact"].model, ids, px, cfg.accuracy_tokens)
                     if ref_probe is None:
-                        report["notes"].append("accuracy: no fp32 exact reference in this run (add fp32 to --dtypes)")
+                        note = _accuracy_missing_note(cfg, dtypes)
+                        if note not in report["notes"]:
+                            report["notes"].append(note)
                     else:
                         for mode, v in variants.items():
                             if mode == "compile" and device.type == "cpu":
@@ -448,12 +491,16 @@ def _meta_forward(b) -> Any:
     return b.features(m, x)
 
 
+def _model_name(cfg: BenchConfig) -> str:
+    return cfg.model_name or os.path.basename(os.path.normpath(cfg.model_dir))
+
+
 def default_output_name(cfg: BenchConfig, device: torch.device) -> str:
     if device.type == "cuda":
         dev = torch.cuda.get_device_name(device).lower().replace("nvidia ", "").split()[0]
     else:
         dev = "cpu"
-    model = os.path.basename(os.path.normpath(cfg.model_dir)) if cfg.model_dir else "+".join(cfg.presets)
+    model = _model_name(cfg) if cfg.model_dir else "+".join(cfg.presets)
     return f"bench-{model}-{dev}"
 
 
