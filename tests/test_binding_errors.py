@@ -15,11 +15,16 @@ from fastvlm.data.synth import generate_dataset, load_split
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "binding_errors.py"
 
 
-def test_shortcut_answers_are_counted_as_binding_errors(tmp_path, capsys):
+def _script():
     spec = importlib.util.spec_from_file_location("binding_errors", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_shortcut_answers_are_counted_as_binding_errors(tmp_path, capsys):
+    mod = _script()
     generate_dataset(tmp_path, num_train=60, num_val=0, num_test=200, image_size=256, level="basic", train_turns=7,
                      progress=False)
     test = load_split(tmp_path / "test.json")
@@ -58,10 +63,7 @@ def test_shortcut_answers_are_counted_as_binding_errors(tmp_path, capsys):
 
 
 def test_reading_errors_split_by_size_scene_and_digit(tmp_path):
-    spec = importlib.util.spec_from_file_location("binding_errors", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = _script()
     generate_dataset(tmp_path, num_train=0, num_val=0, num_test=300, image_size=256, level="basic", train_turns=1,
                      progress=False)
     test = load_split(tmp_path / "test.json")
