@@ -233,3 +233,27 @@ def test_readme_command_table_shows_prompt_optional():
     table = table[:table.index("\n\n", table.index("| command |"))]
     row = next(line for line in table.splitlines() if line.startswith("| `fastvlm generate"))
     assert "[--prompt TEXT]" in row and "Describe the image." in row
+
+
+def test_data_tokenizer_refuses_bad_sources_and_outputs(tmp_path, capsys):
+    # each was a traceback, or a run that said it wrote a tokenizer it did not write / trained on nothing
+    (tmp_path / "corpus.txt").write_text("hello world\nthe cat sat\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "obj.json").write_text('{"data": [{"a": 1}]}')
+    (tmp_path / "bad.json").write_text("{bad")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "noconv.json").write_text('[{"bad": 1}]')
+    cases = [
+        ([str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "afile")], "exists and is not a directory"),
+        ([str(tmp_path / "obj.json"), "--out", str(tmp_path / "t")], "expected a list of LLaVA records"),
+        ([str(tmp_path / "bad.json"), "--out", str(tmp_path / "t")], "not valid JSON"),
+        ([str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t")], "no text to train a tokenizer on"),
+        ([str(tmp_path / "noconv.json"), "--out", str(tmp_path / "t")], "no text to train a tokenizer on"),
+    ]
+    for args, message in cases:
+        assert main(["data", "tokenizer", *args, "--vocab-size", "300"]) == 1
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "t").exists()
+    assert main(["data", "tokenizer", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "ok"),
+                 "--vocab-size", "300"]) == 0
+    assert (tmp_path / "ok" / "tokenizer.json").is_file()

@@ -173,3 +173,12 @@ def test_timing_helpers():
     assert summary["ttft_s"]["median"] == pytest.approx(0.5)  # four requests waited 0.5 s, one 0.1 s
     assert summary["ttft_s_per_batch"]["mean"] == pytest.approx(0.3)
     assert TimingLog().summary(8) is None
+
+
+def test_printed_summary_shows_counts_as_counts(capsys):
+    from fastvlm.eval.cli import print_summary
+
+    print_summary({"task": "pope", "primary_metric": "f1", "n": 3, "n_predicted_this_run": 3, "n_resumed": 0,
+                   "scores": {"f1": 0.8, "tp": 2, "fp": 1, "n": 3, "yes_ratio": 1.0}}, "out")
+    lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert lines == {"f1": "80.00", "tp": "2", "fp": "1", "n": "3", "yes_ratio": "100.00"}  # scores x100, counts not

@@ -88,6 +88,12 @@ def test_textvqa_malformed(tmp_path):
         TASKS["textvqa"].load(p)
     with pytest.raises(FastVLMError, match="no such file"):
         TASKS["textvqa"].load(tmp_path / "missing.json")
+    # a single answer (a string, or a list of one) would score every prediction 0 under VQA accuracy: refused
+    for answers, message in (("12", "field 'answers' should be list"), (["12"], "field 'answers' holds 1 answer")):
+        p = write_json(tmp_path / "one.json", {"data": [{"question": "q", "image_id": "x", "question_id": 8,
+                                                         "answers": answers}]})
+        with pytest.raises(FastVLMError, match=rf"one\.json: record 0 \(question_id=8\): {message}"):
+            TASKS["textvqa"].load(p)
 
 
 # ---------------------------------------------------------------------------

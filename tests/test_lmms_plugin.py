@@ -254,7 +254,7 @@ def test_imports_without_lmms_eval():
             try:
                 fn()
             except ImportError as e:
-                assert "pip install lmms-eval" in str(e), e
+                assert "pip install 'fastvlm[lmms]'" in str(e) and "filelock<4" in str(e), e
             else:
                 raise AssertionError("no error")
         from fastvlm.eval.lmms.__main__ import main

@@ -29,23 +29,49 @@ def _texts(source: str):
     if not os.path.isfile(source):
         raise FastVLMError(f"no corpus at {source}")
     if source.endswith((".json", ".jsonl")):
-        with open(source) as f:
-            records = json.load(f) if source.endswith(".json") else [json.loads(line) for line in f if line.strip()]
-        for r in records:
-            for turn in r.get("conversations", []):
-                yield str(turn.get("value", "")).replace("<image>", "")
+        with open(source, encoding="utf-8") as f:
+            if source.endswith(".json"):
+                try:
+                    records = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise FastVLMError(f"{source}: not valid JSON ({e})") from None
+            else:
+                records = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise FastVLMError(f"{source}: line {n} is not valid JSON ({e})") from None
+        if not isinstance(records, list):
+            raise FastVLMError(f"{source}: expected a list of LLaVA records, got a JSON {type(records).__name__}")
+        for i, r in enumerate(records):
+            turns = r.get("conversations", []) if isinstance(r, dict) else None
+            if not isinstance(turns, list):
+                raise FastVLMError(f"{source}: record {i} is not a LLaVA record with a list of conversations")
+            for turn in turns:
+                if isinstance(turn, dict):
+                    yield str(turn.get("value", "")).replace("<image>", "")
     else:
         with open(source, encoding="utf-8") as f:
             yield from f
 
 
 def run(args) -> int:
+    from ..commands.common import prepare_output_dir
+    from ..errors import FastVLMError
     from ..tokenization import train_bpe_tokenizer
 
     lines = list(_texts(args.source))
+    if not any(line.strip() for line in lines):
+        raise FastVLMError(f"{args.source}: no text to train a tokenizer on (an empty corpus, or records without "
+                           "conversation turns)")
+    prepare_output_dir(args.out)  # an existing file, or a path that cannot be made, fails before training
+    n_corpus = len(lines)
     # the chat frame's own words, so prompts tokenize compactly
     lines += ["You are a helpful assistant.\n", "system\n", "user\n", "assistant\n"] * 50
     tok = train_bpe_tokenizer(lines, args.vocab_size)
     tok.save_pretrained(args.out)
-    print(f"wrote {args.out}: {len(tok)} tokens (trained on {len(lines)} lines)", file=sys.stderr)
+    print(f"wrote {args.out}: {len(tok)} tokens (trained on {n_corpus} lines of the corpus and 200 of the chat "
+          "frame)", file=sys.stderr)
     return 0

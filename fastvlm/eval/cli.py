@@ -146,7 +146,10 @@ def print_summary(summary: dict, out_dir: str, file=None) -> None:
     width = max((len(k) for k in scores), default=8)
     for k, v in scores.items():
         mark = " *" if k == primary else ""
-        print(f"  {k:<{width}}  {100 * v:7.2f}{mark}", file=file)
+        if isinstance(v, int) and not isinstance(v, bool):
+            print(f"  {k:<{width}}  {v:7d}{mark}", file=file)  # a count (POPE's tp/fp/tn/fn/n), not a score
+        else:
+            print(f"  {k:<{width}}  {100 * v:7.2f}{mark}", file=file)
     t1 = summary.get("ttft_batch1")
     if t1:
         print(f"  TTFT batch 1: {_ms(t1['ttft_s'])}", file=file)

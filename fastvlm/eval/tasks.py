@@ -182,6 +182,16 @@ class _Record:
             return [str(a) for a in value]
         return [str(value)]
 
+    def human_answers(self, key: str) -> list[str]:
+        """The annotators' answers that VQA accuracy needs: a list of several (TextVQA has ten). One answer
+        would score every prediction 0 (its leave-one-out subset is empty), so it is refused here."""
+        value = self.get(key, list)
+        answers = self.answers(key)
+        if len(value) < 2:
+            raise FastVLMError(f"{self.where}: field {key!r} holds {len(value)} answer; VQA accuracy needs the "
+                               "annotators' answers (ten in TextVQA), and scores any prediction 0 against one")
+        return answers
+
     def fail(self, message: str) -> FastVLMError:
         return FastVLMError(f"{self.where}: {message}")
 
@@ -287,7 +297,7 @@ def read_textvqa(data: PathLike, image_root: Optional[PathLike] = None) -> list[
             id=str(qid),
             question=r.get("question", str),
             prompt="",
-            references=r.answers("answers"),
+            references=r.human_answers("answers"),
             images=[_join(root, f"{image_id}.jpg")],
             extra={"question_id": qid, "image_id": image_id},
         )

@@ -1,6 +1,6 @@
 """FastVLM as an lmms-eval model named ``fastvlm``.
 
-With lmms-eval installed (``pip install lmms-eval``; written against 0.7.3)::
+With lmms-eval installed (``pip install 'fastvlm[lmms]'``, which also pins filelock<4; written against 0.7.3)::
 
     lmms-eval --model fastvlm --model_args pretrained=PATH,device=cuda,dtype=bf16,batch_size=8 \\
         --tasks textvqa_val,docvqa_val,chartqa,pope,scienceqa_img --output_path runs/lmms
@@ -44,8 +44,9 @@ MODEL_NAME = "fastvlm"
 CLASS_PATH = "fastvlm.eval.lmms.model.FastVLMLmms"
 
 _MISSING = (
-    "lmms-eval is not installed; `pip install lmms-eval` (fastvlm's plugin was written against "
-    "lmms-eval 0.7.3) to run `lmms-eval --model fastvlm`"
+    "lmms-eval is not installed; `pip install 'fastvlm[lmms]'` (or `pip install -e \".[lmms]\"` in a checkout: "
+    "lmms-eval with filelock<4, which lmms-eval 0.7.3 needs; the plugin was written against 0.7.3) to run "
+    "`lmms-eval --model fastvlm`"
 )
 
 
