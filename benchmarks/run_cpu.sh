@@ -13,6 +13,11 @@ S=${SUFFIX:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 step() { [ "${1}" = "${WHICH}" ] || [ "${WHICH}" = all ]; }
 WHICH=${1:-all}
+STEPS="profile grouped onednn main fresh paired decode prefetch prefetch-fine plan train-alloc sweep 1.5b 7b"
+case " all $STEPS " in
+  *" $WHICH "*) ;;
+  *) echo "run_cpu.sh: unknown step '$WHICH'; steps: $STEPS (or none for all)" >&2; exit 2 ;;
+esac
 
 # where encoder time goes at 1024 px, per configuration; a 0.5B decode step, torch vs native kernels
 step profile && python benchmarks/profile_encoder.py --decode --repeats 5 --quiet-wait "$QW" --out "$OUT/profile-cpu$S.json"

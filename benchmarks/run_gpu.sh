@@ -25,4 +25,8 @@ large)
   timeout 560 $BENCH --preset fastvlm-1.5b fastvlm-7b --dtypes bf16 --modes exact fast --resolutions 512 1024 2048 \
       --baselines transformers --no-accuracy --name "bench-1.5b-7b-$GPU"
   ;;
+*)
+  echo "run_gpu.sh: unknown step '$1' (use small or large)" >&2
+  exit 2
+  ;;
 esac

@@ -10,8 +10,9 @@ training split where each record also asks
 - up to ``--halves M`` one-object questions, "Is the A above or below the middle of the image?" (or left or
   right of it), answerable only where the object lies clearly inside one half, and
 - up to ``--binding K`` more existence questions of the test's own form that only a model binding each colour to
-  its shape answers: alternately a hard "no" (a colour and shape that are both in the scene, or one of them is,
-  but not together) and a "yes" about an object that is there (none the record asks already), and
+  its shape answers: alternately, within each record, a hard "no" (a colour and shape that are both in the scene,
+  or one of them is, but not together) and a "yes" about an object that is there (none the record asks already);
+  the "no" comes first, so ``--binding 1`` adds only hard "no" questions and an even K balances them, and
 - up to ``--colour C`` more colour questions of the test's own form ("What color is the {shape}?") in scenes of two
   or more objects, about a shape the scene holds once and the record does not ask yet: the colour of another
   object in the scene is wrong there, so answering with any colour in view fails it,

@@ -9,6 +9,8 @@ from fastvlm import FastVLM, FastVLMConfig
 from fastvlm.train.data import ConversationDataset
 from fastvlm.train.collate import DataCollator
 from transformers import AutoTokenizer
+if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+    sys.exit(__doc__)
 DATA = sys.argv[1]
 OV = DATA + "/overfit32.json"
 torch.manual_seed(0)

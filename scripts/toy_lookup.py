@@ -16,7 +16,10 @@ Measured on the 2-core CPU (H=192, L=3 unless said): the default (B=32, lr 2e-3)
 import sys, time, torch, torch.nn as nn, random
 from transformers import Qwen2Config, Qwen2ForCausalLM
 torch.set_num_threads(1)
-args = dict(a.split("=") for a in sys.argv[1:])
+if any(a in ("-h", "--help") for a in sys.argv[1:]) or any("=" not in a for a in sys.argv[1:]):
+    sys.exit(__doc__ if any(a in ("-h", "--help") for a in sys.argv[1:])
+             else "toy_lookup.py: arguments are key=value (see --help)")
+args = dict(a.split("=", 1) for a in sys.argv[1:])
 H = int(args.get("H", 192)); L = int(args.get("L", 3)); lr = float(args.get("lr", 2e-3)); T = int(args.get("T", 4))
 steps = int(args.get("steps", 1500)); sys_len = int(args.get("sys", 10)); init = float(args.get("init", 0.02))
 torch.manual_seed(0); random.seed(0)

@@ -8,6 +8,8 @@
 # arithmetic differ). Times below are for that CPU unless marked.
 #
 #   bash scripts/train_bundled_model.sh [OUT]          # default OUT=runs/bundled
+# Besides OUT it writes benchmarks/results/resolution-study.* (step 6) and replaces the package's bundled model,
+# fastvlm/assets/fastvlm-synth (steps 8 and 9).
 set -euo pipefail
 OUT=${1:-runs/bundled}
 D=$OUT/data

@@ -319,3 +319,13 @@ def test_readme_modes_line_is_not_about_bench():
     modes = " ".join(perf[perf.index("\nModes ("):perf.index("\n- `exact`")].split())
     assert "CLI default `fast`, `--exact` for the other" not in modes
     assert "`bench` has no `--exact`" in modes and "`--modes`" in modes
+
+
+def test_run_cpu_script_refuses_an_unknown_step():
+    # an unknown step used to run nothing and exit 0
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", os.path.join(root, "benchmarks", "run_cpu.sh"), "mian"], capture_output=True,
+                       text=True, cwd=root, timeout=60)
+    assert r.returncode == 2 and "unknown step 'mian'" in r.stderr and "main" in r.stderr
