@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .config import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, PRESETS, FastVLMConfig, VisionConfig, get_preset  # noqa: E402
-from .errors import CheckpointError, ConfigError, FastVLMError, ImageError, PromptError  # noqa: E402
+from .errors import CheckpointError, ConfigError, FastVLMError, ImageError, ImageTooLargeError, PromptError  # noqa: E402
 
 
 def __getattr__(name):
@@ -37,5 +37,6 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "ImageError",
+    "ImageTooLargeError",
     "PromptError",
 ]

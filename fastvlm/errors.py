@@ -22,5 +22,9 @@ class ImageError(FastVLMError):
     """An image could not be read or is not acceptable."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image refused for its pixel count (a possible decompression bomb), by our limit or PIL's."""
+
+
 class PromptError(FastVLMError):
     """A prompt or message list is malformed (e.g. images and <image> placeholders disagree)."""

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, FastVLMConfig
-from .errors import ConfigError, ImageError, PromptError
+from .errors import ConfigError, ImageError, ImageTooLargeError, PromptError
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # 8192 x 8192. Far above any real photo or scan a VLM is asked about, far below what
@@ -81,11 +81,11 @@ def load_image(
     ``max_pixels`` (``None`` disables this check; PIL's own decompression-bomb limit
     still applies and is reported as an ImageError too).
     """
-    exif = (apply_exif_orientation, scale_16bit)  # the two deliberate differences, passed down together
+    fixes = (apply_exif_orientation, scale_16bit)  # the two deliberate differences from the reference
     if isinstance(source, Image.Image):
-        return _finish(source, "image", max_pixels, exif, close=False)
+        return _finish(source, "image", max_pixels, fixes, close=False)
     if isinstance(source, np.ndarray):
-        return _finish(_from_array(source), "array image", max_pixels, exif, close=False)
+        return _finish(_from_array(source), "array image", max_pixels, fixes, close=False)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not isinstance(path, str):
@@ -105,13 +105,13 @@ def load_image(
             raise
         except OSError as e:
             raise ImageError(f"cannot read {name}: {e.strerror or e}") from None
-        return _open_bytes(data, name, max_pixels, exif, what=f"{name} is not an image file PIL can read")
+        return _open_bytes(data, name, max_pixels, fixes, what=f"{name} is not an image file PIL can read")
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
             raise ImageError("image data is empty (0 bytes)")
         what = f"image data ({len(data)} bytes) is not an image format PIL can read"
-        return _open_bytes(data, "image data", max_pixels, exif, what=what)
+        return _open_bytes(data, "image data", max_pixels, fixes, what=what)
     if hasattr(source, "read"):
         name = _short(str(getattr(source, "name", "image file object")))
         try:
@@ -122,7 +122,7 @@ def load_image(
             raise ImageError(f"{name} is opened in text mode; open image files in binary mode ('rb')")
         if not data:
             raise ImageError(f"{name} is empty (0 bytes)")
-        return _open_bytes(bytes(data), name, max_pixels, exif, what=f"{name} is not an image file PIL can read")
+        return _open_bytes(bytes(data), name, max_pixels, fixes, what=f"{name} is not an image file PIL can read")
     raise ImageError(
         f"unsupported image source of type {type(source).__name__}: expected a path, bytes, "
         "a binary file object, a PIL image or a uint8 numpy array"
@@ -142,7 +142,7 @@ def _from_array(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _open_bytes(data: bytes, name: str, max_pixels: Optional[int], exif: tuple, what: str) -> Image.Image:
+def _open_bytes(data: bytes, name: str, max_pixels: Optional[int], fixes: tuple, what: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             if max_pixels is not None:
@@ -158,12 +158,12 @@ def _open_bytes(data: bytes, name: str, max_pixels: Optional[int], exif: tuple, 
         # run; where our limit is the lower one, name it rather than only PIL's.
         pil_limit = Image.MAX_IMAGE_PIXELS
         if max_pixels is not None and pil_limit is not None and max_pixels <= pil_limit:
-            raise ImageError(f"{name} has more than {max_pixels} pixels, the limit (refused as a possible "
+            raise ImageTooLargeError(f"{name} has more than {max_pixels} pixels, the limit (refused as a possible "
                              f"decompression bomb; PIL: {e})") from None
-        raise ImageError(f"{name} refused as a possible decompression bomb: {e}") from None
+        raise ImageTooLargeError(f"{name} refused as a possible decompression bomb: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL plugins raise many types on malformed headers
         raise ImageError(f"{name} is corrupt or truncated ({type(e).__name__}: {e})") from None
-    return _finish(img, name, max_pixels, exif, close=True)
+    return _finish(img, name, max_pixels, fixes, close=True)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -179,15 +179,15 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), mode="L")
 
 
-def _finish(img: Image.Image, name: str, max_pixels: Optional[int], exif: tuple, close: bool) -> Image.Image:
-    exif, scale16 = exif
+def _finish(img: Image.Image, name: str, max_pixels: Optional[int], fixes: tuple, close: bool) -> Image.Image:
+    exif, scale16 = fixes
     try:
         w, h = img.size
         if w <= 0 or h <= 0:
             raise ImageError(f"{name} has no pixels ({w}x{h})")
         # img.size comes from the header: refuse huge images before decoding any pixel data.
         if max_pixels is not None and w * h > max_pixels:
-            raise ImageError(
+            raise ImageTooLargeError(
                 f"{name} is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
                 "(refused as a possible decompression bomb)"
             )
@@ -195,7 +195,7 @@ def _finish(img: Image.Image, name: str, max_pixels: Optional[int], exif: tuple,
             # Decode now, inside the try, so truncated data fails here and not later.
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"{name} refused as a possible decompression bomb: {e}") from None
+            raise ImageTooLargeError(f"{name} refused as a possible decompression bomb: {e}") from None
         except Exception as e:  # noqa: BLE001 - decoder errors come as OSError, SyntaxError, ValueError, ...
             raise ImageError(f"{name} is corrupt or truncated ({type(e).__name__}: {e})") from None
         upright = img

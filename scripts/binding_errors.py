@@ -74,6 +74,20 @@ def reading_errors(records: list[dict], predictions: dict[str, str]) -> dict:
     return dict(sorted(out.items()))
 
 
+def number_text_px(records: list[dict]) -> dict:
+    """Median bounding box (width, height in pixels) of the scenes' numbers, per text size."""
+    import statistics
+
+    boxes: dict[int, list] = {}
+    for r in records:
+        for t in r["scene"]["texts"]:
+            if t["kind"] == "number":
+                x0, y0, x1, y1 = t["bbox"]
+                boxes.setdefault(t["size"], []).append((x1 - x0, y1 - y0))
+    return {f"size_{k}": [statistics.median(w for w, _ in v), statistics.median(h for _, h in v)]
+            for k, v in sorted(boxes.items())}
+
+
 def shape_only_rate(records: list[dict]) -> dict:
     """Existence questions of every turn of a training split, answered from the shape alone."""
     n = right = 0
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         result["models"][name] = binding_errors(records, preds)
         if args.reading:
             result["models"][name]["reading"] = reading_errors(records, preds)
+    if args.reading:
+        result["number_text_px_median"] = number_text_px(records)
     if args.train:
         result["train_shape_only_existence"] = shape_only_rate(load_split(args.train))
     text = json.dumps(result, indent=1)

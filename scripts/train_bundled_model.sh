@@ -92,16 +92,9 @@ python scripts/moved_pair_split.py --data "$D" --split train --out "$D/moved-tra
 fastvlm data synth --out "$D/extra" --num-train 20000 --num-val 0 --num-test 0 --image-size 256 --level basic \
   --train-turns 7 --seed 1 --workers 2
 python scripts/moved_pair_split.py --data "$D/extra" --split train --out "$D/extra/moved-train.json"
-python - "$D" <<'PY'
-import json, sys
-from pathlib import Path
-d = Path(sys.argv[1])
-for src, dst in (("extra/train.json", "extra-train.json"), ("extra/moved-train.json", "extra-moved-train.json")):
-    records = json.loads((d / src).read_text())
-    for r in records:
-        r["image"] = "extra/" + r["image"]
-    (d / dst).write_text(json.dumps(records))
-PY
+for S in train moved-train; do
+  python scripts/prefix_image_paths.py "$D/extra/$S.json" "$D/extra-$S.json" --prefix extra/
+done
 moved=(--set tokenizer="$D/tokenizer" --set data.val="$D/val.json" --set data.image_folder="$D")
 OMP_NUM_THREADS=2 fastvlm train synth_stage1 --output-dir "$OUT/moved/stage1-3600" "${moved[@]}" \
   --set "data.train=[$D/train.json,$D/moved-train.json]" --set train.seed=43 --set train.max_steps=3600 \

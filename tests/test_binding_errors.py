@@ -93,6 +93,11 @@ def test_reading_errors_split_by_size_scene_and_digit(tmp_path):
     out = tmp_path / "r.json"
     assert mod.main(["--split", str(tmp_path / "test.json"), "--reading", f"m={path}", "--out", str(out)]) == 0
     got = json.loads(out.read_text())["models"]["m"]["reading"]
+    px = json.loads(out.read_text())["number_text_px_median"]
+    sizes = sorted({t["size"] for r in test for t in r["scene"]["texts"] if t["kind"] == "number"})
+    assert list(px) == [f"size_{k}" for k in sizes]
+    heights = [px[f"size_{k}"][1] for k in sizes]
+    assert heights == sorted(heights) and heights[0] < heights[-1]  # bigger text, taller boxes
     assert expect["tens"] > 0 and expect["other_text"] > 0 and expect["not_in_scene"] > 0
     assert got["read_number/wrong/tens_right"] == expect["tens"]
     assert "read_number/wrong/units_right" not in got and "read_number/wrong/neither_right" not in got

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fastvlm.config import IMAGE_TOKEN_INDEX, get_preset
-from fastvlm.errors import ImageError, PromptError
+from fastvlm.errors import ImageError, ImageTooLargeError, PromptError
 from fastvlm.processing import (
     FastVLMProcessor,
     ProcessorOutput,
@@ -270,12 +270,12 @@ def _png_header(w, h):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
-def _raises_image_error(src, *match, **kw) -> str:
+def _raises_image_error(src, *match, kind=ImageError, **kw) -> str:
     with pytest.raises(ImageError) as ei:
         load_image(src, **kw)
     e = ei.value
     # Our own type, and no PIL exception chained behind it (no PIL traceback shown).
-    assert type(e) is ImageError
+    assert type(e) is kind  # ImageTooLargeError for the pixel limit, else ImageError
     assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__)
     msg = str(e)
     for m in match:
@@ -315,21 +315,21 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
     path.write_bytes(_png_header(9000, 9000))  # 81 MP: over our default limit, under PIL's warning
     assert path.stat().st_size < 200
     # The message is about the size, not truncation: the (bogus) pixel data was never decoded.
-    _raises_image_error(path, "9000x9000", "limit")
-    _raises_image_error(_png_header(100, 100), "100x100", "limit", max_pixels=5000)
+    _raises_image_error(path, "9000x9000", "limit", kind=ImageTooLargeError)
+    _raises_image_error(_png_header(100, 100), "100x100", "limit", max_pixels=5000, kind=ImageTooLargeError)
     # Under the limit the same kind of file fails only when decoded.
     _raises_image_error(_png_header(100, 100), "corrupt or truncated", max_pixels=10000)
 
 
 def test_pil_decompression_bomb_paths_map_to_image_error():
     # Over 2x PIL's MAX_IMAGE_PIXELS: Image.open itself raises DecompressionBombError.
-    _raises_image_error(_png_header(100_000, 100_000), "decompression bomb", max_pixels=None)
+    _raises_image_error(_png_header(100_000, 100_000), "decompression bomb", max_pixels=None, kind=ImageTooLargeError)
     # ... and where our limit is the lower one, the error names it, not only PIL's
-    _raises_image_error(_png_header(100_000, 100_000), "more than 50000000 pixels, the limit", max_pixels=50_000_000)
+    _raises_image_error(_png_header(100_000, 100_000), "more than 50000000 pixels, the limit", max_pixels=50_000_000, kind=ImageTooLargeError)
     # Over PIL's warning threshold with warnings escalated to errors: DecompressionBombWarning.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _raises_image_error(_png_header(10_000, 10_000), "decompression bomb", max_pixels=None)
+        _raises_image_error(_png_header(10_000, 10_000), "decompression bomb", max_pixels=None, kind=ImageTooLargeError)
 
 
 # ---------------------------------------------------------------------------------------

@@ -474,3 +474,18 @@ def test_moved_pair_split(split, tmp_path):
     for g in got:
         validate_record(g, data)
         assert g["image"] == originals[g["id"].split("-")[0] + "-" + g["id"].split("-")[1]]["image"]
+
+
+def test_prefix_image_paths_rewrites_single_and_listed_images(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "prefix_image_paths", Path(__file__).resolve().parents[1] / "scripts" / "prefix_image_paths.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    records = [{"id": "a", "image": "images/0.png", "conversations": []},
+               {"id": "b", "image": ["images/1.png", "images/2.png"], "conversations": []},
+               {"id": "c", "conversations": []}]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    assert mod.main([str(tmp_path / "in.json"), str(tmp_path / "out.json"), "--prefix", "extra/"]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert [r.get("image") for r in out] == ["extra/images/0.png", ["extra/images/1.png", "extra/images/2.png"], None]
+    assert [r["id"] for r in out] == ["a", "b", "c"]

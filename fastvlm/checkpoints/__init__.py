@@ -66,6 +66,12 @@ def detect_layout(cfg: dict[str, Any], source: str = "config.json"):
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_local_path(name: str) -> bool:
+    """Whether `name` can only mean a local path (not a Hub id ORG/NAME): a missing one is 'no such directory'."""
+    path = os.path.expanduser(str(name))
+    return not _REPO_ID.match(str(name)) or path.startswith((".", "/"))
+
+
 def resolve_path(path_or_repo: str, *, revision: Optional[str] = None) -> str:
     """A local checkpoint directory; Hub ids are downloaded (weights, configs, tokenizer; never code)."""
     path = os.path.expanduser(str(path_or_repo))
@@ -73,7 +79,7 @@ def resolve_path(path_or_repo: str, *, revision: Optional[str] = None) -> str:
         return path
     if os.path.exists(path):
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
-    if not _REPO_ID.match(str(path_or_repo)) or path.startswith((".", "/")):
+    if is_local_path(path_or_repo):
         raise CheckpointError(f"no model directory at {path}")
     try:
         from huggingface_hub import snapshot_download

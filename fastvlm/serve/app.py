@@ -102,7 +102,7 @@ class _Prepared:
 def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optional[Engine] = None,
                warmup: Optional[Callable[[], None]] = None):
     """The app serving `model`; `warmup` (optional) runs in the engine thread before requests are taken."""
-    from ..errors import FastVLMError
+    from ..errors import FastVLMError, ImageTooLargeError
     from ..processing import IMAGE_TOKEN, load_image, preprocess_images
 
     settings = settings or ServeSettings()
@@ -260,7 +260,7 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
             try:
                 images.append(load_image(data, max_pixels=settings.max_image_pixels))
             except FastVLMError as e:
-                hint = " (the server's --max-image-pixels)" if "decompression bomb" in str(e) else ""
+                hint = " (the server's --max-image-pixels)" if isinstance(e, ImageTooLargeError) else ""
                 raise bad_request(f"invalid image: {e}{hint}", param=param, code="invalid_image") from None
         try:
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -414,9 +414,8 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
                     _, reason, usage, timings = event
                     # usage and timings come with the last choice chunk in every stream (documented in
                     # `fastvlm serve --help`); stream_options.include_usage adds OpenAI's usage-only chunk
-                    last = make(delta={}, finish_reason=reason, timings=timings)
-                    last["usage"] = usage
-                    yield sse(last)
+                    yield sse(chunk(id=cid, model=name, created=created_at, delta={}, finish_reason=reason,
+                                    usage=usage, timings=timings, include_usage=True))
                     if include_usage:
                         yield sse(make(no_choices=True, usage=usage, timings=timings))
                     break

@@ -138,11 +138,10 @@ def build_model(recipe: Recipe):
     if init.language_model is not None:
         from transformers import AutoModelForCausalLM
 
-        # a Hub id is NAME or ORG/NAME; anything else is a local path, and a missing one is said so plainly
-        # (transformers would call it an invalid repo id)
-        name = os.path.expanduser(str(init.language_model))
-        local = name.startswith((".", "/")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-        if local and not os.path.isdir(name):
+        # a missing local path is said so plainly (transformers would call it an invalid repo id)
+        from ..checkpoints import is_local_path
+
+        if is_local_path(init.language_model) and not os.path.isdir(os.path.expanduser(str(init.language_model))):
             raise ConfigError(f"init.language_model: no model directory at {init.language_model}")
         try:
             lm = AutoModelForCausalLM.from_pretrained(init.language_model, dtype=torch.float32)

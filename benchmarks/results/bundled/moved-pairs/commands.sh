@@ -107,16 +107,11 @@ allpairs stage1-3600-seed44:"$OUT/stage1-3600-seed44/final" stage2-3600-seed44:"
 fastvlm data synth --out "$D/extra" --num-train 20000 --num-val 0 --num-test 0 --image-size 256 --level basic \
   --train-turns 7 --seed 1 --workers 2
 python scripts/moved_pair_split.py --data "$D/extra" --split train --out "$D/extra/moved-train.json"
-python - "$D" <<'PY'
-import json, sys
-from pathlib import Path
-d = Path(sys.argv[1])
-for src, dst in (("extra/train.json", "extra-train.json"), ("extra/moved-train.json", "extra-moved-train.json")):
-    records = json.loads((d / src).read_text())
-    for r in records:
-        r["image"] = "extra/" + r["image"]
-    (d / dst).write_text(json.dumps(records))
-PY
+# (the paths are rewritten by scripts/prefix_image_paths.py; until session 16 an inline script here did the
+# same, byte for byte)
+for S in train moved-train; do
+  python scripts/prefix_image_paths.py "$D/extra/$S.json" "$D/extra-$S.json" --prefix extra/
+done
 data2=(--set "data.train=[$D/train.json,$D/moved-train.json,$D/extra-train.json,$D/extra-moved-train.json]")
 THREADS=1 stage1 -3600-x2 --set train.max_steps=3600 "${data2[@]}" &
 THREADS=1 stage1 -3600-x2-seed44 --set train.max_steps=3600 --set train.seed=44 "${data2[@]}" &
