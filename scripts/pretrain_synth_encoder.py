@@ -24,6 +24,7 @@ and the shipped encoder's 914 steps of 128 took 169 s on an H200 shared by four 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -304,6 +305,11 @@ def reading_images(n: int, seed: int, data_size: int, size: int, level: str,
     return torch.from_numpy(np.stack([a for a, _ in out])), [sc for _, sc in out]
 
 
+def autocast(args, device: torch.device):
+    """--bf16: the forward passes under bf16 autocast (weights, gradients and the optimizer stay fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+
 def fit_steps(args, encoder: nn.Module, head: nn.Module, objective: Objective, X: torch.Tensor, Y: torch.Tensor,
               device: torch.device) -> int:
     """--max-seconds: time 20 forward-backward passes (after 10 of warm-up) on batches from their own
@@ -318,7 +324,9 @@ def fit_steps(args, encoder: nn.Module, head: nn.Module, objective: Objective, X
                 torch.cuda.synchronize()
             t = time.perf_counter()
         idx = torch.randint(0, len(X), (args.batch_size,), generator=g).to(device)
-        objective.loss(head(encoder(X[idx].float() / 255)), Y[idx]).backward()
+        with autocast(args, device):
+            loss = objective.loss(head(encoder(X[idx].float() / 255)), Y[idx])
+        loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - t) / 20
@@ -368,6 +376,8 @@ def main() -> int:
     p.add_argument("--head-steps", type=int, default=0,
                    help="train only the new head for the first N steps: when init.vision_tower gives a pretrained "
                         "encoder, so a random head's gradients do not disturb its features (default 0)")
+    p.add_argument("--bf16", action="store_true",
+                   help="run the forward passes under bf16 autocast (fp32 weights and optimizer; default fp32)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--out", required=True, help="output .safetensors (the encoder's train-form weights)")
     args = p.parse_args()
@@ -433,8 +443,8 @@ def main() -> int:
 
     def evaluate() -> dict:
         encoder.eval()
-        with torch.no_grad():
-            logits = torch.cat([head(encoder(x.float() / 255)) for x in Xv.split(100)])
+        with torch.no_grad(), autocast(args, device):
+            logits = torch.cat([head(encoder(x.float() / 255)).float() for x in Xv.split(100)])
         encoder.train()
         pred = objective.predict(logits)
         tp = (pred & (Yv > 0)).sum().item()
@@ -457,9 +467,10 @@ def main() -> int:
     bar = tqdm(range(steps), desc="pretrain encoder", unit="step", dynamic_ncols=True)
     for step in bar:
         idx = torch.randint(0, len(X), (args.batch_size,), generator=g).to(device)
-        with torch.set_grad_enabled(step >= args.head_steps):
-            feats = encoder(X[idx].float() / 255)
-        loss = objective.loss(head(feats), Y[idx])
+        with autocast(args, device):
+            with torch.set_grad_enabled(step >= args.head_steps):
+                feats = encoder(X[idx].float() / 255)
+            loss = objective.loss(head(feats), Y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

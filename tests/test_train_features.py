@@ -84,3 +84,31 @@ def test_unreadable_image_while_caching(tmp_path, tok_dir):
     # 8 records, 2 steps of 4 per epoch: the bad sample is skipped once per epoch, never replaced
     assert summary["skipped_by_kind"] == {"unreadable_image_at_load": 2}
     assert summary["steps"] == 4 and summary["samples"] == 4 * 4 - 2
+
+
+def test_threaded_cache_matches_serial(tmp_path, tok_dir):
+    """workers > 1 decodes in threads: the same features in the same rows, the same failures named."""
+    from transformers import AutoTokenizer
+
+    from fastvlm.train.build import build_model
+    from fastvlm.train.data import ConversationDataset
+    from fastvlm.train.features import FeatureCache
+
+    data = make_dataset(tmp_path / "data", 9, val=0)
+    (tmp_path / "data" / "images" / "cut.png").write_bytes((tmp_path / "data" / "images" / "0.png").read_bytes()[:40])
+    records = data["records"] + [{"id": "cut", "image": "images/cut.png", "conversations": conv("<image>\nWhat?", "red")}]
+    write_json(data["train"], records)
+    recipe = recipe_from_dict(_frozen_encoder_recipe(data, tok_dir, tmp_path / "out"))
+    vlm = build_model(recipe).eval()
+    vlm.vision_tower.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    dset = ConversationDataset(data["train"], data["root"], tokenizer=tok, num_image_tokens=4, image_size=64,
+                               max_length=512, skip_bad=True, check_images="none")
+    serial = FeatureCache.build(vlm, [dset], batch_size=4)
+    threaded = FeatureCache.build(vlm, [dset], batch_size=4, workers=3)
+    assert len(serial) == 9 and serial.rows == threaded.rows
+    assert list(threaded.failed) == [os.path.join(data["root"], "images", "cut.png")] and threaded.failed == serial.failed
+    torch.testing.assert_close(threaded.features, serial.features, rtol=0, atol=0)
+    dset.skip_bad = False
+    with pytest.raises(DataError, match=r"record 9 \(id 'cut'\)"):
+        FeatureCache.build(vlm, [dset], batch_size=4, workers=3)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -51,7 +52,10 @@ class FeatureCache:
 
     @classmethod
     def build(cls, vlm, datasets: Sequence[ConversationDataset], *, batch_size: int,
-              autocast: Optional[Callable[[], Any]] = None, progress: bool = False) -> "FeatureCache":
+              autocast: Optional[Callable[[], Any]] = None, progress: bool = False,
+              workers: int = 0) -> "FeatureCache":
+        """``workers`` > 1 decodes and preprocesses images in that many threads (PIL releases the GIL), in the
+        same order: at 512 px one thread cannot keep a GPU encoder busy."""
         from ..processing import load_image, preprocess_image
 
         if vlm.vision_tower.training or any(p.requires_grad for p in vlm.vision_tower.parameters()):
@@ -82,30 +86,44 @@ class FeatureCache:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(paths), desc="caching image features", unit="img", leave=False)
+
+        def load(p: str):
+            try:
+                return preprocess_image(load_image(p), ref.image_size, ref.image_aspect_ratio)
+            except ImageError as e:
+                return e
+
+        pool = ThreadPoolExecutor(workers) if workers > 1 else None
         t0 = time.time()
         n = 0
-        for start in range(0, len(paths), batch_size):
-            chunk, pixels = [], []
-            for p in paths[start:start + batch_size]:
-                try:
-                    pixels.append(preprocess_image(load_image(p), ref.image_size, ref.image_aspect_ratio))
-                    chunk.append(p)
-                except ImageError as e:
-                    ds, i = first_use[p]
-                    msg = f"{ds.describe(i)}: {e}"
-                    if not ds.skip_bad:
-                        raise DataError(msg, "unreadable_image") from None
-                    logger.warning("image failed to load; its samples are skipped: %s", msg)
-                    failed[p] = msg
-            if chunk:
-                with torch.no_grad(), (autocast() if autocast is not None else contextlib.nullcontext()):
-                    out = vlm.encode_images(torch.stack(pixels))
-                features[n:n + len(chunk)] = out.float().cpu()
-                for p in chunk:
-                    rows[p] = n
-                    n += 1
-            if bar is not None:
-                bar.update(len(paths[start:start + batch_size]))
+        try:
+            for start in range(0, len(paths), batch_size):
+                chunk, pixels = [], []
+                batch = paths[start:start + batch_size]
+                for p, x in zip(batch, pool.map(load, batch) if pool is not None else map(load, batch)):
+                    if not isinstance(x, ImageError):
+                        pixels.append(x)
+                        chunk.append(p)
+                    else:
+                        e = x
+                        ds, i = first_use[p]
+                        msg = f"{ds.describe(i)}: {e}"
+                        if not ds.skip_bad:
+                            raise DataError(msg, "unreadable_image") from None
+                        logger.warning("image failed to load; its samples are skipped: %s", msg)
+                        failed[p] = msg
+                if chunk:
+                    with torch.no_grad(), (autocast() if autocast is not None else contextlib.nullcontext()):
+                        out = vlm.encode_images(torch.stack(pixels))
+                    features[n:n + len(chunk)] = out.float().cpu()
+                    for p in chunk:
+                        rows[p] = n
+                        n += 1
+                if bar is not None:
+                    bar.update(len(paths[start:start + batch_size]))
+        finally:
+            if pool is not None:
+                pool.shutdown()
         if bar is not None:
             bar.close()
         logger.info("cached encoder features of %d images (%.2f GiB) in %.1f s", n, n * tokens * channels * 4 / 2**30,

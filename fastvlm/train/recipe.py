@@ -26,7 +26,8 @@ Sections (every key is optional unless marked; unknown keys are errors):
       max_val_samples: null
       cache_image_features: false        encode each image once with the frozen encoder and train on the
                                          stored features (needs a frozen vision tower; memory: images x
-                                         tokens x channels x 4 bytes, per process)
+                                         tokens x channels x 4 bytes, per process); images are
+                                         decoded in num_workers threads while it is built
     optim:
       lr: 2e-5               base learning rate
       lr_projector / lr_vision_tower / lr_language_model: null   per-module overrides

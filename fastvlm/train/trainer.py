@@ -196,7 +196,8 @@ class Trainer:
         datasets = [d for d in (self.train_data, self.val_data) if d is not None]
         autocast = self.accelerator.autocast if self.mixed_precision != "no" else None
         cache = FeatureCache.build(vlm, datasets, batch_size=self.recipe.train.per_device_batch_size,
-                                   autocast=autocast, progress=self.progress and self.is_main)
+                                   autocast=autocast, progress=self.progress and self.is_main,
+                                   workers=self.recipe.data.num_workers)
         self.train_data = CachedFeatureDataset(self.train_data, cache)
         if self.val_data is not None:
             self.val_data = CachedFeatureDataset(self.val_data, cache)
