@@ -53,9 +53,11 @@ rm -f "$D/.moved-ready"
 log "data"
 $FV data synth --out "$D" --num-train $NTRAIN --num-val $NVAL --num-test $NTEST --image-size 256 --level basic \
   --train-turns 7 --seed 0 --workers $W --no-progress --overwrite > "$WORK/data.log" 2>&1 &
+p1=$!
 $FV data synth --out "$D/extra" --num-train $NTRAIN --num-val 0 --num-test 0 --image-size 256 --level basic \
   --train-turns 7 --seed 1 --workers $W --no-progress --overwrite > "$WORK/data-extra.log" 2>&1 &
-wait
+p2=$!
+wait $p1 $p2  # not the CUDA tests (a plain wait cost the session 17 run 60 s here)
 if [ -n "${TOKENIZER:-}" ]; then cp -r "$TOKENIZER" "$D/tokenizer"; else $FV data tokenizer "$D" --out "$D/tokenizer" --vocab-size 512; fi
 # the moved pair questions are needed from stage 1 on: they are made while the encoders train
 (

@@ -173,7 +173,8 @@ def test_parallel_loading_matches_serial(pse, tmp_path):
     assert torch.equal(x1, x2) and s1 == s2
 
 
-def test_max_seconds_shortens_the_run(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--bf16"]], ids=["fp32", "bf16-autocast"])
+def test_max_seconds_shortens_the_run(tmp_path, extra):
     import json
     import subprocess
 
@@ -185,7 +186,7 @@ def test_max_seconds_shortens_the_run(tmp_path):
     train_bpe_tokenizer((data / "corpus.txt").read_text().splitlines(), 300).save_pretrained(str(data / "tokenizer"))
     out = tmp_path / "enc.safetensors"
     cmd = [sys.executable, str(SCRIPT), "--data", str(data), "--image-size", "128", "--steps", "5000",
-           "--batch-size", "2", "--max-seconds", "2", "--device", "cpu", "--out", str(out)]
+           "--batch-size", "2", "--max-seconds", "2", "--device", "cpu", "--out", str(out), *extra]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     log = json.loads((tmp_path / "enc.log.json").read_text())

@@ -35,3 +35,8 @@ for STAGE in stage1 stage2; do
     cp "$OUT/eval-$STAGE-$S/summary.json" "$R/eval-$STAGE-$S.json"
   done
 done
+
+# Run after the evaluations above (session 17): the resolution study's program on the two stage 1 models, the 256 px
+# one being moved-pairs' stage1-3600 (same data, steps and seed, the shipped model's encoder unchanged).
+python benchmarks/resolution_study.py --run 256=runs/moved/stage1-3600/final,runs/moved/eval-stage1-3600-test \
+  --run 512=runs/res512/stage1/final,runs/res512/eval-stage1-test --out $R/resolution-study-stage1
