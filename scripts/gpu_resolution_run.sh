@@ -12,11 +12,18 @@
 #   OUT=runs/gpu-res bash scripts/gpu_resolution_run.sh          # variants enc512 and enc256
 #   TINY=1 OUT=/tmp/gpu-res-tiny bash scripts/gpu_resolution_run.sh   # the same steps at toy sizes, on the CPU
 #
+# VARIANTS picks among enc512, enc256 and enc384 (default "enc512 enc256"); PRE_STEPS (600) and PRE_S (75) bound the
+# encoder's continued pretraining in steps and seconds (the fewer wins; the log records steps_run).
 # TOKENIZER (default the data's own, trained by `fastvlm data tokenizer`) names the tokenizer folder; the shipped
 # model's is runs/bundled/data/tokenizer. Everything is bounded by DEADLINE seconds from the start (default 555):
 # a step that would pass it is stopped, and stage 2 stops early enough to leave its evaluation time. OUT receives
 # logs.tgz (logs, metrics, eval summaries and predictions) and per variant its encoder and final models.
 set -u -o pipefail
+case "${1:-}" in
+  "") ;;
+  -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "gpu_resolution_run.sh takes no arguments (settings are environment variables; see --help)" >&2; exit 2 ;;
+esac
 OUT=${OUT:-runs/gpu-res}
 WORK=${WORK:-/tmp/fastvlm-res}
 TINY=${TINY:-0}

@@ -204,3 +204,16 @@ def test_max_seconds_shortens_the_run(tmp_path, extra):
 
     a, b = load_file(str(out)), load_file(str(again))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpu_resolution_script_help_and_arguments():
+    """scripts/gpu_resolution_run.sh starts a long GPU run: --help prints its header and exits, any argument is
+    refused before anything runs (its settings are environment variables)."""
+    import subprocess
+
+    script = str(SCRIPT.parent / "gpu_resolution_run.sh")
+    r = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == "" and "VARIANTS picks among" in r.stdout
+    assert "set -u" not in r.stdout and not r.stdout.startswith("#")
+    r = subprocess.run(["bash", script, "enc512"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "takes no arguments" in r.stderr and r.stdout == ""

@@ -54,8 +54,8 @@ class FeatureCache:
     def build(cls, vlm, datasets: Sequence[ConversationDataset], *, batch_size: int,
               autocast: Optional[Callable[[], Any]] = None, progress: bool = False,
               workers: int = 0) -> "FeatureCache":
-        """``workers`` > 1 decodes and preprocesses images in that many threads (PIL releases the GIL), in the
-        same order: at 512 px one thread cannot keep a GPU encoder busy."""
+        """``workers`` > 1 decodes and preprocesses the images in that many threads (PIL releases the GIL
+        while it decodes and resizes), in the same order as one thread: the same features in the same rows."""
         from ..processing import load_image, preprocess_image
 
         if vlm.vision_tower.training or any(p.requires_grad for p in vlm.vision_tower.parameters()):
@@ -105,9 +105,8 @@ class FeatureCache:
                         pixels.append(x)
                         chunk.append(p)
                     else:
-                        e = x
                         ds, i = first_use[p]
-                        msg = f"{ds.describe(i)}: {e}"
+                        msg = f"{ds.describe(i)}: {x}"
                         if not ds.skip_bad:
                             raise DataError(msg, "unreadable_image") from None
                         logger.warning("image failed to load; its samples are skipped: %s", msg)

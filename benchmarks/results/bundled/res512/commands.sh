@@ -5,8 +5,11 @@
 # On the H200 (scripts/gpu_resolution_run.sh, commit 05abd08, log in gpu-h200/): the shipped model's encoder
 # continued its reading pretraining for 600 steps of 128 at 512 px (8x8 grid, a new head, --head-steps 50, lr 1e-3,
 # bf16 autocast) and, as the control, the same 600 steps at 256 px. Stage 1 of the 256 px control ran there; the
-# 512 px stage 1 did not finish inside the device time (its feature cache took 93-185 s), so it runs here, on the
+# 512 px stage 1 did not finish inside the device time (its feature cache did not finish in the first call, beside
+# the other run, and took 93 s of the second; corrected after the run, the rest is as written), so it runs here, on the
 # 2-core Intel Xeon, from the 512 px encoder the GPU made (runs/res512/encoder-enc512.safetensors, fused form).
+# That encoder is not kept in the repository (5 MB); `OUT=runs/res512 bash scripts/gpu_resolution_run.sh` on a GPU
+# makes it again (as OUT/encoder-enc512.safetensors), the same recipe, not the same bits.
 #
 # Chosen before the run: the candidate is the run's stage 2 if it completes in this session, else its stage 1; it
 # replaces the shipped model only if its validation accuracy (500 questions) is 85.3% or more (the shipped
