@@ -57,6 +57,9 @@ def test_cached_features_train_the_same_weights(tmp_path, tok_dir):
               for d in ("ref", "cached")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert cached["final_val_loss"] == pytest.approx(ref["final_val_loss"], rel=1e-5)
+    # the summary says what the cache held and what it cost; a run without one says so
+    assert ref["feature_cache"] is None
+    assert cached["feature_cache"]["images"] == 12 and cached["feature_cache"]["seconds"] >= 0
 
 
 def test_cache_needs_a_frozen_encoder(tmp_path, tok_dir):
@@ -106,7 +109,7 @@ def test_threaded_cache_matches_serial(tmp_path, tok_dir):
                                max_length=512, skip_bad=True, check_images="none")
     serial = FeatureCache.build(vlm, [dset], batch_size=4)
     threaded = FeatureCache.build(vlm, [dset], batch_size=4, workers=3)
-    assert len(serial) == 9 and serial.rows == threaded.rows
+    assert len(serial) == 9 and serial.rows == threaded.rows and threaded.seconds > 0
     assert list(threaded.failed) == [os.path.join(data["root"], "images", "cut.png")] and threaded.failed == serial.failed
     torch.testing.assert_close(threaded.features, serial.features, rtol=0, atol=0)
     dset.skip_bad = False

@@ -42,10 +42,12 @@ class FeatureCache:
     ``failed`` maps the paths that could not be loaded (only under ``skip_bad``) to the error.
     """
 
-    def __init__(self, features: torch.Tensor, rows: dict[str, int], failed: dict[str, str]) -> None:
+    def __init__(self, features: torch.Tensor, rows: dict[str, int], failed: dict[str, str],
+                 seconds: float = 0.0) -> None:
         self.features = features
         self.rows = rows
         self.failed = failed
+        self.seconds = seconds  # how long building it took (decoding and encoding every image)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -119,15 +121,16 @@ class FeatureCache:
                         rows[p] = n
                         n += 1
                 if bar is not None:
-                    bar.update(len(paths[start:start + batch_size]))
+                    bar.update(len(batch))
         finally:
             if pool is not None:
                 pool.shutdown()
         if bar is not None:
             bar.close()
+        seconds = time.time() - t0
         logger.info("cached encoder features of %d images (%.2f GiB) in %.1f s", n, n * tokens * channels * 4 / 2**30,
-                    time.time() - t0)
-        return cls(features[:n].clone() if n < len(paths) else features, rows, failed)
+                    seconds)
+        return cls(features[:n].clone() if n < len(paths) else features, rows, failed, seconds)
 
 
 class CachedFeatureDataset:

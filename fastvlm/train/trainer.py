@@ -198,6 +198,7 @@ class Trainer:
         cache = FeatureCache.build(vlm, datasets, batch_size=self.recipe.train.per_device_batch_size,
                                    autocast=autocast, progress=self.progress and self.is_main,
                                    workers=self.recipe.data.num_workers)
+        self.feature_cache = {"images": len(cache), "seconds": round(cache.seconds, 1)}
         self.train_data = CachedFeatureDataset(self.train_data, cache)
         if self.val_data is not None:
             self.val_data = CachedFeatureDataset(self.val_data, cache)
@@ -261,6 +262,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "skipped_at_load": self._skipped_at_load_global(),
             "train_time_s": round(self.train_time_before + (time.time() - self.t_start), 3),
+            "feature_cache": self.feature_cache,  # data.cache_image_features: images cached, seconds it took
             "last_loss": self.last_loss,
             "world_size": self.world_size,
             "gradient_accumulation_steps": self.accum,
@@ -494,6 +496,7 @@ class Trainer:
         build.set_train_mode(vlm, r)
         if not self.is_deepspeed:
             vlm.to(self.device)  # so a fused optimizer sees the parameters where they will train
+        self.feature_cache = None
         if r.data.cache_image_features:
             self._cache_image_features(vlm)
         optimizer = build.build_optimizer(vlm, r)
@@ -671,6 +674,7 @@ class Trainer:
             "final_loss": self.last_loss,
             "final_val_loss": val_loss,
             "train_time_s": round(self.train_time_before + (time.time() - self.t_start), 3),
+            "feature_cache": self.feature_cache,  # data.cache_image_features: images cached, seconds it took
             "world_size": W,
             "global_batch_size": G,
             "per_device_batch_size": r.train.per_device_batch_size,
