@@ -21,7 +21,7 @@
 # shipping checks and CI does not fit in the session. So by the rule above the candidate is stage 1; stage 2 stays
 # written here for a later session (where the rule's "candidate" would be its stage 2).
 #
-# Session 18 (27 Nov 2026, 15:02 UTC), written before it starts: the stage 2 below runs now, exactly as written, on
+# Session 18 (27 Nov 2026, 14:57 UTC), written before it starts: the stage 2 below runs now, exactly as written, on
 # this 2-core Intel Xeon from runs/res512/stage1/final (session 17's). It is the candidate; it replaces the shipped
 # model only if its validation accuracy is 85.3% or more. Its test accuracy is reported whatever it is.
 set -euo pipefail
