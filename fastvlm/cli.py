@@ -25,6 +25,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data:tokenizer": ("fastvlm.data.tokenizer_cli", "train a byte-level BPE tokenizer on a dataset's text"),
 }
 
+# Optional packages and the extra (pyproject.toml) that installs each: a command that needs one which is missing
+# says so in one line instead of a traceback.
+OPTIONAL_PACKAGES = {
+    "fastapi": "serve", "uvicorn": "serve", "httpx": "serve",
+    "matplotlib": "bench", "psutil": "bench",
+    "accelerate": "train", "peft": "train",
+    "timm": "dev", "lmms_eval": "lmms",
+}
+
+
+def missing_package_message(command: str, error: ModuleNotFoundError) -> str | None:
+    """The one-line hint for an optional package that is not installed, or None for any other missing module."""
+    root = (error.name or "").split(".")[0]
+    extra = OPTIONAL_PACKAGES.get(root)
+    if extra is None:
+        return None
+    return (f"fastvlm {command}: error: this needs the optional package '{root}', which is not installed: "
+            f"pip install 'fastvlm[{extra}]' (in a checkout: pip install -e \".[{extra}]\")")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -70,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except FastVLMError as e:
         print(f"fastvlm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:
+        message = missing_package_message(args.command, e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

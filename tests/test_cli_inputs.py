@@ -257,3 +257,31 @@ def test_data_tokenizer_refuses_bad_sources_and_outputs(tmp_path, capsys):
     assert main(["data", "tokenizer", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "ok"),
                  "--vocab-size", "300"]) == 0
     assert (tmp_path / "ok" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("blocked,argv,extra", [
+    ("uvicorn", ["serve"], "serve"),
+    ("httpx", ["serve", "--allow-remote-images"], "serve"),
+])
+def test_missing_optional_package_names_the_extra(blocked, argv, extra, monkeypatch, capsys):
+    # None in sys.modules makes `import blocked` raise ModuleNotFoundError, as on a plain `pip install fastvlm`
+    import sys
+
+    monkeypatch.setitem(sys.modules, blocked, None)
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fastvlm serve: error: this needs the optional package '{blocked}', which is not installed: "
+                   f"pip install 'fastvlm[{extra}]' (in a checkout: pip install -e \".[{extra}]\")"), err
+
+
+def test_missing_package_hint_covers_every_optional_extra_and_nothing_else():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from fastvlm.cli import OPTIONAL_PACKAGES, missing_package_message
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    for package, extra in OPTIONAL_PACKAGES.items():
+        names = [re.split(r"[<>=\[ ]", req)[0].replace("-", "_") for req in extras[extra]]
+        assert package in names, (package, extra, names)  # the extra named really installs the package
+    assert missing_package_message("x", ModuleNotFoundError("no", name="yaml")) is None  # a real defect stays one

@@ -107,6 +107,20 @@ def test_eval_end_to_end_then_resume_after_limit(tiny_dir, data_file, tmp_path, 
     assert "synth: n=7" in printed and "accuracy" in printed and "TTFT batch 1" in printed
 
 
+def test_rerun_with_other_settings_is_refused_before_ttft(tiny_dir, data_file, tmp_path, capsys, monkeypatch):
+    import fastvlm.eval.glue as glue
+
+    out = tmp_path / "run"
+    assert run_eval(tiny_dir, data_file, out, "--limit", "1", "--ttft-samples", "0") == 0
+    measured = []
+    monkeypatch.setattr(glue, "measure_batch1_ttft", lambda *a, **k: measured.append(1))
+    capsys.readouterr()
+    assert run_eval(tiny_dir, data_file, out, "--exact") == 1  # the attention mode is a setting
+    err = capsys.readouterr().err
+    assert "other settings (attention: 'sdpa' then, 'eager' now)" in err, err
+    assert measured == []  # refused before the (slow) TTFT measurement
+
+
 def test_resume_after_interruption(tiny_dir, data_file, tmp_path, monkeypatch):
     from fastvlm.model import FastVLM
 

@@ -648,6 +648,22 @@ def test_init_from_language_model_and_encoder_weights(tmp_path, tok, tok_dir):
             assert torch.equal(got[k], v), k
 
 
+def test_frozen_random_encoder_is_warned_about(tok_dir, caplog):
+    # a stage that freezes an encoder built from init without weights would learn from noise features
+    from fastvlm.train import build
+
+    def built(stage: str, **init):
+        recipe = recipe_from_dict({"stage": stage, "tokenizer": str(tok_dir), "init": {"preset": "fastvlm-tiny", **init},
+                                   "data": {"train": "x"}, "output": {"dir": "o"}})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fastvlm.train"):
+            build.build_model(recipe)
+        return [r.getMessage() for r in caplog.records if "init.vision_tower is not set" in r.getMessage()]
+
+    assert len(built("stage1")) == 1 and "--set init.vision_tower=PATH" in built("stage1")[0]
+    assert built("stage2") == []  # the encoder trains there
+
+
 def test_cli_train_options(tmp_path, capsys):
     import yaml
 

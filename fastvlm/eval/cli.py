@@ -199,16 +199,18 @@ def run(args) -> int:
         "torch_version": torch.__version__,
     }
 
-    ttft_batch1 = None
-    if args.ttft_samples:
-        print(f"measuring batch-1 TTFT on {min(args.ttft_samples, len(samples))} samples ...", file=sys.stderr)
-        ttft_batch1 = measure_batch1_ttft(model, samples, n=args.ttft_samples, system_prompt=args.system)
-
-    # what the predictions depend on: a resume into args.out with other settings is refused
+    # what the predictions depend on: a resume into args.out with other settings is refused, here, before the
+    # TTFT measurement, rather than after it
     settings = {k: details[k] for k in ("model", "resolution", "num_image_tokens", "dtype", "attention", "data",
                                         "image_root", "decoding", "system_prompt")}
     if os.path.isdir(settings["model"]):
         settings["model"] = os.path.abspath(settings["model"])
+    check_run_file(args.out, task, settings)
+
+    ttft_batch1 = None
+    if args.ttft_samples:
+        print(f"measuring batch-1 TTFT on {min(args.ttft_samples, len(samples))} samples ...", file=sys.stderr)
+        ttft_batch1 = measure_batch1_ttft(model, samples, n=args.ttft_samples, system_prompt=args.system)
     previous = None
     summary_path = os.path.join(args.out, SUMMARY_FILE)
     if os.path.isfile(summary_path):

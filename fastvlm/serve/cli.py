@@ -193,6 +193,8 @@ def run(args) -> int:
 
     import uvicorn
 
+    if args.allow_remote_images:
+        import httpx  # noqa: F401  (fetches remote images; missing, the CLI names the extra that installs it)
     from .app import create_app
 
     model = load_model(args)

@@ -79,14 +79,17 @@ async def fetch_remote(url: str, limits: ImageLimits, param: str, client=None) -
                     raise _too_large(len(buf), limits.max_bytes, param)
             return bytes(buf)
 
+    async def _fetch() -> bytes:
+        if client is not None:
+            return await _get(client)
+        async with httpx.AsyncClient(follow_redirects=True, max_redirects=limits.max_redirects,
+                                     timeout=limits.remote_timeout_s, trust_env=False) as c:
+            return await _get(c)
+
     try:
-        async with asyncio.timeout(limits.remote_timeout_s):
-            if client is not None:
-                return await _get(client)
-            async with httpx.AsyncClient(follow_redirects=True, max_redirects=limits.max_redirects,
-                                         timeout=limits.remote_timeout_s, trust_env=False) as c:
-                return await _get(c)
-    except TimeoutError:
+        # wait_for, not asyncio.timeout: the package supports Python 3.10, which lacks the latter
+        return await asyncio.wait_for(_fetch(), limits.remote_timeout_s)
+    except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
         raise bad_request(f"fetching the image took longer than {limits.remote_timeout_s:g} s", param=param,
                           code="image_fetch_failed") from None
     except httpx.TooManyRedirects:

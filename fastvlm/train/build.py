@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from typing import Any
@@ -13,6 +14,8 @@ from torch import nn
 from ..config import FastVLMConfig, VisionConfig, get_preset
 from ..errors import CheckpointError, ConfigError
 from .recipe import MODULES, Recipe
+
+logger = logging.getLogger("fastvlm.train")
 
 # Name components that wrappers (FSDP1, activation checkpointing, torch.compile) insert into
 # parameter names; dropped to find which module a parameter belongs to.
@@ -161,6 +164,12 @@ def build_model(recipe: Recipe):
         del lm
     if init.vision_tower is not None:
         _load_vision_weights(model, init.vision_tower)
+    elif not recipe.trainable_modules()["vision_tower"]:
+        logger.warning(
+            "init.vision_tower is not set and this stage keeps the encoder frozen: it stays at its random "
+            "initialisation, so the model learns from features that carry little of the image. Give pretrained "
+            "encoder weights with --set init.vision_tower=PATH (scripts/train_bundled_model.sh shows how the "
+            "bundled model's were made), or start from a model with --set model=DIR")
     return model
 
 

@@ -60,7 +60,7 @@ Sections (every key is optional unless marked; unknown keys are errors):
       train_vision_tower: false
     output:
       dir: runs/NAME         (required)
-      save_every: 500        checkpoint every N optimizer steps (0: only at the end)
+      save_every: 500        checkpoint every N optimizer steps (0: no step checkpoints, only final/)
       keep_last: 2           complete checkpoints to keep
       log_every: 10
       eval_every: 0          validation loss every N steps (0: only at the end, if val is given)
