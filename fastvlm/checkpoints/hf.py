@@ -104,7 +104,9 @@ def from_internal(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def padded_vocab(vocab_size: int) -> int:
-    """The port adds `<image>` and pads the vocabulary to a multiple of 64 (151936 -> 152000)."""
+    """The vocabulary plus `<image>`, rounded up to a multiple of 64 (151936 -> 152000, as the port's conversion
+    script always does; the caller only grows the vocabulary when `<image>` does not fit or it is not a multiple of
+    64, so a second conversion changes nothing)."""
     return int(math.ceil((vocab_size + 1) / 64) * 64)
 
 
