@@ -56,7 +56,7 @@ if [ "$ROUND" = all ] || [ "$ROUND" = 3 ]; then
   wait
 fi
 if [ "$ROUND" = all ] || [ "$ROUND" = 4 ]; then
-  # ten times the steps of round 1 (the pairs alone: 68 passes over the 12,184 training pairs), and the
+  # ten times the steps of round 1 (the pairs alone: 68 passes over the 12,184 training pairs [corrected in session 18: 84, 8,000 x 128 / 12,184]), and the
   # curriculum of half-then-all-3000 for 8,000 steps
   toy pairs-8000 --train pos_train --test pos_test --steps 8000 --eval-every 500 &
   toy half-then-all-8000 --warm-start half_train --warm-steps 200 --train pos_train --train half_train \
