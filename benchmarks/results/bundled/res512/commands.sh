@@ -48,7 +48,7 @@ done
 python benchmarks/resolution_study.py --run 256=runs/moved/stage1-3600/final,runs/moved/eval-stage1-3600-test \
   --run 512=runs/res512/stage1/final,runs/res512/eval-stage1-test --out $R/resolution-study-stage1
 
-# Session 18, 16:17 UTC, after the stage 2 above scored 76.4% on validation (78.5% test; nothing shipped) and before
+# Session 18, 16:09 UTC, after the stage 2 above scored 76.4% on validation (78.5% test; nothing shipped) and before
 # the run below starts. scripts/binding_errors.py on the kept test predictions (binding-and-reading-errors.json, the
 # command at the end of this file) shows where the 512 px models lose existence: of the 32 "no" questions whose
 # named shape is in the scene in another colour, stage 1 answers 29 wrong and stage 2 all 32 (the 256 px models: 1),
