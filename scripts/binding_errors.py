@@ -4,7 +4,8 @@ with --reading, reading errors by text size.
 
 For each predictions file of `fastvlm eval --task synth` on a split: existence questions answered "no" whose named
 shape is in the scene in another colour (the shortcut answers them "yes"), against all other "no" questions; and
-colour questions, wrong answers that name a colour present in the scene, by the scene's object count. With
+colour questions, wrong answers that name a colour present in the scene, by the scene's object count; and shape
+questions, wrong answers that name the shape of another object in the scene. With
 --train, also how often answering existence from the shape alone is right on a training split. With --reading, the
 word and number questions: right answers per text size, over all of them and over those whose scene holds that one
 text only (nothing to choose between: reading alone); questions that name the text's colour, and how often such a
@@ -47,6 +48,11 @@ def binding_errors(records: list[dict], predictions: dict[str, str]) -> dict:
                 out["color/wrong"] += 1
                 out["color/wrong_in_scene"] += p in colours
                 out[f"color/wrong_with_{len(objs)}_objects"] += 1
+        elif q["question_type"] == "shape":
+            out["shape/n"] += 1
+            if p != q["answer"]:
+                out["shape/wrong"] += 1
+                out["shape/wrong_in_scene"] += p in {o["shape"] for o in objs}  # another object's shape
     return dict(sorted(out.items()))
 
 

@@ -36,6 +36,8 @@ def test_shortcut_answers_are_counted_as_binding_errors(tmp_path, capsys):
             preds[r["id"]] = "yes" if any(o["shape"] == q["params"]["shape"] for o in objs) else "no"
         elif q["question_type"] == "color":
             preds[r["id"]] = objs[0]["color"]
+        elif q["question_type"] == "shape":  # the last object's shape; a shape no scene has for every 5th
+            preds[r["id"]] = "hexagon" if len(preds) % 5 == 0 else objs[-1]["shape"]
         else:
             preds[r["id"]] = q["answer"]
     path = tmp_path / "p.jsonl"
@@ -49,6 +51,11 @@ def test_shortcut_answers_are_counted_as_binding_errors(tmp_path, capsys):
     wrong_colour = [r for r in test if mod.asked(r)["question_type"] == "color" and preds[r["id"]] != mod.asked(r)["answer"]]
     assert got.get("color/wrong", 0) == got.get("color/wrong_in_scene", 0) == len(wrong_colour)
     assert all(len(r["scene"]["objects"]) >= 2 for r in wrong_colour)
+    shape_qs = [r for r in test if mod.asked(r)["question_type"] == "shape"]
+    wrong_shape = [r for r in shape_qs if preds[r["id"]] != mod.asked(r)["answer"]]
+    in_scene = [r for r in wrong_shape if preds[r["id"]] != "hexagon"]
+    assert got["shape/n"] == len(shape_qs) and got.get("shape/wrong", 0) == len(wrong_shape)
+    assert 0 < got.get("shape/wrong_in_scene", 0) == len(in_scene) < len(wrong_shape)
     rate = json.loads(out.read_text())["train_shape_only_existence"]
     assert 0 < rate["right"] < rate["n"]
     # bad predictions arguments exit with a message that names the problem

@@ -68,3 +68,12 @@ for S in val test; do
 done
 cp "$OUT/stage1-bind-cont/metrics.jsonl" "$R/stage1-bind-cont-metrics.jsonl"
 cp "$OUT/stage1-bind-cont/summary.json" "$R/stage1-bind-cont-summary.json"
+
+# The binding and reading breakdown (binding-and-reading-errors.json) of the 512 px models' kept test predictions
+# beside the 256 px ones they are compared with (moved-pairs' stage1-3600 and the shipped model):
+M=benchmarks/results/bundled/moved-pairs
+cp "$OUT/eval-stage1-test/predictions.jsonl" "$R/predictions/stage1-512-test.jsonl"
+cp "$OUT/eval-stage2-test/predictions.jsonl" "$R/predictions/stage2-512-test.jsonl"
+python scripts/binding_errors.py --split "$D/test.json" --reading --out "$R/binding-and-reading-errors.json" \
+  shipped-256="$M/predictions/stage2-3600-on-x2-800-seed44-test.jsonl" stage1-256="$M/predictions/stage1-3600-test.jsonl" \
+  stage1-512="$R/predictions/stage1-512-test.jsonl" stage2-512="$R/predictions/stage2-512-test.jsonl"
