@@ -211,6 +211,7 @@ def run(args) -> int:
     if args.ttft_samples:
         print(f"measuring batch-1 TTFT on {min(args.ttft_samples, len(samples))} samples ...", file=sys.stderr)
         ttft_batch1 = measure_batch1_ttft(model, samples, n=args.ttft_samples, system_prompt=args.system)
+
     previous = None
     summary_path = os.path.join(args.out, SUMMARY_FILE)
     if os.path.isfile(summary_path):
