@@ -281,7 +281,11 @@ def test_missing_package_hint_covers_every_optional_extra_and_nothing_else():
 
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"), "rb") as f:
         extras = tomllib.load(f)["project"]["optional-dependencies"]
+    def names(extra):
+        return {re.split(r"[<>=\[ ]", req)[0].replace("-", "_") for req in extras[extra]}
+
     for package, extra in OPTIONAL_PACKAGES.items():
-        names = [re.split(r"[<>=\[ ]", req)[0].replace("-", "_") for req in extras[extra]]
-        assert package in names, (package, extra, names)  # the extra named really installs the package
+        assert package in names(extra), (package, extra)  # the extra named really installs the package
+    for extra in ("serve", "bench", "train", "lmms"):  # and every package of a command's extra has its hint
+        assert names(extra) - {"filelock"} <= set(OPTIONAL_PACKAGES), (extra, names(extra) - set(OPTIONAL_PACKAGES))
     assert missing_package_message("x", ModuleNotFoundError("no", name="yaml")) is None  # a real defect stays one

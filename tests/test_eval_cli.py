@@ -103,6 +103,10 @@ def test_eval_end_to_end_then_resume_after_limit(tiny_dir, data_file, tmp_path, 
     # scores.jsonl agrees with the predictions
     scores = read_lines(out / "scores.jsonl")
     assert [r["prediction"] for r in scores] == [p["prediction"] for p in preds]
+    for metric in ("accuracy", "anls"):  # the summary's scores are the per-sample scores' means
+        assert s["scores"][metric] == pytest.approx(sum(r[metric] for r in scores) / len(scores)), metric
+    by_type = s["breakdown"]["question_type"]
+    assert by_type["count"]["n"] + by_type["color"]["n"] == N_SAMPLES
     printed = capsys.readouterr().out
     assert "synth: n=7" in printed and "accuracy" in printed and "TTFT batch 1" in printed
 

@@ -88,12 +88,15 @@ def chat(http_client, **body):
     return http_client.post("/v1/chat/completions", json=body)
 
 
-def assert_error(r, status: int, param: str | None = None, code: str | None = None):
+def assert_error(r, status: int, param: str | None = None, code: str | None = None, type: str | None = None):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert isinstance(err["message"], str) and err["message"]
-    assert err["type"] == ("invalid_request_error" if status < 429 else err["type"])
+    if type is None:
+        assert status < 429, "give the expected error type for this status"
+        type = "invalid_request_error"
+    assert err["type"] == type, err
     if param is not None:
         assert err["param"] == param, err
     if code is not None:
@@ -397,8 +400,8 @@ def test_full_queue_answers_429(small_server):
         t.start()
         assert _wait(lambda: engine.queued() == 1)
         r = chat(c, messages=text_message(), max_tokens=3)
-        err = assert_error(r, 429, code="queue_full")
-        assert err["type"] == "rate_limit_error" and r.headers.get("retry-after")
+        assert_error(r, 429, code="queue_full", type="rate_limit_error")
+        assert r.headers.get("retry-after")
         # the openai client sees a RateLimitError
         oc = openai.OpenAI(base_url=small_server.url + "/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.RateLimitError):

@@ -549,12 +549,28 @@ def test_lora_trains_adapters_and_projector(tok, img_dir):
     assert lora_params and all("language_model" in n for n in lora_params)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == lora_params | {n for n, _ in model.named_parameters() if n.startswith("mm_projector.")}
-    # merging for export gives a plain transformers LM again with the same function
+    # merging for export gives a plain transformers LM again with the same function. lora_B starts at zero, so give
+    # the adapters weights first: else merged and unmerged (and adapters dropped) would all agree trivially.
     from fastvlm.train import build
 
     assert build.is_lora(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+    ids = torch.randint(3, 200, (2, 9), generator=g)
+    with torch.no_grad():
+        adapted = model.language_model(input_ids=ids).logits
+        with model.language_model.disable_adapter():
+            base = model.language_model(input_ids=ids).logits
+    assert (adapted - base).abs().max() > 1e-3  # the adapters change the function
     build.merged_for_export(model)
     assert not build.is_lora(model) and type(model.language_model).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        merged = model.language_model(input_ids=ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -594,6 +610,17 @@ def test_tiny_run_loss_falls_and_exports(tmp_path, tok_dir):
     answer = model.chat(os.path.join(data["root"], "images", "0.png"), "What color is the picture?",
                         max_new_tokens=4)
     assert isinstance(answer, str)
+    # the export holds the trained weights: its validation loss, recomputed, is the one the run reported
+    from fastvlm.train.trainer import TrainStep
+
+    val = ConversationDataset(str(data["val"]), data["root"], tokenizer=model.processor.tokenizer,
+                              num_image_tokens=model.num_image_tokens, image_size=model.config.image_size)
+    batch = DataCollator(model.processor.pad_token_id)([val[i] for i in range(len(val))])
+    model.eval()
+    with torch.no_grad():
+        loss_sum = TrainStep(model)(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                    batch["pixel_values"], 1.0)
+    assert float(loss_sum) / float(batch["num_label_tokens"]) == pytest.approx(summary["final_val_loss"], rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------
