@@ -166,13 +166,35 @@ def test_everything_else_takes_the_module():
 
 
 def test_training_is_untouched():
+    """With grads on, a one-token step with a cache (the shape the native step takes) runs the module, so that
+    backward works; the same step without grads takes the native path (the control)."""
+    from fastvlm.kernels import decode_layer
+
     model = lm(32)
     use_lean_decode_layers(model, True)
     model.train()
-    ids = torch.randint(0, 300, (1, 1))
-    model(input_ids=ids).logits.float().sum().backward()  # one token, grads on: the module's path
+    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(3))
+    calls = []
+    real = decode_layer._lean_step
 
-    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    decode_layer._lean_step = spy
+    try:
+        cache = DynamicCache()
+        model(input_ids=ids, use_cache=True, **{KW: cache})  # prefill: the layers learn their return type
+        model(input_ids=ids[:, :1], use_cache=True, **{KW: cache}).logits.float().sum().backward()
+        assert not calls
+        assert all(layer.self_attn.q_proj.weight.grad is not None for layer in model.model.layers)
+        with torch.no_grad():
+            cache = DynamicCache()
+            model(input_ids=ids, use_cache=True, **{KW: cache})
+            model(input_ids=ids[:, :1], use_cache=True, **{KW: cache})
+        assert len(calls) == len(model.model.layers)
+    finally:
+        decode_layer._lean_step = real
 
 
 def test_weights_changed_between_steps_are_the_ones_read():
