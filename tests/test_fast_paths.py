@@ -431,6 +431,21 @@ def test_packed_gqa_decode_attention_matches_sdpa(dtype):
 
     ref = decode_logits()
     assert use_packed_gqa_attention(lm, True) and lm.config._attn_implementation == PACKED_GQA_ATTENTION
-    got = decode_logits()
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *a, **k):
+        shapes.append(tuple(q.shape))
+        return sdpa(q, *a, **k)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        got = decode_logits()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    H, G = lm.config.num_attention_heads, lm.config.num_attention_heads // lm.config.num_key_value_heads
+    D = lm.config.hidden_size // H
+    # the decode step ran the packed branch: query heads folded into the length dimension, once per layer
+    assert shapes.count((1, H // G, G, D)) == lm.config.num_hidden_layers, shapes
     assert use_packed_gqa_attention(lm, False) is False and lm.config._attn_implementation == "sdpa"
     assert (got.float() - ref.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 1e-2)
