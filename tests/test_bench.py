@@ -329,3 +329,24 @@ def test_run_cpu_script_refuses_an_unknown_step():
     r = subprocess.run(["bash", os.path.join(root, "benchmarks", "run_cpu.sh"), "mian"], capture_output=True,
                        text=True, cwd=root, timeout=60)
     assert r.returncode == 2 and "unknown step 'mian'" in r.stderr and "main" in r.stderr
+
+
+def test_accuracy_comparison_measures_a_known_perturbation():
+    # the bench's accuracy rows come from suite.compare; the fp32 exact row compares a path with itself, so this
+    # checks that the numbers move as they should when the probe differs
+    from fastvlm.bench.suite import compare
+
+    g = torch.Generator().manual_seed(0)
+    ref = {"features": torch.randn(2, 16, 8, generator=g), "logits": torch.randn(3, 50, generator=g),
+           "tokens": [5, 9, 11, 4]}
+    same = compare({k: (v.clone() if torch.is_tensor(v) else list(v)) for k, v in ref.items()}, ref)
+    assert same["feature_cosine"] == pytest.approx(1.0) and same["logits_max_abs_diff"] == 0
+    assert same["greedy_tokens_same"] and same["greedy_matching_prefix"] == 4
+    logits = ref["logits"].clone()
+    logits[1, 7] += 0.25
+    probe = {"features": -ref["features"], "logits": logits, "tokens": [5, 9, 12, 4]}
+    got = compare(probe, ref)
+    assert got["feature_cosine"] == pytest.approx(-1.0) and got["feature_max_abs_diff"] > 0
+    assert got["logits_max_abs_diff"] == pytest.approx(0.25)
+    assert got["logits_rel_diff"] == pytest.approx(0.25 / ref["logits"].abs().max().item())
+    assert not got["greedy_tokens_same"] and got["greedy_matching_prefix"] == 2 and got["greedy_tokens"] == 4
