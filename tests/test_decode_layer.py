@@ -107,94 +107,86 @@ def test_a_wrong_step_would_be_caught(monkeypatch):
     assert (got_logits - ref_logits).abs().max() / ref_logits.abs().max() > 1e-3
 
 
-def test_everything_else_takes_the_module():
-    model = lm(32)
-    use_lean_decode_layers(model, True)
-    calls = []
+@pytest.fixture
+def lean_step_calls(monkeypatch):
+    """A list that gets one entry per native (lean) decode step a layer takes."""
     from fastvlm.kernels import decode_layer
 
+    calls = []
     real = decode_layer._lean_step
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    decode_layer._lean_step = spy
-    try:
-        with torch.inference_mode():
-            # a batch of two with padding: masks and batches are the module's
-            ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
-            mask = torch.ones_like(ids)
-            mask[0, :3] = 0
-            cache = DynamicCache()
-            model(input_ids=ids, attention_mask=mask, use_cache=True, **{KW: cache})
-            model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
-                  use_cache=True, **{KW: cache})
-            assert not calls
-            # fp32 weights: the module (a bf16 model cast after the swap falls back at run time; an
-            # fp32 model is not swapped at all)
-            model32 = copy.deepcopy(model).float()
-            assert use_lean_decode_layers(copy.deepcopy(model32)) == 0
-            cache = DynamicCache()
-            model32(input_ids=ids[:1], use_cache=True, **{KW: cache})
-            model32(input_ids=ids[:1, :1], use_cache=True, **{KW: cache})
-            assert not calls
-            # a wrapped projection (as LoRA wraps them): the module
-            wrapped = copy.deepcopy(model)
-
-            class Wrapped(torch.nn.Module):
-                def __init__(self, inner):
-                    super().__init__()
-                    self.inner, self.weight, self.bias = inner, inner.weight, inner.bias
-
-                def forward(self, x):
-                    return self.inner(x)
-
-            for layer in wrapped.model.layers:
-                layer.self_attn.q_proj = Wrapped(layer.self_attn.q_proj)
-            cache = DynamicCache()
-            wrapped(input_ids=ids[:1], use_cache=True, **{KW: cache})
-            wrapped(input_ids=ids[:1, :1], use_cache=True, **{KW: cache})
-            assert not calls
-            # and the plain bf16 model's decode step does take the native path
-            cache = DynamicCache()
-            model(input_ids=ids[:1], use_cache=True, **{KW: cache})
-            model(input_ids=ids[:1, :1], use_cache=True, **{KW: cache})
-            assert len(calls) == 3
-    finally:
-        decode_layer._lean_step = real
+    monkeypatch.setattr(decode_layer, "_lean_step", spy)
+    return calls
 
 
-def test_training_is_untouched():
+def test_everything_else_takes_the_module(lean_step_calls):
+    model = lm(32)
+    use_lean_decode_layers(model, True)
+    calls = lean_step_calls
+    with torch.inference_mode():
+        # a batch of two with padding: masks and batches are the module's
+        ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        cache = DynamicCache()
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **{KW: cache})
+        model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+              use_cache=True, **{KW: cache})
+        assert not calls
+        # fp32 weights: the module (a bf16 model cast after the swap falls back at run time; an
+        # fp32 model is not swapped at all)
+        model32 = copy.deepcopy(model).float()
+        assert use_lean_decode_layers(copy.deepcopy(model32)) == 0
+        cache = DynamicCache()
+        model32(input_ids=ids[:1], use_cache=True, **{KW: cache})
+        model32(input_ids=ids[:1, :1], use_cache=True, **{KW: cache})
+        assert not calls
+        # a wrapped projection (as LoRA wraps them): the module
+        wrapped = copy.deepcopy(model)
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner, self.weight, self.bias = inner, inner.weight, inner.bias
+
+            def forward(self, x):
+                return self.inner(x)
+
+        for layer in wrapped.model.layers:
+            layer.self_attn.q_proj = Wrapped(layer.self_attn.q_proj)
+        cache = DynamicCache()
+        wrapped(input_ids=ids[:1], use_cache=True, **{KW: cache})
+        wrapped(input_ids=ids[:1, :1], use_cache=True, **{KW: cache})
+        assert not calls
+        # and the plain bf16 model's decode step does take the native path
+        cache = DynamicCache()
+        model(input_ids=ids[:1], use_cache=True, **{KW: cache})
+        model(input_ids=ids[:1, :1], use_cache=True, **{KW: cache})
+        assert len(calls) == 3
+
+
+def test_training_is_untouched(lean_step_calls):
     """With grads on, a one-token step with a cache (the shape the native step takes) runs the module, so that
     backward works; the same step without grads takes the native path (the control)."""
-    from fastvlm.kernels import decode_layer
-
     model = lm(32)
     use_lean_decode_layers(model, True)
     model.train()
     ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(3))
-    calls = []
-    real = decode_layer._lean_step
-
-    def spy(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    decode_layer._lean_step = spy
-    try:
+    calls = lean_step_calls
+    cache = DynamicCache()
+    model(input_ids=ids, use_cache=True, **{KW: cache})  # prefill: the layers learn their return type
+    model(input_ids=ids[:, :1], use_cache=True, **{KW: cache}).logits.float().sum().backward()
+    assert not calls
+    assert all(layer.self_attn.q_proj.weight.grad is not None for layer in model.model.layers)
+    with torch.no_grad():
         cache = DynamicCache()
-        model(input_ids=ids, use_cache=True, **{KW: cache})  # prefill: the layers learn their return type
-        model(input_ids=ids[:, :1], use_cache=True, **{KW: cache}).logits.float().sum().backward()
-        assert not calls
-        assert all(layer.self_attn.q_proj.weight.grad is not None for layer in model.model.layers)
-        with torch.no_grad():
-            cache = DynamicCache()
-            model(input_ids=ids, use_cache=True, **{KW: cache})
-            model(input_ids=ids[:, :1], use_cache=True, **{KW: cache})
-        assert len(calls) == len(model.model.layers)
-    finally:
-        decode_layer._lean_step = real
+        model(input_ids=ids, use_cache=True, **{KW: cache})
+        model(input_ids=ids[:, :1], use_cache=True, **{KW: cache})
+    assert len(calls) == len(model.model.layers)
 
 
 def test_weights_changed_between_steps_are_the_ones_read():
