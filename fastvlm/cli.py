@@ -31,7 +31,7 @@ OPTIONAL_PACKAGES = {
     "fastapi": "serve", "uvicorn": "serve", "httpx": "serve",
     "matplotlib": "bench", "psutil": "bench",
     "accelerate": "train", "peft": "train",
-    "timm": "dev", "lmms_eval": "lmms",
+    "timm": "bench", "lmms_eval": "lmms",
 }
 
 

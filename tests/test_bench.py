@@ -210,6 +210,25 @@ def test_new_tokens_1_notes_the_missing_decode_rate(tmp_path):
     assert any("--new-tokens 1" in n and "at least 2" in n for n in report["notes"]), report["notes"]
 
 
+def test_encoder_baseline_with_a_missing_package_is_skipped_with_a_note(tmp_path, monkeypatch):
+    # e.g. the ConvNeXt baseline without timm: our numbers and the run still come out
+    from fastvlm.bench import baselines as B
+
+    real = B.paper_baselines
+
+    def build_without_timm(*a, **k):
+        raise ModuleNotFoundError("No module named 'timm'", name="timm")
+
+    monkeypatch.setattr(B, "paper_baselines", lambda: real()[:1])
+    monkeypatch.setattr(B, "build", build_without_timm)
+    assert main(_tiny(tmp_path, "--dtypes", "fp32", "--resolutions", "128", "--baselines", "encoders")) == 0
+    with open(tmp_path / "t.json") as f:
+        report = json.load(f)
+    assert report["results"] and report["encoder_baselines"] == []
+    assert ("baseline clip-vit-l14-336 skipped: it needs the package 'timm', which is not installed "
+            "(pip install 'fastvlm[bench]')") in report["notes"], report["notes"]
+
+
 def test_accuracy_note_names_what_is_missing(tmp_path):
     # fp32 is in --dtypes, exact is not in --modes: the note used to ask for fp32
     assert main(_tiny(tmp_path, "--dtypes", "fp32", "--resolutions", "128")) == 0

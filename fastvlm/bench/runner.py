@@ -351,7 +351,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                                  or cfg.baseline_dtypes is not None and dname in cfg.baseline_dtypes):
                     ours = variants.get("fast") or next(iter(variants.values()))
                     report["encoder_baselines"] += _encoder_baselines(cfg, ours, device, dtype, name, config,
-                                                                      peaks.get(dtype), flops)
+                                                                      peaks.get(dtype), flops, report["notes"])
                 del variants, hf, base
                 suite.release()
     finally:
@@ -413,7 +413,8 @@ def _hf_accuracy(hf, name, dname, res, config, cfg, text_cfg, ref_probe) -> dict
     return row
 
 
-def _encoder_baselines(cfg: BenchConfig, ours, device, dtype, name, config, peak, flops) -> list[dict[str, Any]]:
+def _encoder_baselines(cfg: BenchConfig, ours, device, dtype, name, config, peak, flops,
+                       notes: list[str]) -> list[dict[str, Any]]:
     from transformers import DynamicCache
 
     from ..generation import cache_argument
@@ -425,7 +426,15 @@ def _encoder_baselines(cfg: BenchConfig, ours, device, dtype, name, config, peak
     cache_kw = cache_argument(lm)
     for b in B.paper_baselines():
         log(f"baseline {b.name}: building ({b.library})")
-        enc = B.build(b, device, dtype, seed=cfg.seed)
+        try:
+            enc = B.build(b, device, dtype, seed=cfg.seed)
+        except ModuleNotFoundError as e:  # e.g. timm for ConvNeXt: the other baselines and our numbers still count
+            note = (f"baseline {b.name} skipped: it needs the package {e.name!r}, which is not installed "
+                    "(pip install 'fastvlm[bench]')")
+            if note not in notes:
+                notes.append(note)
+            log(note)
+            continue
         proj = B.projector(b.width, hidden).to(device=device, dtype=dtype).eval()
         px = B.pixels(b, device, dtype, seed=cfg.seed)
         text = suite.prompt_ids(0, cfg.text_tokens, vocab=min(1000, lm.config.vocab_size), seed=cfg.seed).to(device)
