@@ -229,6 +229,19 @@ def test_encoder_baseline_with_a_missing_package_is_skipped_with_a_note(tmp_path
             "(pip install 'fastvlm[bench]')") in report["notes"], report["notes"]
 
 
+def test_missing_matplotlib_fails_before_measuring(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "r"
+    argv = [a for a in _tiny(out) if a != "--no-plots"]
+    assert main(argv) == 1
+    err = _one_line_error(capsys)
+    assert "plots need matplotlib" in err and "fastvlm[bench]" in err and "--no-plots" in err
+    assert not out.exists()  # nothing measured, nothing left behind
+    assert main(argv + ["--no-plots"]) == 0 and (out / "t.json").is_file()
+
+
 def test_accuracy_note_names_what_is_missing(tmp_path):
     # fp32 is in --dtypes, exact is not in --modes: the note used to ask for fp32
     assert main(_tiny(tmp_path, "--dtypes", "fp32", "--resolutions", "128")) == 0

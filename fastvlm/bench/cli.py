@@ -180,6 +180,14 @@ def _baseline_dtype_names(args, device) -> list[str] | None:
 def run(args) -> int:
     from ..commands.common import prepare_output_dir, remove_if_empty
 
+    if not args.no_plots:  # the plots come last: a missing matplotlib fails now, not after the whole benchmark
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            from ..errors import ConfigError
+
+            raise ConfigError("the plots need matplotlib, which is not installed: pip install 'fastvlm[bench]' "
+                              "(in a checkout: pip install -e \".[bench]\"), or pass --no-plots") from None
     # a bad --out fails now, in one line, not after the whole benchmark has run
     created = prepare_output_dir(args.out)
     try:
