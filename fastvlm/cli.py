@@ -25,24 +25,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data:tokenizer": ("fastvlm.data.tokenizer_cli", "train a byte-level BPE tokenizer on a dataset's text"),
 }
 
-# Optional packages and the extra (pyproject.toml) that installs each: a command that needs one which is missing
-# says so in one line instead of a traceback.
-OPTIONAL_PACKAGES = {
-    "fastapi": "serve", "uvicorn": "serve", "httpx": "serve",
-    "matplotlib": "bench", "psutil": "bench",
-    "accelerate": "train", "peft": "train",
-    "timm": "bench", "lmms_eval": "lmms",
-}
-
-
 def missing_package_message(command: str, error: ModuleNotFoundError) -> str | None:
-    """The one-line hint for an optional package that is not installed, or None for any other missing module."""
-    root = (error.name or "").split(".")[0]
-    extra = OPTIONAL_PACKAGES.get(root)
-    if extra is None:
-        return None
-    return (f"fastvlm {command}: error: this needs the optional package '{root}', which is not installed: "
-            f"pip install 'fastvlm[{extra}]' (in a checkout: pip install -e \".[{extra}]\")")
+    """The one-line CLI error for an optional package that is not installed, or None for any other missing module."""
+    from .errors import missing_package_hint
+
+    hint = missing_package_hint(error)
+    return None if hint is None else f"fastvlm {command}: error: this needs {hint}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,3 +28,28 @@ class ImageTooLargeError(ImageError):
 
 class PromptError(FastVLMError):
     """A prompt or message list is malformed (e.g. images and <image> placeholders disagree)."""
+
+
+# Optional packages and the pyproject extra that installs each, so that a command needing a missing one can say
+# how to get it in one line (the CLI's handler, bench's skipped baselines) instead of a traceback.
+OPTIONAL_PACKAGES = {
+    "fastapi": "serve", "uvicorn": "serve", "httpx": "serve",
+    "matplotlib": "bench", "psutil": "bench", "timm": "bench",
+    "accelerate": "train", "peft": "train",
+    "lmms_eval": "lmms",
+}
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs one of the package's optional extras, from an index or in a checkout."""
+    return f"pip install 'fastvlm[{extra}]' (in a checkout: pip install -e \".[{extra}]\")"
+
+
+def missing_package_hint(error: ModuleNotFoundError) -> "str | None":
+    """"the optional package 'X', which is not installed: pip install ..." for a missing optional package, or
+    None for any other missing module (a real defect, left to raise)."""
+    root = (error.name or "").split(".")[0]
+    extra = OPTIONAL_PACKAGES.get(root)
+    if extra is None:
+        return None
+    return f"the optional package '{root}', which is not installed: {install_hint(extra)}"

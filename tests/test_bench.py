@@ -216,17 +216,24 @@ def test_encoder_baseline_with_a_missing_package_is_skipped_with_a_note(tmp_path
 
     real = B.paper_baselines
 
-    def build_without_timm(*a, **k):
-        raise ModuleNotFoundError("No module named 'timm'", name="timm")
+    missing = ["timm"]
+
+    def build_without(*a, **k):
+        raise ModuleNotFoundError(f"No module named '{missing[0]}'", name=missing[0])
 
     monkeypatch.setattr(B, "paper_baselines", lambda: real()[:1])
-    monkeypatch.setattr(B, "build", build_without_timm)
-    assert main(_tiny(tmp_path, "--dtypes", "fp32", "--resolutions", "128", "--baselines", "encoders")) == 0
+    monkeypatch.setattr(B, "build", build_without)
+    argv = _tiny(tmp_path, "--dtypes", "fp32", "--resolutions", "128", "--baselines", "encoders")
+    assert main(argv) == 0
     with open(tmp_path / "t.json") as f:
         report = json.load(f)
     assert report["results"] and report["encoder_baselines"] == []
-    assert ("baseline clip-vit-l14-336 skipped: it needs the package 'timm', which is not installed "
-            "(pip install 'fastvlm[bench]')") in report["notes"], report["notes"]
+    assert ("baseline clip-vit-l14-336 skipped: it needs the optional package 'timm', which is not installed: "
+            "pip install 'fastvlm[bench]' (in a checkout: pip install -e \".[bench]\")") in report["notes"], report["notes"]
+    # a module that no extra provides is a defect, not a skipped baseline
+    missing[0] = "not_an_optional_package"
+    with pytest.raises(ModuleNotFoundError):
+        main(argv)
 
 
 def test_missing_matplotlib_fails_before_measuring(tmp_path, monkeypatch, capsys):

@@ -277,7 +277,8 @@ def test_missing_optional_package_names_the_extra(blocked, argv, extra, monkeypa
 def test_missing_package_hint_covers_every_optional_extra_and_nothing_else():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    from fastvlm.cli import OPTIONAL_PACKAGES, missing_package_message
+    from fastvlm.cli import missing_package_message
+    from fastvlm.errors import OPTIONAL_PACKAGES
 
     with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"), "rb") as f:
         extras = tomllib.load(f)["project"]["optional-dependencies"]

@@ -184,10 +184,10 @@ def run(args) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            from ..errors import ConfigError
+            from ..errors import ConfigError, install_hint
 
-            raise ConfigError("the plots need matplotlib, which is not installed: pip install 'fastvlm[bench]' "
-                              "(in a checkout: pip install -e \".[bench]\"), or pass --no-plots") from None
+            raise ConfigError(f"the plots need matplotlib, which is not installed: {install_hint('bench')}; "
+                              "or pass --no-plots") from None
     # a bad --out fails now, in one line, not after the whole benchmark has run
     created = prepare_output_dir(args.out)
     try:

@@ -417,6 +417,7 @@ def _encoder_baselines(cfg: BenchConfig, ours, device, dtype, name, config, peak
                        notes: list[str]) -> list[dict[str, Any]]:
     from transformers import DynamicCache
 
+    from ..errors import missing_package_hint
     from ..generation import cache_argument
     from . import baselines as B
 
@@ -429,8 +430,10 @@ def _encoder_baselines(cfg: BenchConfig, ours, device, dtype, name, config, peak
         try:
             enc = B.build(b, device, dtype, seed=cfg.seed)
         except ModuleNotFoundError as e:  # e.g. timm for ConvNeXt: the other baselines and our numbers still count
-            note = (f"baseline {b.name} skipped: it needs the package {e.name!r}, which is not installed "
-                    "(pip install 'fastvlm[bench]')")
+            hint = missing_package_hint(e)
+            if hint is None:
+                raise
+            note = f"baseline {b.name} skipped: it needs {hint}"
             if note not in notes:
                 notes.append(note)
             log(note)
