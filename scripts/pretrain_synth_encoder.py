@@ -6,8 +6,8 @@ exists for the reduced encoder of the bundled model, and trained jointly from sc
 random LLM it learns to look at images very slowly (a 4.6 M-parameter model trained on
 51,000 images end to end still answered from the question alone). This gives it the
 equivalent of that pretraining, from the scene metadata `fastvlm data synth` stores with
-every record: each output token (a cell of the (res/64) x (res/64) grid) learns which
-coloured shapes, words and number digits have their centre in its cell (`Objective`;
+every record: each output token (a cell of the (res/64) x (res/64) grid; res/128 with a sixth stage)
+learns which coloured shapes, words and number digits have their centre in its cell (`Objective`;
 `--objective reading` adds where in the cell each object lies and learns the text by softmax).
 With `--reading-images N`, N generated text-rich scenes (`generate_reading_scene`) join the
 QA images so that reading gets more examples. The weights (train-time multi-branch form) then
@@ -344,7 +344,7 @@ def fit_steps(args, encoder: nn.Module, head: nn.Module, objective: Objective, X
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a `fastvlm data synth` directory (train.json, val.json, images/)")
-    p.add_argument("--image-size", type=int, required=True, help="input resolution (a multiple of 64)")
+    p.add_argument("--image-size", type=int, required=True, help="input resolution (a multiple of the encoder's stride: 64, or 128 with six stages)")
     p.add_argument("--recipe", default="synth_stage1", help="recipe whose init.vision sizes the encoder")
     p.add_argument("--level", default="basic", choices=sorted(LEVELS), help="the data's level (its word list)")
     p.add_argument("--steps", type=int, default=1200)
@@ -406,7 +406,7 @@ def main() -> int:
     recipe = load_recipe(args.recipe, [f"tokenizer={os.path.join(args.data, 'tokenizer')}",
                                        f"data.image_size={args.image_size}", *args.set], validate=False)
     encoder = build_model(recipe).vision_tower.train()
-    grid = args.image_size // 64
+    grid = args.image_size // encoder.patch_size  # 64 for FastViTHD's five stages, 128 with a sixth
     where = args.where or ("cell" if args.objective == "reading" else "none")
     labels = label_space(LEVELS[args.level].words, where=where, grid=grid, counts=args.counts)
     train = load_split(os.path.join(args.data, "train.json"))[: args.num_train]

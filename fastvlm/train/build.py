@@ -73,6 +73,17 @@ def build_config(recipe: Recipe, tokenizer, lm=None) -> FastVLMConfig:
     return FastVLMConfig.from_dict(config.to_dict())
 
 
+def encoder_weights(state: dict) -> dict:
+    """The encoder's entries of `state` under the encoder's own names: a whole model's file (this project's,
+    Apple's, the hf port's) loses its prefix; an encoder-only file comes back as it is."""
+    for prefix in ("model.vision_tower.vision_tower.model.", "vision_tower.vision_tower.model.",
+                   "model.vision_tower.timm_model.", "vision_tower.timm_model.", "vision_tower.", "model.",
+                   "timm_model."):
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
 def _load_vision_weights(model, path: str) -> None:
     """Encoder weights from safetensors (a file or a directory) with fastvlm/Apple or timm key names."""
     from safetensors.torch import load_file
@@ -86,12 +97,7 @@ def _load_vision_weights(model, path: str) -> None:
         state = load_file(path)
     else:
         raise ConfigError(f"init.vision_tower: no such file or directory: {path}")
-    for prefix in ("model.vision_tower.vision_tower.model.", "vision_tower.vision_tower.model.",
-                   "model.vision_tower.timm_model.", "vision_tower.timm_model.", "vision_tower.", "model.",
-                   "timm_model."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            break
+    state = encoder_weights(state)
     if any(k.startswith(("stem.", "stages.", "final_conv.")) for k in state):
         state = timm_to_apple(state, model.config.vision)
     train_form = any(p in k for k in state for p in (".rbr_conv.", ".rbr_skip.", ".rbr_scale.", ".lkb_origin."))

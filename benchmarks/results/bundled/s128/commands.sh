@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# 512 px with a sixth encoder stage: 16 tokens, as at 256 px (session 19). Written at 17:31 UTC on 27 Nov 2026, before
+# any of it ran.
+#
+# Why. At 512 px the five-stage encoder gives 64 tokens (8x8), reads better (numbers 64-68% against 40-44% on the
+# test split) but the 3-layer LM stops binding colour to shape (res512/binding-and-reading-errors.json: 29-32 of the
+# 32 hard "no" existence questions wrong, against 1 at 256 px). The 256 px control whose encoder had the same 600
+# steps of continued pretraining (res512/gpu-h200, stage1-enc256) does not show that shortcut: evaluated again on
+# this CPU in session 19 (runs/res512/model-enc256-stage1.tgz), it gets 17 of the 32 hard "no" questions wrong but
+# also 20 of the 54 others (existence weak overall, not answered from the shape), and 9 of 142 shape questions.
+# So the shortcut goes with 64 tokens, not with the continued pretraining (one run each). FastViTHD's own answer to
+# "high resolution, few tokens" is more downsampling: its fifth stage takes FastViT's 32x to 64x. The same step once
+# more (scripts/add_encoder_stage.py: a sixth stage, 256 wide, one attention block, stride 128) gives 16 tokens at
+# 512 px: the LM's task is then the 256 px one, with an encoder that sees the text at twice the size.
+#
+# What runs. On the H200 lent to this session (15 min of device time), scripts/gpu_resolution_run.sh with
+# VARIANTS=s128: the data (byte-identical to this CPU's in session 17, data-sha256.txt there); the 512 px encoder of
+# session 17 (res512's encoder-enc512, carried) with the sixth stage added at its initialisation, its reading
+# pretraining continued at 512 px on the 4x4 grid (600 steps of 128 or 75 s, whichever is fewer, --head-steps 50,
+# lr 1e-3, bf16 autocast); stage 1 (3,600 steps of 128, seed 43, training split plus moved pairs, encoder frozen);
+# stage 2 (800 steps of 32, seed 44, the doubled data) if the device time allows, else on this CPU with the command
+# below; evaluations of val and test.
+#
+# The rule (unchanged since session 16): the candidate is the stage 2 (or the stage 1 if no stage 2 completes in this
+# session); it replaces the shipped model only if its validation accuracy (500 questions) is 85.3% or more. Its test
+# accuracy is reported whatever it is. Also measured: the binding and reading breakdown (scripts/binding_errors.py)
+# beside the 256 px and 512 px models, and batch-1 TTFT on this CPU (fastvlm eval; the resolution study's program).
+set -euo pipefail
+D=${D:-runs/bundled/data}; OUT=${OUT:-runs/s128}; R=benchmarks/results/bundled/s128
+# On the GPU (device tool, carrying runs/res512/encoder-enc512.safetensors):
+#   GPU_TESTS=0 VARIANTS=s128 W=14 OUT=$OUT bash scripts/gpu_resolution_run.sh
+# Here, if the GPU run returns a stage 1 but no stage 2 (the same command as res512's stage 2, from that stage 1):
+if [ ! -d "$OUT/stage2/final" ]; then
+  OMP_NUM_THREADS=2 fastvlm train synth_stage2 --output-dir "$OUT/stage2" --set tokenizer="$D/tokenizer" \
+    --set data.val="$D/val.json" --set data.image_folder="$D" \
+    --set "data.train=[$D/train.json,$D/moved-train.json,$D/extra-train.json,$D/extra-moved-train.json]" \
+    --set model="$OUT/stage1/final" --set data.num_workers=0 --set train.seed=44 --set train.max_steps=800
+fi
