@@ -50,11 +50,14 @@ def extend(state: dict, vision, depth: int = 1, dim: int | None = None, mixer: s
                           f"(first unknown key: {unknown[0]}); give the --config the encoder was made with")
     kept = 0
     for k, v in state.items():
-        if k in new and tuple(new[k].shape) == tuple(v.shape):
+        if k not in new:
+            continue
+        if tuple(new[k].shape) == tuple(v.shape):
             new[k] = v.clone()
             kept += 1
-        elif k in new:
-            print(f"  {k}: {tuple(v.shape)} does not fit {tuple(new[k].shape)}; starts from the new initialisation")
+        elif not k.startswith("conv_exp."):  # conv_exp follows the new stage: its width changes with --dim
+            raise ConfigError(f"the encoder's {k} has shape {tuple(v.shape)}, where a FastViTHD of this config has "
+                              f"{tuple(new[k].shape)}; give the --config the encoder was made with")
     return config, new, kept
 
 

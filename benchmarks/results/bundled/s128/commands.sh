@@ -29,7 +29,7 @@ set -euo pipefail
 D=${D:-runs/bundled/data}; OUT=${OUT:-runs/s128}; R=benchmarks/results/bundled/s128
 # On the GPU (device tool, carrying runs/res512/encoder-enc512.safetensors):
 #   GPU_TESTS=0 VARIANTS=s128 W=14 OUT=$OUT bash scripts/gpu_resolution_run.sh
-# 17:46 UTC, after the two GPU calls and before anything below: the device time ran out inside stage 1. The first call
+# 17:45 UTC (first written as 17:46; the commit is at 17:45), after the two GPU calls and before anything below: the device time ran out inside stage 1. The first call
 # (gpu/run.log) spent 244 s on the encoder (decoding 40,000 images at 512 px, then 600 steps in 54 s) and 118 s on
 # stage 1's feature cache, and was stopped at its deadline with stage 1 past step 1,200; the second resumed it from
 # step 1,200 and was stopped again (110 s of cache, then 140 s of steps). What came back is the encoder
