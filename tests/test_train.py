@@ -335,12 +335,46 @@ def test_jsonl_is_read_lazily(tmp_path, img_dir, tok):
     path.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")
     d = ds(str(path), str(img_dir), tok)
     src = d.sources[0]
-    assert src.records is None and len(src.offsets) == 5
+    assert src.buffer is None and len(src.offsets) == 5
     assert [d[i]["id"] for i in range(5)] == [f"g{i}" for i in range(5)]
     # a broken line names the file and the record
     path.write_text(lines[0] + "\n{not json\n")
     with pytest.raises(DataError, match=r"record 1 .*not valid JSON"):
         ds(str(path), str(img_dir), tok)
+
+
+def test_json_list_is_kept_as_text_and_read_like_jsonl(tmp_path, img_dir, tok):
+    # a .json list is held as one buffer of per-record JSON text (about the file's size, shared by forked
+    # workers), not as Python objects; every record reads back as the same JSONL file gives it
+    recs = [dict(GOOD, id=f"g{i}", note="é ü \u2603 \"q\" [,]") for i in range(4)]
+    pretty = tmp_path / "d.json"
+    pretty.write_text(" \n" + json.dumps(recs, indent=2, ensure_ascii=False) + "\n\n")
+    lines = tmp_path / "d.jsonl"
+    lines.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    a, b = ds(str(pretty), str(img_dir), tok), ds(str(lines), str(img_dir), tok)
+    src = a.sources[0]
+    assert isinstance(src.buffer, bytearray) and len(src) == 4
+    assert [src.record(i) for i in range(4)] == [b.sources[0].record(i) for i in range(4)] == recs
+    for i in range(4):
+        assert a[i]["input_ids"] == b[i]["input_ids"] and a[i]["labels"] == b[i]["labels"]
+    empty = write_json(tmp_path / "e.json", [])
+    with pytest.raises(DataError, match="no usable records"):
+        ds(empty, str(img_dir), tok)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"id": 1}', "must hold a JSON list of records, got dict"),
+    ('[{"id": 1}, {"id": 2', "is not valid JSON"),
+    ('[{"id": 1}\n {"id": 2}]', r"expected ',' or '\]' after record 0, line 2"),
+    ('[{"id": 1}] []', "extra data after the list"),
+    ("{not json", "is not valid JSON"),
+])
+def test_broken_json_list_names_the_file_and_the_problem(tmp_path, img_dir, tok, text, message):
+    path = tmp_path / "broken.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message) as e:
+        ds(str(path), str(img_dir), tok)
+    assert "broken.json" in str(e.value)
 
 
 def test_image_that_fails_to_decode_at_load(tmp_path, img_dir, tok):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
@@ -176,15 +177,63 @@ def check_image_file(path: str, how: str) -> Optional[tuple[str, str]]:
     return None
 
 
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _index_json_list(path: str) -> tuple[bytearray, np.ndarray]:
+    """A JSON list file as (buffer, offsets): record i is ``buffer[offsets[i]:offsets[i + 1]]``, its own JSON text.
+
+    The records are decoded one at a time while indexing and kept as compact UTF-8 text in one buffer, not as
+    Python objects: about the file's size in memory instead of several times it, and one object that forked
+    DataLoader workers share without copying (a list of dicts is copied page by page as its reference counts
+    change). Each record is parsed again when it is read."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    decoder = json.JSONDecoder()
+    i = _JSON_WS.match(text).end()
+    if not text.startswith("[", i):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON ({e}); use .jsonl for one record per line") from None
+        raise DataError(f"{path} must hold a JSON list of records, got {type(data).__name__}")
+    buffer, offsets = bytearray(), [0]
+    i = _JSON_WS.match(text, i + 1).end()
+    if text.startswith("]", i):
+        i += 1
+    else:
+        while True:
+            try:
+                _, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} is not valid JSON ({e}); use .jsonl for one record per line") from None
+            buffer += text[i:end].encode("utf-8")
+            offsets.append(len(buffer))
+            i = _JSON_WS.match(text, end).end()
+            if text.startswith(",", i):
+                i = _JSON_WS.match(text, i + 1).end()
+            elif text.startswith("]", i):
+                i += 1
+                break
+            else:
+                line = text.count("\n", 0, i) + 1
+                raise DataError(f"{path} is not valid JSON (expected ',' or ']' after record {len(offsets) - 2}, "
+                                f"line {line}); use .jsonl for one record per line")
+    if _JSON_WS.match(text, i).end() != len(text):
+        raise DataError(f"{path} is not valid JSON (extra data after the list, line {text.count(chr(10), 0, i) + 1})")
+    return buffer, np.asarray(offsets, dtype=np.int64)
+
+
 class _Source:
-    """One data file: a JSON list held in memory, or a JSONL file indexed by line offsets."""
+    """One data file: a JSON list kept as one buffer of per-record JSON text, or a JSONL file indexed by line
+    offsets. Either way a record is parsed when it is read."""
 
     def __init__(self, path: str, image_folder: Optional[str]) -> None:
         self.path = path
         self.image_folder = image_folder
         if not os.path.isfile(path):
             raise DataError(f"no such data file: {path}")
-        self.records: Optional[list] = None
+        self.buffer: Optional[bytearray] = None
         self.offsets: Optional[np.ndarray] = None
         self._fh = None
         self._fh_pid = None
@@ -198,17 +247,10 @@ class _Source:
                     pos += len(line)
             self.offsets = np.asarray(offsets, dtype=np.int64)
         else:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} is not valid JSON ({e}); use .jsonl for one record per line") from None
-            if not isinstance(data, list):
-                raise DataError(f"{path} must hold a JSON list of records, got {type(data).__name__}")
-            self.records = data
+            self.buffer, self.offsets = _index_json_list(path)
 
     def __len__(self) -> int:
-        return len(self.records) if self.records is not None else len(self.offsets)
+        return len(self.offsets) - 1 if self.buffer is not None else len(self.offsets)
 
     def __getstate__(self):
         # DataLoader workers get their own file handle.
@@ -218,8 +260,8 @@ class _Source:
         return state
 
     def record(self, index: int) -> Any:
-        if self.records is not None:
-            return self.records[index]
+        if self.buffer is not None:
+            return json.loads(self.buffer[int(self.offsets[index]):int(self.offsets[index + 1])])
         if self._fh is None or self._fh_pid != os.getpid():
             self._fh = open(self.path, "rb")
             self._fh_pid = os.getpid()
