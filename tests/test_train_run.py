@@ -70,12 +70,27 @@ def test_sigkill_then_resume_matches_uninterrupted(setup):
     path.write_text(yaml.safe_dump(recipe))
     cmd = [sys.executable, "-m", "fastvlm.cli", "train", str(path), "--no-progress"]
     proc = subprocess.Popen(cmd, env=_env(), cwd=str(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    def logged_steps() -> list[int]:
+        steps = []
+        if (out / "metrics.jsonl").exists():
+            for line in open(out / "metrics.jsonl"):
+                try:
+                    steps.append(json.loads(line)["step"])
+                except (ValueError, KeyError):  # a line being written, or not a step's
+                    pass
+        return steps
+
+    # killed half-way: after a checkpoint at half the steps or later, and after at least one step past it, so
+    # that the resumed run must redo work the killed one had done (and logged)
     try:
         deadline = time.time() + 240
-        while not list_checkpoints(str(out)):
+        while True:
+            saved = [s for s, _ in list_checkpoints(str(out))]
+            if saved and max(saved) >= total // 2 and max(logged_steps(), default=0) > max(saved):
+                break
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
+            assert time.time() < deadline, "no checkpoint at half the run appeared"
+            time.sleep(0.01)
         assert proc.poll() is None, "the run finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
@@ -83,7 +98,8 @@ def test_sigkill_then_resume_matches_uninterrupted(setup):
         if proc.poll() is None:
             proc.kill()
     steps = [s for s, _ in list_checkpoints(str(out))]
-    assert steps and max(steps) < total and not (out / "final").exists()
+    assert steps and total // 2 <= max(steps) < total and not (out / "final").exists()
+    assert max(logged_steps()) > max(steps)  # steps after the last checkpoint were lost with the process
 
     res = subprocess.run(cmd, env=_env(), cwd=str(root), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
