@@ -54,7 +54,10 @@ for R in 128 256; do
     --set data.image_size=$R --set init.vision.image_size=$R --set init.vision_tower="$OUT/encoder-$R.safetensors"
 
   # 4. stage 2: everything trains, the encoder included, 400 steps of 32 at a lower learning rate:
-  #    5 min (128 px) / 9 min (256 px) on two cores.
+  #    5 min (128 px) / 9 min (256 px) on two cores. Since session 19 a stage 1 from multi-branch weights exports
+  #    them (final/train_form/) and a stage 2 from it trains the branches; these models were made before, with the
+  #    fused encoder trained, and the rm keeps that (here and in step 7).
+  rm -rf "$OUT/stage1-$R/final/train_form"
   OMP_NUM_THREADS=2 fastvlm train synth_stage2 --output-dir "$OUT/stage2-$R" "${common[@]}" --set train.seed=43 \
     --set model="$OUT/stage1-$R/final" --set data.num_workers=0
 
@@ -72,6 +75,7 @@ python benchmarks/resolution_study.py --run 128="$OUT/stage2-128/final,$OUT/eval
 #    then the same stage 2 (10 min on two cores): 81.7% after stage 1, 80.9% after stage 2 (75.2% with 1,200 steps)
 OMP_NUM_THREADS=2 fastvlm train synth_stage1 --output-dir "$OUT/stage1-ship" "${common[@]}" --set train.seed=43 \
   --set init.vision_tower="$OUT/encoder-256.safetensors"
+rm -rf "$OUT/stage1-ship/final/train_form"
 OMP_NUM_THREADS=2 fastvlm train synth_stage2 --output-dir "$OUT/stage2-ship" "${common[@]}" --set train.seed=43 \
   --set model="$OUT/stage1-ship/final" --set data.num_workers=0
 fastvlm eval --model "$OUT/stage2-ship/final" --task synth --data "$D/test.json" --out "$OUT/eval-ship" \

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from fastvlm.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from fastvlm.errors import ConfigError, FastVLMError
@@ -574,6 +575,14 @@ def test_stage2_trains_everything(tok, img_dir):
     assert any("layernorm" in names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"])
 
 
+def test_stage1_5_trains_everything_at_the_base_lr(tok, img_dir):
+    model, grads, groups = _grads_after_step(tok, img_dir, "stage1.5", optim={"lr": 2e-5})
+    assert grads == {n for n, _ in model.named_parameters() if not n.startswith("vision_tower.head.")}
+    assert {g["name"].split(".")[0] for g in groups} == {"mm_projector", "vision_tower", "language_model"}
+    assert {g["lr"] for g in groups} == {2e-5}  # lr_projector and lr_vision_tower null: the base lr
+    assert model.vision_tower.training
+
+
 def test_lora_trains_adapters_and_projector(tok, img_dir):
     model, grads, groups = _grads_after_step(tok, img_dir, "lora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
     assert grads, "no gradients"
@@ -612,7 +621,7 @@ def test_lora_trains_adapters_and_projector(tok, img_dir):
 # ---------------------------------------------------------------------------------------
 
 
-def test_tiny_run_loss_falls_and_exports(tmp_path, tok_dir):
+def test_tiny_run_loss_falls_and_exports(tmp_path, tok_dir, caplog):
     from fastvlm.model import FastVLM
     from fastvlm.train.trainer import train
 
@@ -628,11 +637,14 @@ def test_tiny_run_loss_falls_and_exports(tmp_path, tok_dir):
         data__val=data["val"], data__skip_bad=True, optim={"lr": 3e-3, "warmup_ratio": 0.0},
         train={"epochs": 4, "global_batch_size": 6, "per_device_batch_size": 3, "seed": 0},
         output={"dir": str(tmp_path / "out"), "save_every": 0, "log_every": 1, "eval_every": 0,
-                "tensorboard": False}))
-    summary = train(recipe, progress=False)
+                "tensorboard": False, "export_apple": True}))
+    with caplog.at_level("WARNING", logger="fastvlm.train"):
+        summary = train(recipe, progress=False)
     assert summary["steps"] == 12 and summary["samples"] == 12 * 6
     assert summary["skipped_bad_records"] == 2
     assert summary["skipped_by_kind"] == {"missing_image": 1, "empty_conversation": 1}
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping bad record")]
+    assert len(skipped) == 2 and "missing.png" in skipped[0] and "'bad2'" in skipped[1], skipped
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "out" / "metrics.jsonl") if '"loss"' in line]
     assert len(losses) == 12
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
@@ -655,6 +667,14 @@ def test_tiny_run_loss_falls_and_exports(tmp_path, tok_dir):
         loss_sum = TrainStep(model)(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                     batch["pixel_values"], 1.0)
     assert float(loss_sum) / float(batch["num_label_tokens"]) == pytest.approx(summary["final_val_loss"], rel=1e-3)
+    # Apple's layout of the same weights (final_apple/) computes the same logits
+    apple = FastVLM.from_pretrained(str(tmp_path / "out" / "final_apple"), device="cpu", dtype=torch.float32).eval()
+    apple_keys = set(load_file(str(tmp_path / "out" / "final_apple" / "model.safetensors")))
+    assert "model.mm_projector.0.weight" in apple_keys and any(k.startswith("model.vision_tower.") for k in apple_keys)
+    inputs = dict(input_ids=batch["input_ids"][:2], attention_mask=batch["attention_mask"][:2],
+                  pixel_values=batch["pixel_values"][:2])
+    with torch.no_grad():
+        torch.testing.assert_close(apple(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -707,6 +727,67 @@ def test_init_from_language_model_and_encoder_weights(tmp_path, tok, tok_dir):
     for k, v in fused.items():
         if not k.startswith("head."):
             assert torch.equal(got[k], v), k
+
+
+def test_multi_branch_encoder_carries_from_stage_to_stage(tmp_path, tok_dir):
+    # the encoder trains in its multi-branch form when the checkpoint has it: stage 1 fuses it (frozen there) and
+    # exports the branches beside the fused weights; stage 2 trains the branches; its export holds both again
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from fastvlm.model import FastVLM
+    from fastvlm.train import build
+    from fastvlm.train.trainer import train
+    from fastvlm.vision import FastViTHD
+
+    data = make_dataset(tmp_path / "data", 8)
+    donor = FastVLM.from_preset("fastvlm-tiny", device="cpu", dtype=torch.float32, seed=7)
+    branchy = FastViTHD(dataclasses.replace(donor.config.vision, inference_mode=False, image_size=64))
+    torch.manual_seed(7)
+    with torch.no_grad():  # BatchNorm statistics away from their defaults, so fusing them is not a no-op
+        for name, b in branchy.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                b.copy_(torch.rand_like(b) + (0.5 if name.endswith("var") else -0.5))
+    enc = {k: v.contiguous() for k, v in branchy.state_dict().items() if not k.startswith("head.")}
+    save_file(enc, str(tmp_path / "branchy.safetensors"))
+    s1 = tiny_recipe(data, tok_dir, tmp_path / "s1", stage="stage1",
+                     init={"preset": "fastvlm-tiny", "seed": 0, "vision_tower": str(tmp_path / "branchy.safetensors"),
+                           "vision": {"image_size": 64, "inference_mode": True}})
+    train(recipe_from_dict(s1), progress=False)
+    final1 = tmp_path / "s1" / "final"
+    kept = load_file(str(final1 / build.TRAIN_FORM_FILE))
+    assert set(enc) <= set(kept)
+    for k, v in enc.items():
+        assert torch.equal(kept[k], v), k
+    assert FastVLM.from_pretrained(str(final1), device="cpu").config.vision.inference_mode  # still the fused layout
+
+    s2 = tiny_recipe(data, tok_dir, tmp_path / "s2", init=None, model=str(final1))
+    assert not build.build_model(recipe_from_dict(s2)).config.vision.inference_mode  # the branches train
+    train(recipe_from_dict(s2), progress=False)
+    final2 = tmp_path / "s2" / "final"
+    trained = load_file(str(final2 / build.TRAIN_FORM_FILE))
+    assert any(not torch.equal(trained[k], kept[k]) for k in enc if ".rbr_" in k)  # the branches themselves moved
+    fused = FastViTHD(dataclasses.replace(branchy.config, inference_mode=False))
+    fused.load_state_dict(trained)
+    fused = fused.eval().reparameterize().state_dict()
+    model2 = FastVLM.from_pretrained(str(final2), device="cpu", dtype=torch.float32)
+    assert model2.config.vision.inference_mode
+    for k, v in model2.vision_tower.state_dict().items():
+        torch.testing.assert_close(v, fused[k], msg=k)
+
+    # branches that are not the checkpoint's encoder are refused, not trained from silently
+    mixed = tmp_path / "mixed"
+    shutil.copytree(final1, mixed)
+    shutil.copy(final2 / build.TRAIN_FORM_FILE, mixed / build.TRAIN_FORM_FILE)
+    with pytest.raises(ConfigError, match="does not fuse to the encoder in .*mixed"):
+        build.build_model(recipe_from_dict(dict(s2, model=str(mixed))))
+    # a stage that keeps the encoder frozen runs the fused one and exports the branches unchanged
+    s1b = tiny_recipe(data, tok_dir, tmp_path / "s1b", init=None, model=str(final2), stage="stage1")
+    assert build.build_model(recipe_from_dict(s1b)).config.vision.inference_mode
+    train(recipe_from_dict(s1b), progress=False)
+    again = load_file(str(tmp_path / "s1b" / "final" / build.TRAIN_FORM_FILE))
+    assert set(again) == set(trained) and all(torch.equal(again[k], trained[k]) for k in trained)
 
 
 def test_frozen_random_encoder_is_warned_about(tok_dir, caplog):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -84,6 +85,49 @@ def encoder_weights(state: dict) -> dict:
     return state
 
 
+# An export's multi-branch encoder, beside the fused weights the checkpoint layouts hold (train form: the
+# MobileOne/RepMixer branches before reparameterisation). In a subdirectory, so no loader mistakes it for a shard.
+TRAIN_FORM_FILE = os.path.join("train_form", "vision_tower.safetensors")
+
+
+def train_form_encoder_state(model, encoder_trained: bool) -> Optional[dict]:
+    """The model's encoder in its multi-branch form, if it has one: its own weights while it is unfused, else
+    the multi-branch weights it was fused from at load, which still hold only if the encoder did not train."""
+    if not model.config.vision.inference_mode:
+        return {k: v.detach().cpu().clone() for k, v in model.vision_tower.state_dict().items()}
+    stash = getattr(model, "_train_form_encoder", None)
+    return stash if stash is not None and not encoder_trained else None
+
+
+def use_train_form_encoder(model, path: str, train: bool) -> None:
+    """The multi-branch form in `path` of the fused encoder of `model`, checked to fuse to exactly the weights the
+    model loaded (so it is that encoder, not another one). `train`: the model's encoder becomes it; else the
+    fused one stays and the branches are kept for the export (the encoder is frozen, so they still hold)."""
+    from safetensors.torch import load_file
+
+    from ..checkpoints.io import check_keys
+    from ..vision import FastViTHD
+
+    branches = FastViTHD(dataclasses.replace(model.config.vision, inference_mode=False),
+                         attn_impl=model.vision_tower.attn_impl)
+    state = load_file(path)
+    expected = {k: tuple(v.shape) for k, v in branches.state_dict().items()}
+    check_keys(expected, state, source=f"{path} (encoder, train form)")
+    branches.load_state_dict(state)
+    fused = copy.deepcopy(branches).eval().reparameterize().state_dict()
+    for k, v in model.vision_tower.state_dict().items():
+        if k not in fused or not torch.allclose(fused[k], v.to(fused[k].dtype), rtol=1e-4, atol=1e-6):
+            raise ConfigError(f"{path} does not fuse to the encoder in {os.path.dirname(os.path.dirname(path))} "
+                              f"(first difference: {k}); the two were not saved together. Delete the train_form "
+                              "folder to train the fused encoder")
+    if not train:
+        model._train_form_encoder = state
+        return
+    model.vision_tower = branches.to(next(model.vision_tower.parameters()).device)
+    model.config.vision = branches.config
+    logger.info("the encoder trains in its multi-branch form (%s)", path)
+
+
 def _load_vision_weights(model, path: str) -> None:
     """Encoder weights from safetensors (a file or a directory) with fastvlm/Apple or timm key names."""
     from safetensors.torch import load_file
@@ -111,6 +155,8 @@ def _load_vision_weights(model, path: str) -> None:
         ignore += [k for k in state if k.endswith("num_batches_tracked") and k not in expected]
         check_keys(expected, state, source=f"{path} (encoder, train form)", ignore=ignore)
         donor.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+        # kept for the export's train_form/ copy, from which a later stage that trains the encoder starts
+        model._train_form_encoder = {k: v.detach().clone() for k, v in donor.state_dict().items()}
         state = donor.eval().reparameterize().state_dict()
     elif not train_form and not model.config.vision.inference_mode and any(".reparam_conv." in k for k in state):
         raise ConfigError(f"init.vision_tower: {path} holds a fused encoder, which cannot be split back into "
@@ -140,6 +186,9 @@ def build_model(recipe: Recipe):
             raise ConfigError(f"{recipe.model} has no tokenizer files; add `tokenizer: DIR` to the recipe")
         if recipe.data.max_length is not None:
             model.config.max_length = recipe.data.max_length
+        train_form = os.path.join(recipe.model, TRAIN_FORM_FILE)
+        if os.path.isfile(train_form):
+            use_train_form_encoder(model, train_form, train=recipe.trainable_modules()["vision_tower"])
         return model
 
     init = recipe.init

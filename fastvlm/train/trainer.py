@@ -412,6 +412,9 @@ class Trainer:
             vlm = self.vlm
         final = os.path.join(out, "final")
         if self.is_main:
+            # the multi-branch encoder, if the model has one, goes beside the fused weights (final/train_form/),
+            # where a later stage that trains the encoder picks it up (build.use_train_form_encoder)
+            train_form = build.train_form_encoder_state(vlm, self.recipe.trainable_modules()["vision_tower"])
             vlm = build.merged_for_export(vlm)
             for layout, name in (("fastvlm", "final"), ("apple", "final_apple")):
                 if layout == "apple" and not self.recipe.output.export_apple:
@@ -420,6 +423,13 @@ class Trainer:
                 tmp = target + ".tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 vlm.save_pretrained(tmp, layout=layout)
+                if layout == "fastvlm" and train_form is not None:
+                    from safetensors.torch import save_file
+
+                    os.makedirs(os.path.join(tmp, os.path.dirname(build.TRAIN_FORM_FILE)), exist_ok=True)
+                    save_file({k: v.contiguous() for k, v in train_form.items()},
+                              os.path.join(tmp, build.TRAIN_FORM_FILE),
+                              metadata={"format": "pt", "what": "FastViTHD, multi-branch (train-time) form"})
                 ckpt.fsync_tree(tmp)
                 if os.path.exists(target):
                     shutil.rmtree(target)
@@ -442,6 +452,7 @@ class Trainer:
         skel._restore_nonpersistent_buffers()
         skel._tie_if_needed()
         skel.processor = self.vlm.processor
+        skel._train_form_encoder = getattr(self.vlm, "_train_form_encoder", None)
         return skel
 
     # ------------------------------------------------------------------ the run
