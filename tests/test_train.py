@@ -893,3 +893,24 @@ def test_bundled_recipe_name_is_not_hidden_by_a_folder_of_that_name(tmp_path, mo
     assert resolve_recipe_path("lora") == bundled_recipes()["lora"]
     with pytest.raises(ConfigError, match="is a directory, not a recipe file"):
         resolve_recipe_path(str(tmp_path / "lora"))
+
+
+@pytest.mark.parametrize("name", ["ds_zero2.json", "ds_zero3.json"])
+def test_deepspeed_configs_are_checked_against_the_recipe(name):
+    from importlib import resources
+
+    from fastvlm.train.trainer import deepspeed_config_problem
+
+    ds = json.loads(resources.files("fastvlm.recipes").joinpath(name).read_text())
+    micro = ds["train_micro_batch_size_per_gpu"]
+
+    def recipe(per_device, save_every=0):
+        return recipe_from_dict({"stage": "stage2", "model": "m", "data": {"train": "x"},
+                                 "train": {"global_batch_size": per_device * 2, "per_device_batch_size": per_device},
+                                 "output": {"dir": "o", "save_every": save_every}})
+
+    assert deepspeed_config_problem(ds, recipe(micro)) is None
+    assert "is 4, but the recipe's train.per_device_batch_size is 32: set them equal" in \
+        deepspeed_config_problem(ds, recipe(32))
+    assert "set output.save_every: 0" in deepspeed_config_problem(ds, recipe(micro, save_every=100))
+    assert "not 'auto'" in deepspeed_config_problem(dict(ds, train_micro_batch_size_per_gpu="auto"), recipe(micro))

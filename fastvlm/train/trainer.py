@@ -100,6 +100,22 @@ def _to(batch: dict, device) -> dict:
     return out
 
 
+def deepspeed_config_problem(ds_config: dict, recipe) -> Optional[str]:
+    """Why a DeepSpeed config cannot run `recipe`, or None. The trainer builds its own data loader (accelerate
+    cannot fill in `auto` micro-batches from it), and its checkpoints do not cover DeepSpeed's partitioned state."""
+    if recipe.output.save_every:
+        return ("checkpoints under DeepSpeed are not implemented (its optimizer state is partitioned in its own "
+                "format): set output.save_every: 0, or train with DDP / FSDP")
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    if micro in (None, "auto"):
+        return (f"the DeepSpeed config must set train_micro_batch_size_per_gpu to the recipe's "
+                f"train.per_device_batch_size ({recipe.train.per_device_batch_size}), not {micro!r}")
+    if int(micro) != recipe.train.per_device_batch_size:
+        return (f"the DeepSpeed config's train_micro_batch_size_per_gpu is {micro}, but the recipe's "
+                f"train.per_device_batch_size is {recipe.train.per_device_batch_size}: set them equal")
+    return None
+
+
 class Trainer:
     """Runs one recipe. ``Trainer(recipe).train()`` returns the run summary (also written to summary.json)."""
 
@@ -133,6 +149,10 @@ class Trainer:
                 raise ConfigError(f"the accelerate config asks for {engine}, but accelerate set up "
                                   f"{self.accelerator.distributed_type.value} here ({engine} needs CUDA GPUs); "
                                   "on CPUs train with DDP: torchrun --nproc_per_node N -m fastvlm.cli train ...")
+        if self.is_deepspeed:  # before any model is built: both would otherwise fail late, or train wrongly
+            problem = deepspeed_config_problem(self.accelerator.state.deepspeed_plugin.deepspeed_config, r)
+            if problem:
+                raise ConfigError(problem)
         if self.is_fsdp and self.mixed_precision != "no":
             # FSDP's own mixed precision would cast the encoder's parameters to bf16 while its
             # BatchNorm statistics stay fp32, which BatchNorm refuses. Keep FSDP in fp32 and
@@ -515,9 +535,6 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(step_module, optimizer)
         self.vlm = acc.unwrap_model(self.model).vlm
         self.scheduler = build.build_scheduler(self.optimizer.optimizer, r, self.total_steps)
-        if self.is_deepspeed and r.output.save_every:
-            raise ConfigError("checkpoints under DeepSpeed are not implemented (its optimizer state is partitioned "
-                              "in its own format): set output.save_every: 0, or train with DDP / FSDP")
 
         self.step = 0
         self.epoch = 0
