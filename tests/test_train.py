@@ -279,6 +279,7 @@ BAD_CASES = {
     "unreadable_image": {"id": "u1", "image": "garbage.png", "conversations": conv("<image>\nWhat?", "red")},
     "placeholder_mismatch": {"id": "p1", "image": "a.png", "conversations": conv("<image>\n<image>\nWhat?", "red")},
     "placeholder_mismatch_multi": {"id": "p2", "image": ["a.png", "b.png"], "conversations": conv("What?", "red")},
+    "placeholder_missing_one_image": {"id": "p3", "image": "a.png", "conversations": conv("What?", "red")},
     "placeholder_without_image": {"id": "p3", "conversations": conv("<image>\nWhat?", "red")},
     "empty_conversation": {"id": "e1", "image": "a.png", "conversations": []},
     "wrong_role": {"id": "w1", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}]},
@@ -307,14 +308,18 @@ def test_skip_bad_counts_and_never_substitutes(tmp_path, img_dir, tok):
     assert len(d) == 2
     assert d.num_bad == len(BAD_CASES)
     assert d.bad_counts["missing_image"] == 1 and d.bad_counts["unreadable_image"] == 1
-    assert d.bad_counts["too_long"] == 1 and d.bad_counts["placeholder_mismatch"] == 3
+    assert d.bad_counts["too_long"] == 1 and d.bad_counts["placeholder_mismatch"] == 4
     assert [d[i]["id"] for i in range(len(d))] == ["good", "good2"]
 
 
 def test_llava_prepends_image_placeholder_only_for_one_image(tmp_path, img_dir, tok, caplog):
     rec = {"id": "x", "image": "a.png", "conversations": conv("What color?", "red")}
+    # refused by default, with the recipe key that allows it named
+    with pytest.raises(DataError, match=r"0 <image> placeholder\(s\) but 1 image\(s\) \(data.add_missing_placeholder"):
+        ds(write_json(tmp_path / "d.json", [rec, dict(GOOD, id="g")]), str(img_dir), tok)
     with caplog.at_level("WARNING"):
-        d = ds(write_json(tmp_path / "d.json", [rec, dict(GOOD, id="g")]), str(img_dir), tok)
+        d = ds(write_json(tmp_path / "d.json", [rec, dict(GOOD, id="g")]), str(img_dir), tok,
+               add_missing_placeholder=True)
     # not silent: counted (the run summary reports it) and logged with the first record named
     assert d.placeholders_added == 1
     assert "1 record(s) have one image and no <image> placeholder" in caplog.text and "(id 'x')" in caplog.text
@@ -324,7 +329,7 @@ def test_llava_prepends_image_placeholder_only_for_one_image(tmp_path, img_dir, 
     assert sample["pixel_values"].shape == (1, 3, 128, 128)
     # a placeholder in a later turn is not "missing": nothing is prepended, the count must match
     rec2 = {"id": "y", "image": "a.png", "conversations": conv("Hi", "hello", "<image>\nAnd this?", "red")}
-    d2 = ds(write_json(tmp_path / "d2.json", [rec2]), str(img_dir), tok)
+    d2 = ds(write_json(tmp_path / "d2.json", [rec2]), str(img_dir), tok, add_missing_placeholder=True)
     assert d2.placeholders_added == 0
     ids = d2[0]["input_ids"]
     assert ids.index(IMAGE_TOKEN_INDEX) > ids.index(tok.convert_tokens_to_ids("<|im_end|>"))

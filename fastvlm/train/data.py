@@ -12,9 +12,10 @@ with a human turn and ending with a gpt turn; one leading ``system`` turn may re
 model's system prompt. ``<image>`` may appear only in human turns, once per image, in the
 order of the record's image list.
 
-**Placeholder rule.** When a record has exactly one image and no ``<image>`` anywhere in
-its conversation, ``<image>\\n`` is prepended to the first human turn (a convenience of this
-loader; such records are counted in ``placeholders_added`` and logged). In every other case the placeholders must match the images one to one: nothing is
+**Placeholder rule.** With ``add_missing_placeholder`` (recipe key ``data.add_missing_placeholder``, off by
+default), when a record has exactly one image and no ``<image>`` anywhere in its conversation,
+``<image>\\n`` is prepended to the first human turn (such records are counted in ``placeholders_added`` and
+logged); off, that record is refused like any other mismatch. In every other case the placeholders must match the images one to one: nothing is
 moved (the reference also moves a lone ``<image>`` to the front of its turn; records with
 it elsewhere keep it where it is here) and nothing is guessed for multi-image records.
 
@@ -78,8 +79,11 @@ def _where(path: str, index: int, record: Any) -> str:
     return f"{path}: record {index} (id {rid!r})" if rid is not None else f"{path}: record {index} (no id)"
 
 
-def parse_record(record: Any, *, path: str, index: int, image_folder: Optional[str]) -> Conversation:
-    """Check a record's structure and return it as a :class:`Conversation` (images not opened)."""
+def parse_record(record: Any, *, path: str, index: int, image_folder: Optional[str],
+                 add_missing_placeholder: bool = False) -> Conversation:
+    """Check a record's structure and return it as a :class:`Conversation` (images not opened).
+
+    ``add_missing_placeholder``: the placeholder rule (module docstring); off, such a record is refused."""
     where = _where(path, index, record)
 
     def bad(msg: str, kind: str) -> DataError:
@@ -141,7 +145,7 @@ def parse_record(record: Any, *, path: str, index: int, image_folder: Optional[s
         raise bad("'image' holds an empty path", "bad_image_field")
 
     n_ph = sum(text.count(IMAGE_TOKEN) for _, text in turns)
-    if len(images) == 1 and n_ph == 0:
+    if len(images) == 1 and n_ph == 0 and add_missing_placeholder:
         # a lone image with no placeholder goes before the first question (counted and logged)
         turns[0] = (USER, IMAGE_TOKEN + "\n" + turns[0][1])
         n_ph = 1
@@ -149,7 +153,9 @@ def parse_record(record: Any, *, path: str, index: int, image_folder: Optional[s
     else:
         added = False
     if n_ph != len(images):
-        raise bad(f"{n_ph} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)", "placeholder_mismatch")
+        hint = (" (data.add_missing_placeholder: true puts one before the first question)"
+                if len(images) == 1 and n_ph == 0 else "")
+        raise bad(f"{n_ph} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s){hint}", "placeholder_mismatch")
 
     resolved = [p if os.path.isabs(p) or image_folder is None else os.path.join(image_folder, p) for p in images]
     return Conversation(id=record.get("id", index), images=resolved, turns=turns, system=system,
@@ -297,6 +303,7 @@ class ConversationDataset:
         max_length: Optional[int] = None,
         skip_bad: bool = False,
         check_images: str = "open",
+        add_missing_placeholder: bool = False,
         progress: bool = False,
     ) -> None:
         files = [files] if isinstance(files, str) else list(files)
@@ -318,6 +325,7 @@ class ConversationDataset:
         self.max_length = max_length
         self.skip_bad = skip_bad
         self.check_images = check_images
+        self.add_missing_placeholder = add_missing_placeholder
         self.sources = [_Source(f, d) for f, d in zip(files, image_folders)]
         self.bad_counts: Counter = Counter()
         self.bad_examples: list[str] = []
@@ -383,7 +391,8 @@ class ConversationDataset:
     def _load(self, si: int, ri: int, *, check: bool):
         src = self.sources[si]
         record = src.record(ri)
-        conv = parse_record(record, path=src.path, index=ri, image_folder=src.image_folder)
+        conv = parse_record(record, path=src.path, index=ri, image_folder=src.image_folder,
+                            add_missing_placeholder=self.add_missing_placeholder)
         where = _where(src.path, ri, record)
         if check:
             for p in conv.images:
@@ -412,7 +421,8 @@ class ConversationDataset:
         """The image files of sample ``i`` (already resolved against the image folder); no tokenizing."""
         si, ri = int(self.source_index[i]), int(self.record_index[i])
         src = self.sources[si]
-        return parse_record(src.record(ri), path=src.path, index=ri, image_folder=src.image_folder).images
+        return parse_record(src.record(ri), path=src.path, index=ri, image_folder=src.image_folder,
+                            add_missing_placeholder=self.add_missing_placeholder).images
 
     def load_tokens(self, i: int):
         """(conversation, tokenized conversation) of sample ``i``, without loading its images."""

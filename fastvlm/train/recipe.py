@@ -28,6 +28,8 @@ Sections (every key is optional unless marked; unknown keys are errors):
                                          stored features (needs a frozen vision tower; memory: images x
                                          tokens x channels x 4 bytes, per process); images are
                                          decoded in num_workers threads while it is built
+      add_missing_placeholder: false     a record with one image and no <image>: put one before its
+                                         first question (counted and logged) instead of refusing it
     optim:
       lr: 2e-5               base learning rate
       lr_projector / lr_vision_tower / lr_language_model: null   per-module overrides
@@ -116,6 +118,7 @@ class DataSpec:
     num_workers: int = 2
     max_val_samples: Optional[int] = None
     cache_image_features: bool = False
+    add_missing_placeholder: bool = False
 
 
 @dataclass

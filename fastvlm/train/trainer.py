@@ -181,7 +181,8 @@ class Trainer:
                       image_size=model.config.image_size, image_aspect_ratio=model.config.image_aspect_ratio,
                       system_prompt=model.config.system_prompt,
                       max_length=r.data.max_length or model.config.max_length, skip_bad=r.data.skip_bad,
-                      check_images=r.data.check_images, progress=self.progress and self.is_main)
+                      check_images=r.data.check_images, add_missing_placeholder=r.data.add_missing_placeholder,
+                      progress=self.progress and self.is_main)
         folders = r.data.image_folder or [None]
         if len(folders) == 1:
             folders = folders * len(r.data.train)
