@@ -795,6 +795,63 @@ def test_multi_branch_encoder_carries_from_stage_to_stage(tmp_path, tok_dir):
     assert set(again) == set(trained) and all(torch.equal(again[k], trained[k]) for k in trained)
 
 
+def test_resolution_scaling_stage_trains_at_the_new_size(tmp_path, tok_dir):
+    # stage 1.5: a model exported at 64 px (1 token) trains at 128 px (4 tokens), everything trainable
+    from fastvlm.model import FastVLM
+    from fastvlm.train.trainer import train
+
+    data = make_dataset(tmp_path / "data", 8)
+    train(recipe_from_dict(tiny_recipe(data, tok_dir, tmp_path / "s64")), progress=False)
+    low = FastVLM.from_pretrained(str(tmp_path / "s64" / "final"), device="cpu", dtype=torch.float32)
+    assert low.config.image_size == 64 and low.num_image_tokens == 1
+    s15 = tiny_recipe(data, tok_dir, tmp_path / "s128", stage="stage1.5", init=None,
+                      model=str(tmp_path / "s64" / "final"), data__image_size=128,
+                      optim={"lr": 3e-3, "warmup_ratio": 0.0}, train={"epochs": 4, "global_batch_size": 4,
+                                                                      "per_device_batch_size": 2, "seed": 0})
+    summary = train(recipe_from_dict(s15), progress=False)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "s128" / "metrics.jsonl") if '"loss"' in line]
+    assert summary["steps"] == 8 and np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    high = FastVLM.from_pretrained(str(tmp_path / "s128" / "final"), device="cpu", dtype=torch.float32)
+    assert high.config.image_size == 128 and high.num_image_tokens == 4
+    # every module moved from the 64 px model's weights
+    a, b = low.state_dict(), high.state_dict()
+    for prefix in ("vision_tower.", "mm_projector.", "language_model."):
+        assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith(prefix) and ".head." not in k), prefix
+    out = high.processor(images=[Image.new("RGB", (50, 30), (255, 0, 0))], text="<image>\nWhat color?")
+    assert tuple(out["pixel_values"].shape[-2:]) == (128, 128)
+
+
+def test_bf16_with_gradient_checkpointing_matches_without_on_cpu(tmp_path, tok_dir):
+    # bf16 autocast on the CPU (as the synth recipes train), with gradient checkpointing of the LLM and the encoder:
+    # recomputing activations must not change the training, so the two runs end with the same weights
+    from safetensors.torch import load_file as load
+
+    from fastvlm.train.trainer import train
+
+    data = make_dataset(tmp_path / "data", 8)
+    finals = []
+    for ckpt in (False, True):
+        out = tmp_path / f"ckpt{int(ckpt)}"
+        recipe = tiny_recipe(data, tok_dir, out, train={
+            "epochs": 2, "global_batch_size": 4, "per_device_batch_size": 2, "seed": 0, "mixed_precision": "bf16",
+            "gradient_checkpointing": ckpt, "vision_gradient_checkpointing": ckpt, "freeze_bn_stats": True})
+        summary = train(recipe_from_dict(recipe), progress=False)
+        assert summary["mixed_precision"] == "bf16" and summary["steps"] == 4
+        finals.append(load(str(out / "final" / "model.safetensors")))
+    for k, v in finals[0].items():
+        torch.testing.assert_close(finals[1][k], v, rtol=0, atol=0, msg=k)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "ckpt1" / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    # and the second run did recompute: the recipe switches checkpointing on in both models
+    from fastvlm.train import build
+
+    recipe = recipe_from_dict(tiny_recipe(data, tok_dir, tmp_path / "x", train={
+        "gradient_checkpointing": True, "vision_gradient_checkpointing": True}))
+    model = build.build_model(recipe)
+    build.enable_gradient_checkpointing(model, recipe)
+    assert model.language_model.is_gradient_checkpointing and model.vision_tower.grad_checkpointing
+
+
 def test_frozen_random_encoder_is_warned_about(tok_dir, caplog):
     # a stage that freezes an encoder built from init without weights would learn from noise features
     from fastvlm.train import build

@@ -275,7 +275,11 @@ def apply_stage(model, recipe: Recipe) -> dict[str, bool]:
 def enable_gradient_checkpointing(model, recipe: Recipe) -> None:
     if recipe.train.gradient_checkpointing:
         lm = model.language_model
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         lm.config.use_cache = False
     if recipe.train.vision_gradient_checkpointing:
         model.vision_tower.set_grad_checkpointing(True)
