@@ -54,3 +54,20 @@ if [ ! -d "$OUT/stage2/final" ]; then
     --set "data.train=[$D/train.json,$D/moved-train.json,$D/extra-train.json,$D/extra-moved-train.json]" \
     --set model="$OUT/stage1/final" --set data.num_workers=0 --set train.seed=44 --set train.max_steps=800
 fi
+# Evaluations (stage 1 while stage 2 trains, then stage 2) and the files kept here:
+for STAGE in stage1 stage2; do
+  [ -d "$OUT/$STAGE/final" ] || continue
+  cp "$OUT/$STAGE/metrics.jsonl" "$R/$STAGE-metrics.jsonl"; cp "$OUT/$STAGE/summary.json" "$R/$STAGE-summary.json"
+  for S in val test; do
+    fastvlm eval --model "$OUT/$STAGE/final" --task synth --data "$D/$S.json" --out "$OUT/eval-$STAGE-$S" \
+      --dtype fp32 --device cpu --batch-size 32 --no-progress
+    cp "$OUT/eval-$STAGE-$S/summary.json" "$R/eval-$STAGE-$S.json"
+  done
+  mkdir -p "$R/predictions"; cp "$OUT/eval-$STAGE-test/predictions.jsonl" "$R/predictions/$STAGE-s128-test.jsonl"
+done
+# The binding and reading breakdown beside the 256 px and 512 px (64-token) models:
+M=benchmarks/results/bundled/moved-pairs; P=benchmarks/results/bundled/res512/predictions
+python scripts/binding_errors.py --split "$D/test.json" --reading --out "$R/binding-and-reading-errors.json" \
+  shipped-256="$M/predictions/stage2-3600-on-x2-800-seed44-test.jsonl" stage1-256="$M/predictions/stage1-3600-test.jsonl" \
+  stage1-512="$P/stage1-512-test.jsonl" stage2-512="$P/stage2-512-test.jsonl" \
+  stage1-s128="$R/predictions/stage1-s128-test.jsonl" stage2-s128="$R/predictions/stage2-s128-test.jsonl"
