@@ -47,6 +47,9 @@ if [ ! -d "$OUT/stage1/final" ]; then
     --set init.vision.inference_mode=true --set init.vision_tower="$OUT/encoder-s128.safetensors" "${VSETS[@]}" \
     --set data.num_workers=2
 fi
+# 18:01 UTC, during stage 1's feature cache: this file was edited while it ran (a comment line above grew), and bash
+# reads a script by byte offset, so the shell running it was stopped (the stage 1 process runs on). The stage 2 below
+# and the stage 1 evaluations run from after_stage1.sh, which waits for stage 1 to end; the commands are these.
 # Then stage 2 (the same command as res512's stage 2, from that stage 1):
 if [ ! -d "$OUT/stage2/final" ]; then
   OMP_NUM_THREADS=2 fastvlm train synth_stage2 --output-dir "$OUT/stage2" --set tokenizer="$D/tokenizer" \
