@@ -389,3 +389,22 @@ def test_accuracy_comparison_measures_a_known_perturbation():
     assert got["logits_max_abs_diff"] == pytest.approx(0.25)
     assert got["logits_rel_diff"] == pytest.approx(0.25 / ref["logits"].abs().max().item())
     assert not got["greedy_tokens_same"] and got["greedy_matching_prefix"] == 2 and got["greedy_tokens"] == 4
+
+
+def test_table_shows_each_rows_share_of_the_roofline():
+    from fastvlm.bench.report import format_report
+
+    row = {"model": "m", "dtype": "bf16", "mode": "fast", "resolution": 1024, "image_tokens": 256,
+           "ttft_s": {"median": 1.0}, "encode_s": {"median": 0.6}, "prefill_s": {"median": 0.4}, "peak_mb": 900.0,
+           "roofline": {"ttft_over_roofline": 1.49, "encoder_fraction_of_peak": 0.4321, "prefill_fraction_of_peak": 0.87,
+                        "decode_fraction_of_bound": 0.76}}
+    report = {"machine": {"cpu_model": "cpu", "logical_cores": 2, "torch_threads": 2, "torch": "2", "transformers": "5"},
+              "results": [row], "transformers": []}
+    lines = format_report(report).splitlines()
+    header = next(i for i, line in enumerate(lines) if "enc %peak" in line)
+    cols = [c.strip() for c in lines[header].split("  ") if c.strip()]  # headers may hold single spaces
+    values = lines[header + 2].split()
+    assert len(cols) == len(values), (cols, values)
+    got = dict(zip(cols, values))
+    assert got["enc %peak"] == "43%" and got["prefill %peak"] == "87%" and got["dec %bound"] == "76%"
+    assert got["TTFT/roof"] == "1.49" and got["peak MB"] == "900" and got["dec %bound/run"] == "-"

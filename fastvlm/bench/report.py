@@ -18,6 +18,10 @@ def _num(v: Optional[float], fmt: str = "{:.2f}") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
 
+def _pct(fraction: Optional[float]) -> str:
+    return _num(None if fraction is None else 100 * fraction, "{:.0f}%")
+
+
 def _tps(summary: Optional[dict]) -> str:
     if not summary or summary.get("median") is None:
         return "-"
@@ -47,7 +51,8 @@ def format_report(report: dict[str, Any]) -> str:
         drift = f" at the start; {min(per_run):.1f}-{max(per_run):.1f} GB/s right before the timed runs" if per_run else ""
         parts.append(f"roofline (best of repeats): matmul GFLOP/s {mm} | memory read {_num(bw, '{:.1f}')} GB/s{drift}")
     headers = ["model", "dtype", "mode", "res", "tokens", "encode ms", "proj ms", "prefill ms", "TTFT ms",
-               "decode tok/s", "peak MB", "TTFT/HF", "TTFT/HF fresh", "TTFT/roof", "dec %bound", "dec %bound/run"]
+               "decode tok/s", "peak MB", "TTFT/HF", "TTFT/HF fresh", "TTFT/roof", "enc %peak", "prefill %peak",
+               "dec %bound", "dec %bound/run"]
     rows = []
     for r in report["results"] + report["transformers"]:
         rf = r.get("roofline", {})
@@ -56,10 +61,9 @@ def format_report(report: dict[str, Any]) -> str:
             _ms(r.get("encode_s")), _ms(r.get("projector_s")), _ms(r.get("prefill_s")), _ms(r.get("ttft_s")),
             _tps(r.get("decode_tokens_per_s")), _num(r.get("peak_mb"), "{:.0f}"),
             _num(r.get("ttft_over_transformers")), _num(r.get("ttft_over_transformers_fresh")),
-            _num(rf.get("ttft_over_roofline")),
-            _num(None if rf.get("decode_fraction_of_bound") is None else 100 * rf["decode_fraction_of_bound"], "{:.0f}%"),
-            _num(None if rf.get("decode_fraction_of_bound_paired") is None
-                 else 100 * rf["decode_fraction_of_bound_paired"], "{:.0f}%"),
+            _num(rf.get("ttft_over_roofline")), _pct(rf.get("encoder_fraction_of_peak")),
+            _pct(rf.get("prefill_fraction_of_peak")),
+            _pct(rf.get("decode_fraction_of_bound")), _pct(rf.get("decode_fraction_of_bound_paired")),
         ])
     parts.append(_table(headers, rows))
     if report.get("accuracy"):
