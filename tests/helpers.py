@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -63,3 +67,16 @@ def train_in_process(recipe_dict: dict) -> dict:
         return train(recipe_from_dict(recipe_dict), progress=False)
     finally:
         torch.set_num_threads(threads)
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as module NAME, registered in sys.modules (so a script that imports another finds
+    it, and worker processes can unpickle its functions)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod

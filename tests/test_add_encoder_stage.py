@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +18,15 @@ from fastvlm.train.build import build_model, encoder_weights
 from fastvlm.train.recipe import load_recipe
 from fastvlm.vision import FastViTHD
 
+from helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "add_encoder_stage.py"
 
 
 @pytest.fixture(scope="module")
 def aes():
-    spec = importlib.util.spec_from_file_location("add_encoder_stage", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("add_encoder_stage")
 
 
 @pytest.fixture(scope="module")

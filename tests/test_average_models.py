@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,16 +13,14 @@ from safetensors.torch import load_file, save_file
 from fastvlm.commands.common import bundled_model_path
 from fastvlm.model import FastVLM
 
+from helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "average_models.py"
 
 
 @pytest.fixture(scope="module")
 def avg():
-    spec = importlib.util.spec_from_file_location("average_models", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("average_models")
 
 
 def _shifted_copy(src: Path, dst: Path, delta: float) -> dict[str, torch.Tensor]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,15 +10,13 @@ import pytest
 
 from fastvlm.data.synth import generate_dataset, load_split
 
+from helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "binding_errors.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("binding_errors", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("binding_errors")
 
 
 def test_shortcut_answers_are_counted_as_binding_errors(tmp_path, capsys):

@@ -4,11 +4,9 @@ round), and the first turn (the one with <image>) must stay first."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -26,16 +24,12 @@ from fastvlm.data.synth import (
     validate_record,
 )
 
+from helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "add_relation_turns.py"
 
 
-def _script(name: str):
-    """Import scripts/NAME.py as module NAME (registered, so a script that imports another finds it)."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+_script = load_script
 
 
 @pytest.fixture(scope="module")
@@ -477,10 +471,7 @@ def test_moved_pair_split(split, tmp_path):
 
 
 def test_prefix_image_paths_rewrites_single_and_listed_images(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "prefix_image_paths", Path(__file__).resolve().parents[1] / "scripts" / "prefix_image_paths.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("prefix_image_paths")
     records = [{"id": "a", "image": "images/0.png", "conversations": []},
                {"id": "b", "image": ["images/1.png", "images/2.png"], "conversations": []},
                {"id": "c", "conversations": []}]

@@ -3,7 +3,6 @@ per-cell targets, the loss and the decision rule that the pretraining and the pr
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,17 +11,15 @@ import torch
 
 from fastvlm.data.synth import LEVELS, generate_reading_scene
 
+from helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_synth_encoder.py"
 WORDS = LEVELS["basic"].words
 
 
 @pytest.fixture(scope="module")
 def pse():
-    spec = importlib.util.spec_from_file_location("pretrain_synth_encoder", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # so that worker processes can unpickle its functions
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("pretrain_synth_encoder")  # registered: worker processes unpickle its functions
 
 
 def _names(labels, row):

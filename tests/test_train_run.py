@@ -20,7 +20,6 @@ import yaml
 from safetensors.torch import load_file
 
 from fastvlm.train.checkpointing import list_checkpoints
-from fastvlm.train.recipe import recipe_from_dict
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import train_in_process  # noqa: E402

@@ -154,7 +154,7 @@ def write_plots(report: dict[str, Any], stem: str) -> list[str]:
             ax.bar(labels, enc, label="image encoder")
             ax.bar(labels, proj, bottom=enc, label="projector")
             ax.bar(labels, pre, bottom=[a + b for a, b in zip(enc, proj)], label="LLM prefill")
-            for i, r in enumerate(rs):
+            for i in range(len(rs)):
                 total = enc[i] + proj[i] + pre[i]
                 if total > 0:
                     ax.text(i, total, f"{100 * enc[i] / total:.0f}%", ha="center", va="bottom", fontsize=7)
