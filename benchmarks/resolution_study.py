@@ -5,7 +5,8 @@ For models trained by the same recipe at several input resolutions (see
 scripts/train_bundled_model.sh), this reads each model's `fastvlm eval` summary on the
 synthetic test split and measures, in this one process, batch-1 time-to-first-token:
 
-  * ours: the trained FastVLM (its reduced FastViTHD: 64x downsampling, (res/64)^2 tokens);
+  * ours: the trained FastVLM (its reduced FastViTHD: 64x downsampling, (res/64)^2 tokens, or 128x with
+    a sixth stage, scripts/add_encoder_stage.py);
   * ViT-style: a plain ViT encoder with the same parameter count and 16-pixel patches
     ((res/16)^2 tokens, as CLIP/SigLIP-style encoders give) feeding the same trained LLM
     through a projector of the same shape, with random weights (latency does not depend on
@@ -180,7 +181,7 @@ def plot(report: dict, path: str) -> None:
     a1.set_xticks(res)
     a1.legend(fontsize=7)
     a1.grid(alpha=0.3)
-    for name, label in (("fastvithd", "FastViTHD (reduced, (res/64)^2 tokens)"),
+    for name, label in (("fastvithd", "FastViTHD (reduced; tokens in the table)"),
                         ("vit", "ViT-style, same params ((res/16)^2 tokens)")):
         a2.plot(res, [r["ttft"][name]["ttft_ms"] for r in rows], marker="o", label=label)
     a2.set_xlabel("input resolution (px)")
