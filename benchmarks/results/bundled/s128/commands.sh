@@ -77,3 +77,14 @@ python scripts/binding_errors.py --split "$D/test.json" --reading --out "$R/bind
   shipped-256="$M/predictions/stage2-3600-on-x2-800-seed44-test.jsonl" stage1-256="$M/predictions/stage1-3600-test.jsonl" \
   stage1-512="$P/stage1-512-test.jsonl" stage2-512="$P/stage2-512-test.jsonl" \
   stage1-s128="$R/predictions/stage1-s128-test.jsonl" stage2-s128="$R/predictions/stage2-s128-test.jsonl"
+# Run at 19:03 UTC without the stage2-s128 entry (no stage 2 ran this session); the validation predictions were kept
+# too (predictions/stage1-s128-val.jsonl).
+#
+# Then the resolution study's program on the three stage 1 models in one process (19:05 UTC):
+python benchmarks/resolution_study.py --run 256=runs/moved/stage1-3600/final,runs/moved/eval-stage1-3600-test \
+  --run 512=runs/res512/stage1/final,runs/res512/eval-stage1-test --run 512=runs/s128/stage1/final,runs/s128/eval-stage1-test \
+  --out $R/resolution-study-stage1
+# Result (session 19): stage 1 scored 75.8% on validation and 75.1% on test, so nothing ships. It reads as the 64-token
+# 512 px model does (numbers 64.1%, text under 8 px 50%) and answers shapes (98.6%), but 48 of its 49 wrong colour
+# answers name another object's colour (colours 66.7%), and it counts worse (60.4%). TTFT 25.3 ms against 25.5 ms
+# for 64 tokens (12.0 ms at 256 px). docs/bundled-model.md, "512 px with a sixth encoder stage", has the rest.
