@@ -77,10 +77,10 @@ python scripts/binding_errors.py --split "$D/test.json" --reading --out "$R/bind
   shipped-256="$M/predictions/stage2-3600-on-x2-800-seed44-test.jsonl" stage1-256="$M/predictions/stage1-3600-test.jsonl" \
   stage1-512="$P/stage1-512-test.jsonl" stage2-512="$P/stage2-512-test.jsonl" \
   stage1-s128="$R/predictions/stage1-s128-test.jsonl" stage2-s128="$R/predictions/stage2-s128-test.jsonl"
-# Run at 19:03 UTC without the stage2-s128 entry (no stage 2 ran this session); the validation predictions were kept
+# Run at 19:02 UTC without the stage2-s128 entry (no stage 2 ran this session); the validation predictions were kept
 # too (predictions/stage1-s128-val.jsonl).
 #
-# Then the resolution study's program on the three stage 1 models in one process (19:05 UTC):
+# Then the resolution study's program on the three stage 1 models in one process (19:03 UTC):
 python benchmarks/resolution_study.py --run 256=runs/moved/stage1-3600/final,runs/moved/eval-stage1-3600-test \
   --run 512=runs/res512/stage1/final,runs/res512/eval-stage1-test --run 512=runs/s128/stage1/final,runs/s128/eval-stage1-test \
   --out $R/resolution-study-stage1
