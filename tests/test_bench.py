@@ -350,6 +350,28 @@ def test_compile_with_warmup_0_is_noted(tmp_path, monkeypatch, capsys):
     assert "note: compile measured with --warmup 0" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("accuracy_at,measured", [("128", True), ("192", False)])
+def test_compile_accuracy_is_measured_at_a_timed_resolution_only(tmp_path, monkeypatch, accuracy_at, measured):
+    # on a CPU the compiled encoder is compared with the fp32 exact path at a resolution it was timed at (already
+    # compiled for that shape); another resolution would compile again, which takes minutes, so it is left out
+    from fastvlm.bench import suite
+
+    build = suite.build_variants
+    monkeypatch.setattr(suite, "build_variants", lambda base, modes, **k: {
+        m: build(base, ["fast" if m == "compile" else m])["fast" if m == "compile" else m] for m in modes})
+    argv = _tiny(tmp_path, "--resolutions", "128", "--dtypes", "fp32", "--warmup", "1",
+                 "--accuracy-resolution", accuracy_at)
+    argv[argv.index("--modes") + 1: argv.index("--modes") + 2] = ["exact", "compile"]
+    assert main(argv) == 0
+    with open(tmp_path / "t.json") as f:
+        report = json.load(f)
+    modes = {a["mode"] for a in report["accuracy"]}
+    assert modes == ({"exact", "compile"} if measured else {"exact"})
+    if measured:
+        row = next(a for a in report["accuracy"] if a["mode"] == "compile")
+        assert row["feature_cosine"] > 0.99999 and row["greedy_tokens_same"]
+
+
 def test_readme_modes_line_is_not_about_bench():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "README.md"), encoding="utf-8") as f:

@@ -290,8 +290,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                             report["notes"].append(note)
                     else:
                         for mode, v in variants.items():
-                            if mode == "compile" and device.type == "cpu":
-                                continue  # compiling here would double the run; compile accuracy is in the tests
+                            if mode == "compile" and device.type == "cpu" and acc_res not in resolutions:
+                                continue  # a shape not timed would compile again, minutes on a small CPU
                             v.activate()
                             row = {"model": name, "dtype": dname, "mode": mode, "resolution": acc_res,
                                    **suite.compare(suite.accuracy_probe(v.model, ids, px, cfg.accuracy_tokens), ref_probe)}
