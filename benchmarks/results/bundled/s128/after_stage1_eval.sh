@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# session 19, 18:10 UTC: stage 1 trains at about 1.1 steps/s here (55 min), so a stage 2 after it (60-66 min at
+# session 19, 18:09 UTC (first written as 18:10; the commit is at 18:09): stage 1 trains at about 1.1 steps/s here (55 min), so a stage 2 after it (60-66 min at
 # 512 px) would end minutes before the session does; it does not run in this session. This waits for stage 1 and
 # evaluates it, with the commands of commands.sh.
 cd /work/main

@@ -49,7 +49,7 @@ if [ ! -d "$OUT/stage1/final" ]; then
 fi
 # 18:01 UTC, during stage 1's feature cache: this file was edited while it ran (a comment line above grew), and bash
 # reads a script by byte offset, so the shell running it was stopped (the stage 1 process runs on).
-# 18:10 UTC, at stage 1's step 356 and before any evaluation of it: stage 1 trains at about 1.1 steps/s here (55 min
+# 18:09 UTC (first written as 18:10; the commit is at 18:09), at stage 1's step 356 and before any evaluation of it: stage 1 trains at about 1.1 steps/s here (55 min
 # in all), so the stage 2 below (60-66 min at 512 px) would end minutes before this session does. It does not run
 # in session 19; by the rule above the candidate is stage 1. after_stage1_eval.sh waits for stage 1 and evaluates
 # it with the commands at the end of this file. The stage 2 stays written for a later session.
