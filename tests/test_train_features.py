@@ -120,3 +120,44 @@ def test_threaded_cache_matches_serial(tmp_path, tok_dir):
     dset.skip_bad = False
     with pytest.raises(DataError, match=r"record 9 \(id 'cut'\)"):
         FeatureCache.build(vlm, [dset], batch_size=4, workers=3)
+
+
+def test_cache_on_disk_is_reused_and_keyed(tmp_path, tok_dir, caplog):
+    # data.feature_cache_dir: a second run (another seed, or a resumed one) loads the features instead of encoding,
+    # and trains exactly as with freshly encoded ones; another encoder or a changed image gets its own file
+    data = make_dataset(tmp_path / "data", 12, text_only=3)
+    cache_dir = tmp_path / "features"
+    first = train_in_process(_frozen_encoder_recipe(data, tok_dir, tmp_path / "a", cache_image_features=True,
+                                                    feature_cache_dir=str(cache_dir)))
+    files = sorted(cache_dir.iterdir())
+    assert len(files) == 1 and first["feature_cache"]["loaded"] is False
+    assert first["feature_cache"]["file"] == str(files[0])
+    with caplog.at_level("INFO", logger="fastvlm.train"):
+        second = train_in_process(_frozen_encoder_recipe(data, tok_dir, tmp_path / "b", cache_image_features=True,
+                                                         feature_cache_dir=str(cache_dir)))
+    assert second["feature_cache"]["loaded"] is True and second["feature_cache"]["images"] == 12
+    assert any("loaded the encoder features of 12 images" in r.getMessage() for r in caplog.records)
+    a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # another encoder (init seed): another key, another file
+    other = _frozen_encoder_recipe(data, tok_dir, tmp_path / "c", cache_image_features=True,
+                                   feature_cache_dir=str(cache_dir))
+    other["init"]["seed"] = 1
+    assert train_in_process(other)["feature_cache"]["loaded"] is False
+    assert len(list(cache_dir.iterdir())) == 2
+    # a touched image file changes the key too
+    img = os.path.join(data["root"], "images", "0.png")
+    os.utime(img, ns=(os.stat(img).st_atime_ns, os.stat(img).st_mtime_ns + 10**9))
+    assert train_in_process(_frozen_encoder_recipe(data, tok_dir, tmp_path / "d", cache_image_features=True,
+                                                   feature_cache_dir=str(cache_dir)))["feature_cache"]["loaded"] is False
+    # an unreadable cache file is encoded again and rewritten, with a warning, not a crash
+    newest = max(cache_dir.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    newest.write_bytes(b"not safetensors")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastvlm.train"):
+        again = train_in_process(_frozen_encoder_recipe(data, tok_dir, tmp_path / "e", cache_image_features=True,
+                                                        feature_cache_dir=str(cache_dir)))
+    assert again["feature_cache"]["loaded"] is False
+    assert any("is not a readable feature cache" in r.getMessage() for r in caplog.records)
+    assert load_file(str(newest))["features"].shape[0] == 12

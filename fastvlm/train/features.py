@@ -15,7 +15,10 @@ the model is wrapped).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence
@@ -62,11 +65,7 @@ class FeatureCache:
 
         if vlm.vision_tower.training or any(p.requires_grad for p in vlm.vision_tower.parameters()):
             raise ConfigError("data.cache_image_features needs a frozen encoder in eval mode")
-        first_use: dict[str, tuple[ConversationDataset, int]] = {}
-        for ds in datasets:
-            for i in range(len(ds)):
-                for p in ds.image_paths(i):
-                    first_use.setdefault(p, (ds, i))
+        first_use = first_uses(datasets)
         paths = list(first_use)
         if not paths:
             return cls(torch.zeros(0), {}, {})
@@ -133,6 +132,69 @@ class FeatureCache:
         return cls(features[:n].clone() if n < len(paths) else features, rows, failed, seconds)
 
 
+    # ------------------------------------------------------------------ on disk (data.feature_cache_dir)
+    def save(self, path: str, key: str) -> None:
+        """Write the cache atomically (temporary file, then rename) as safetensors; `key` is `cache_key`'s."""
+        from safetensors.torch import save_file
+
+        order = sorted(self.rows, key=self.rows.get)
+        meta = {"format": "pt", "key": key, "paths": json.dumps(order), "failed": json.dumps(self.failed),
+                "seconds": str(self.seconds)}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        save_file({"features": self.features[:len(order)].contiguous()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, key: str) -> "FeatureCache":
+        """The cache `save` wrote under the same `key`; DataError if the file is not that."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != key:
+                    raise DataError(f"{path} holds features of another encoder, image set or settings")
+                features = f.get_tensor("features")
+            paths = json.loads(meta["paths"])
+            failed = json.loads(meta["failed"])
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+            raise DataError(f"{path} is not a readable feature cache ({type(e).__name__}: {e})") from None
+        if features.shape[0] != len(paths):
+            raise DataError(f"{path}: {features.shape[0]} feature rows for {len(paths)} images")
+        return cls(features, {p: i for i, p in enumerate(paths)}, failed, float(meta.get("seconds", 0.0)))
+
+
+def first_uses(datasets: Sequence[ConversationDataset]) -> dict[str, tuple[ConversationDataset, int]]:
+    """Each distinct image path of the datasets, in order of first use, with the sample that first uses it."""
+    first_use: dict[str, tuple[ConversationDataset, int]] = {}
+    for ds in datasets:
+        for i in range(len(ds)):
+            for p in ds.image_paths(i):
+                first_use.setdefault(p, (ds, i))
+    return first_use
+
+
+def cache_key(vlm, datasets: Sequence[ConversationDataset], precision: str) -> str:
+    """What the cached features depend on, hashed: the encoder's weights, the preprocessing (resolution, aspect
+    handling), the precision they were computed in, and every image file (path, size and modification time)."""
+    h = hashlib.sha256()
+    for name, t in sorted(vlm.vision_tower.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    ref = datasets[0]
+    h.update(f"|{ref.image_size}|{ref.image_aspect_ratio}|{precision}|{ref.num_image_tokens}".encode())
+    for p in first_uses(datasets):
+        try:
+            st = os.stat(p)
+            h.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        except OSError:
+            h.update(f"|{p}|missing".encode())
+    return h.hexdigest()
+
+
 class CachedFeatureDataset:
     """A ConversationDataset whose samples carry cached ``image_features`` instead of pixels.
 
@@ -164,4 +226,4 @@ class CachedFeatureDataset:
                 "id": conv.id, "index": i}
 
 
-__all__ = ["CachedFeatureDataset", "FeatureCache"]
+__all__ = ["CachedFeatureDataset", "FeatureCache", "cache_key", "first_uses"]

@@ -28,6 +28,9 @@ Sections (every key is optional unless marked; unknown keys are errors):
                                          stored features (needs a frozen vision tower; memory: images x
                                          tokens x channels x 4 bytes, per process); images are
                                          decoded in num_workers threads while it is built
+      feature_cache_dir: null            keep that cache on disk here, keyed by a hash of the encoder's
+                                         weights, the preprocessing and the image files: a resumed
+                                         run, or another seed, loads it instead of encoding again
       add_missing_placeholder: false     a record with one image and no <image>: put one before its
                                          first question (counted and logged) instead of refusing it
     optim:
@@ -118,6 +121,7 @@ class DataSpec:
     num_workers: int = 2
     max_val_samples: Optional[int] = None
     cache_image_features: bool = False
+    feature_cache_dir: Optional[str] = None
     add_missing_placeholder: bool = False
 
 

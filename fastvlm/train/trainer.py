@@ -216,10 +216,29 @@ class Trainer:
 
         datasets = [d for d in (self.train_data, self.val_data) if d is not None]
         autocast = self.accelerator.autocast if self.mixed_precision != "no" else None
-        cache = FeatureCache.build(vlm, datasets, batch_size=self.recipe.train.per_device_batch_size,
-                                   autocast=autocast, progress=self.progress and self.is_main,
-                                   workers=self.recipe.data.num_workers)
+        cache, path, key = None, None, None
+        folder = self.recipe.data.feature_cache_dir
+        if folder:
+            from .features import cache_key
+
+            key = cache_key(vlm, datasets, self.mixed_precision)
+            path = os.path.join(folder, f"features-{key[:24]}.safetensors")
+            if os.path.exists(path):
+                try:
+                    cache = FeatureCache.load(path, key)
+                    logger.info("loaded the encoder features of %d images from %s", len(cache), path)
+                except DataError as e:  # unreadable: encode again and write it anew
+                    logger.warning("%s; encoding the images again", e)
+        loaded = cache is not None
+        if cache is None:
+            cache = FeatureCache.build(vlm, datasets, batch_size=self.recipe.train.per_device_batch_size,
+                                       autocast=autocast, progress=self.progress and self.is_main,
+                                       workers=self.recipe.data.num_workers)
+            if path is not None and self.is_main:
+                cache.save(path, key)
         self.feature_cache = {"images": len(cache), "seconds": round(cache.seconds, 1)}
+        if path is not None:
+            self.feature_cache.update(file=path, loaded=loaded)
         self.train_data = CachedFeatureDataset(self.train_data, cache)
         if self.val_data is not None:
             self.val_data = CachedFeatureDataset(self.val_data, cache)
