@@ -35,7 +35,7 @@ def extended_config(vision, depth: int, dim: int | None, mixer: str, image_size:
 
 def extend(state: dict, vision, depth: int = 1, dim: int | None = None, mixer: str = "attention",
            image_size: int | None = None, seed: int = 0):
-    """(new VisionConfig, state dict): `state`'s weights in an encoder with one more stage."""
+    """(new VisionConfig, state dict, tensors kept): `state`'s weights in an encoder with one more stage."""
     import torch
 
     from fastvlm.errors import ConfigError
@@ -48,6 +48,10 @@ def extend(state: dict, vision, depth: int = 1, dim: int | None = None, mixer: s
     if unknown:
         raise ConfigError(f"the encoder's weights do not fit a {len(vision.depths)}-stage FastViTHD of this config "
                           f"(first unknown key: {unknown[0]}); give the --config the encoder was made with")
+    missing = sorted(k for k in FastViTHD(vision).state_dict() if k not in state and not k.startswith("head."))
+    if missing:
+        raise ConfigError(f"the encoder's weights lack {len(missing)} of a {len(vision.depths)}-stage FastViTHD's "
+                          f"tensors (first: {missing[0]}); give the --config the encoder was made with")
     kept = 0
     for k, v in state.items():
         if k not in new:

@@ -78,6 +78,10 @@ def average_models(folders: list[Path], out: Path) -> None:
     for item in folders[0].iterdir():
         if item.is_file() and item.name != WEIGHTS:
             shutil.copy2(item, out / item.name)
+    if any((f / "train_form").is_dir() for f in folders):
+        # the multi-branch encoders (fastvlm.train.build.TRAIN_FORM_FILE) are not averaged: a stage started from
+        # the average trains its fused encoder
+        print(f"note: {out} has no train_form/ (the sources' multi-branch encoders are not averaged)", file=sys.stderr)
     tmp = out / (WEIGHTS + ".tmp")
     save_file(averaged, str(tmp), metadata={"format": "pt", "averaged_from": json.dumps([str(f) for f in folders])})
     tmp.replace(out / WEIGHTS)

@@ -84,3 +84,10 @@ def test_the_printed_settings_build_a_model_that_loads_the_file(bundled, tmp_pat
     assert set(got) == set(saved)
     for k, v in saved.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_an_encoder_missing_old_weights_is_refused(aes, bundled):
+    _, vision, state = bundled
+    partial = {k: v for k, v in state.items() if not k.startswith("network.10.")}
+    with pytest.raises(ConfigError, match=r"lack \d+ of a 5-stage FastViTHD's tensors \(first: network\.10\."):
+        aes.extend(partial, vision, image_size=512)

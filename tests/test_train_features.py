@@ -161,3 +161,24 @@ def test_cache_on_disk_is_reused_and_keyed(tmp_path, tok_dir, caplog):
     assert again["feature_cache"]["loaded"] is False
     assert any("is not a readable feature cache" in r.getMessage() for r in caplog.records)
     assert load_file(str(newest))["features"].shape[0] == 12
+
+
+def test_feature_cache_dir_needs_the_cache_and_skip_bad_changes_the_key(tmp_path, tok_dir):
+    from fastvlm.train.data import ConversationDataset
+    from fastvlm.train.features import cache_key
+
+    data = make_dataset(tmp_path / "data", 4)
+    recipe = _frozen_encoder_recipe(data, tok_dir, tmp_path / "out", feature_cache_dir=str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match="set data.cache_image_features: true too"):
+        recipe_from_dict(recipe)
+    # a cache built with --skip-bad may hold failed images: a run without it must not load it and skip them
+    from fastvlm.train.build import build_model
+
+    model = build_model(recipe_from_dict(_frozen_encoder_recipe(data, tok_dir, tmp_path / "o",
+                                                                cache_image_features=True)))
+    keys = []
+    for skip in (False, True):
+        ds = ConversationDataset(data["train"], data["root"], tokenizer=model.processor.tokenizer,
+                                 num_image_tokens=model.num_image_tokens, image_size=64, skip_bad=skip)
+        keys.append(cache_key(model, [ds], "no"))
+    assert keys[0] != keys[1]

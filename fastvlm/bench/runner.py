@@ -106,8 +106,9 @@ def settings_notes(cfg: BenchConfig) -> list[str]:
         notes.append("decode rate: not measured (null) with --new-tokens 1: the first token is the prefill's, "
                      "so a decode rate needs at least 2 generated tokens")
     if "compile" in cfg.modes and cfg.warmup == 0:
-        notes.append("compile measured with --warmup 0: its first timed run includes torch.compile's compilation, "
-                     "so its encode and TTFT figures are compile time, not inference; use --warmup 1 or more")
+        notes.append("compile measured with --warmup 0: its first timed run at each resolution includes "
+                     "torch.compile's compilation (unless the accuracy probe compiled that shape first), so its "
+                     "encode and TTFT figures may be compile time, not inference; use --warmup 1 or more")
     return notes
 
 

@@ -110,9 +110,13 @@ def use_train_form_encoder(model, path: str, train: bool) -> None:
 
     branches = FastViTHD(dataclasses.replace(model.config.vision, inference_mode=False),
                          attn_impl=model.vision_tower.attn_impl)
-    state = load_file(path)
-    expected = {k: tuple(v.shape) for k, v in branches.state_dict().items()}
-    check_keys(expected, state, source=f"{path} (encoder, train form)")
+    try:
+        state = load_file(path)
+        expected = {k: tuple(v.shape) for k, v in branches.state_dict().items()}
+        check_keys(expected, state, source=f"{path} (encoder, train form)")
+    except Exception as e:  # noqa: BLE001 - safetensors and check_keys raise their own types
+        raise ConfigError(f"{path} is not this model's multi-branch encoder ({e}); delete the train_form folder to "
+                          "train the fused encoder") from None
     branches.load_state_dict(state)
     fused = copy.deepcopy(branches).eval().reparameterize().state_dict()
     for k, v in model.vision_tower.state_dict().items():

@@ -142,8 +142,12 @@ class FeatureCache:
                 "seconds": str(self.seconds)}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
-        save_file({"features": self.features[:len(order)].contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
+        try:
+            save_file({"features": self.features[:len(order)].contiguous()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str, key: str) -> "FeatureCache":
@@ -179,13 +183,16 @@ def first_uses(datasets: Sequence[ConversationDataset]) -> dict[str, tuple[Conve
 
 def cache_key(vlm, datasets: Sequence[ConversationDataset], precision: str) -> str:
     """What the cached features depend on, hashed: the encoder's weights, the preprocessing (resolution, aspect
-    handling), the precision they were computed in, and every image file (path, size and modification time)."""
+    handling), the precision they were computed in, whether failed images may be skipped, and every image file
+    (path, size and modification time)."""
     h = hashlib.sha256()
     for name, t in sorted(vlm.vision_tower.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     ref = datasets[0]
-    h.update(f"|{ref.image_size}|{ref.image_aspect_ratio}|{precision}|{ref.num_image_tokens}".encode())
+    # with skip_bad a cache may hold failed images, which a run without it must not skip silently
+    skip_bad = any(d.skip_bad for d in datasets)
+    h.update(f"|{ref.image_size}|{ref.image_aspect_ratio}|{precision}|{ref.num_image_tokens}|{skip_bad}".encode())
     for p in first_uses(datasets):
         try:
             st = os.stat(p)

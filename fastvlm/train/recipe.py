@@ -300,6 +300,9 @@ class Recipe:
                 raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
             if not self.lora.target_modules:
                 raise ConfigError("lora.target_modules is empty")
+        if d.feature_cache_dir and not d.cache_image_features:
+            raise ConfigError("data.feature_cache_dir keeps the cache of data.cache_image_features on disk; set "
+                              "data.cache_image_features: true too, or leave feature_cache_dir null")
         if d.cache_image_features and self.trainable_modules()["vision_tower"]:
             raise ConfigError("data.cache_image_features needs a frozen vision tower (stage1, or "
                               "train.trainable.vision_tower: false): a training encoder changes its features")

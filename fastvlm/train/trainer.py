@@ -109,7 +109,8 @@ def deepspeed_config_problem(ds_config: dict, recipe) -> Optional[str]:
     micro = ds_config.get("train_micro_batch_size_per_gpu")
     if micro in (None, "auto"):
         return (f"the DeepSpeed config must set train_micro_batch_size_per_gpu to the recipe's "
-                f"train.per_device_batch_size ({recipe.train.per_device_batch_size}), not {micro!r}")
+                f"train.per_device_batch_size ({recipe.train.per_device_batch_size}), not {micro!r}: pass a "
+                "config file (accelerate launch --deepspeed_config_file fastvlm/recipes/ds_zero2.json) and set it there")
     if int(micro) != recipe.train.per_device_batch_size:
         return (f"the DeepSpeed config's train_micro_batch_size_per_gpu is {micro}, but the recipe's "
                 f"train.per_device_batch_size is {recipe.train.per_device_batch_size}: set them equal")
@@ -234,7 +235,7 @@ class Trainer:
             cache = FeatureCache.build(vlm, datasets, batch_size=self.recipe.train.per_device_batch_size,
                                        autocast=autocast, progress=self.progress and self.is_main,
                                        workers=self.recipe.data.num_workers)
-            if path is not None and self.is_main:
+            if path is not None and self.accelerator.is_local_main_process:  # one writer per machine
                 cache.save(path, key)
         self.feature_cache = {"images": len(cache), "seconds": round(cache.seconds, 1)}
         if path is not None:
