@@ -32,6 +32,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from fastvlm.bench.report import write_json
     from fastvlm.train.features import FeatureCache
 
     features = torch.randn(args.images, args.tokens, args.channels)
@@ -53,9 +54,7 @@ def main(argv=None) -> int:
            "write_s": round(write_s, 2), "load_s": round(load_s, 2),
            "load_and_read_all_s": round(read_s, 2), "machine": platform.processor() or platform.machine(),
            "torch": torch.__version__, "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(out, args.out)
     print(json.dumps(out, indent=1))
     return 0
 

@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output JSON")
     args = p.parse_args(argv)
 
+    from fastvlm.bench.report import write_json
     from fastvlm.train.data import _index_json_list
 
     def load():
@@ -49,9 +50,7 @@ def main(argv=None) -> int:
     out = {"file": args.path, "file_mb": round(os.path.getsize(args.path) / 1e6, 1), "records": n,
            "json_load": loaded, "index": indexed, "machine": platform.processor() or platform.machine(),
            "python": platform.python_version(), "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(out, args.out)
     print(json.dumps(out, indent=1))
     return 0
 

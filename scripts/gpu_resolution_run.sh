@@ -143,10 +143,10 @@ S128_FROM=${S128_FROM:-runs/res512/encoder-enc512.safetensors}
 s128() {
   $PY scripts/add_encoder_stage.py --encoder "$S128_FROM" --config $SHIPPED/config.json --image-size 512 \
     --out "$WORK/s128-init.safetensors" > "$WORK/s128-init.log" 2>&1 || { log "s128: init failed"; return; }
-  variant s128 512 "$WORK/s128-init.safetensors" --set "init.vision.depths=[1,1,2,1,1,1]" \
-    --set "init.vision.embed_dims=[32,64,128,128,256,256]" --set "init.vision.mlp_ratios=[3,3,3,3,3,3]" \
-    --set "init.vision.token_mixers=[repmixer,repmixer,repmixer,attention,attention,attention]" \
-    --set "init.vision.pos_embs=[false,false,false,true,true,true]"
+  local sets  # the encoder's recipe settings, as the script prints them (an array: no word splitting or globbing)
+  read -r -a sets <<< "$(sed -n 's/^recipe settings: //p' "$WORK/s128-init.log")"
+  [ ${#sets[@]} -gt 0 ] || { log "s128: no recipe settings in s128-init.log"; return; }
+  variant s128 512 "$WORK/s128-init.safetensors" "${sets[@]}"
 }
 for v in $VARIANTS; do
   case $v in

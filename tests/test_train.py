@@ -781,6 +781,13 @@ def test_multi_branch_encoder_carries_from_stage_to_stage(tmp_path, tok_dir):
     for k, v in model2.vision_tower.state_dict().items():
         torch.testing.assert_close(v, fused[k], msg=k)
 
+    # a stage that trains the encoder it fused from branches at load exports no (stale) branches
+    s2init = tiny_recipe(data, tok_dir, tmp_path / "s2init",
+                         init={"preset": "fastvlm-tiny", "seed": 0, "vision_tower": str(tmp_path / "branchy.safetensors"),
+                               "vision": {"image_size": 64, "inference_mode": True}})
+    train(recipe_from_dict(s2init), progress=False)
+    assert (tmp_path / "s2init" / "final").is_dir() and not (tmp_path / "s2init" / "final" / "train_form").exists()
+
     # branches that are not the checkpoint's encoder are refused, not trained from silently
     mixed = tmp_path / "mixed"
     shutil.copytree(final1, mixed)
@@ -821,13 +828,25 @@ def test_resolution_scaling_stage_trains_at_the_new_size(tmp_path, tok_dir):
     assert tuple(out["pixel_values"].shape[-2:]) == (128, 128)
 
 
-def test_bf16_with_gradient_checkpointing_matches_without_on_cpu(tmp_path, tok_dir):
+def test_bf16_with_gradient_checkpointing_matches_without_on_cpu(tmp_path, tok_dir, monkeypatch):
     # bf16 autocast on the CPU (as the synth recipes train), with gradient checkpointing of the LLM and the encoder:
     # recomputing activations must not change the training, so the two runs end with the same weights
     from safetensors.torch import load_file as load
 
+    from fastvlm.train import build
     from fastvlm.train.trainer import train
 
+    # what the trainer's models had switched on (a spy on the trainer's own call), so the second run did recompute
+    switched = []
+    enable = build.enable_gradient_checkpointing
+
+    def spy(model, recipe):
+        enable(model, recipe)
+        lm = model.language_model
+        switched.append((bool(getattr(lm, "is_activation_checkpointing", None) or lm.is_gradient_checkpointing),
+                         model.vision_tower.grad_checkpointing))
+
+    monkeypatch.setattr(build, "enable_gradient_checkpointing", spy)
     data = make_dataset(tmp_path / "data", 8)
     finals = []
     for ckpt in (False, True):
@@ -838,20 +857,11 @@ def test_bf16_with_gradient_checkpointing_matches_without_on_cpu(tmp_path, tok_d
         summary = train(recipe_from_dict(recipe), progress=False)
         assert summary["mixed_precision"] == "bf16" and summary["steps"] == 4
         finals.append(load(str(out / "final" / "model.safetensors")))
+    assert switched == [(False, False), (True, True)]
     for k, v in finals[0].items():
         torch.testing.assert_close(finals[1][k], v, rtol=0, atol=0, msg=k)
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "ckpt1" / "metrics.jsonl") if '"loss"' in line]
     assert len(losses) == 4 and all(np.isfinite(losses))
-    # and the second run did recompute: the recipe switches checkpointing on in both models
-    from fastvlm.train import build
-
-    recipe = recipe_from_dict(tiny_recipe(data, tok_dir, tmp_path / "x", train={
-        "gradient_checkpointing": True, "vision_gradient_checkpointing": True}))
-    model = build.build_model(recipe)
-    build.enable_gradient_checkpointing(model, recipe)
-    lm = model.language_model
-    assert getattr(lm, "is_activation_checkpointing", None) or lm.is_gradient_checkpointing
-    assert model.vision_tower.grad_checkpointing
 
 
 def test_frozen_random_encoder_is_warned_about(tok_dir, caplog):

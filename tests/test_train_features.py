@@ -165,7 +165,7 @@ def test_cache_on_disk_is_reused_and_keyed(tmp_path, tok_dir, caplog):
 
 def test_feature_cache_dir_needs_the_cache_and_skip_bad_changes_the_key(tmp_path, tok_dir):
     from fastvlm.train.data import ConversationDataset
-    from fastvlm.train.features import cache_key
+    from fastvlm.train.features import cache_key, first_uses
 
     data = make_dataset(tmp_path / "data", 4)
     recipe = _frozen_encoder_recipe(data, tok_dir, tmp_path / "out", feature_cache_dir=str(tmp_path / "f"))
@@ -180,5 +180,5 @@ def test_feature_cache_dir_needs_the_cache_and_skip_bad_changes_the_key(tmp_path
     for skip in (False, True):
         ds = ConversationDataset(data["train"], data["root"], tokenizer=model.processor.tokenizer,
                                  num_image_tokens=model.num_image_tokens, image_size=64, skip_bad=skip)
-        keys.append(cache_key(model, [ds], "no"))
+        keys.append(cache_key(model, [ds], "no", list(first_uses([ds]))))
     assert keys[0] != keys[1]

@@ -90,13 +90,12 @@ def encoder_weights(state: dict) -> dict:
 TRAIN_FORM_FILE = os.path.join("train_form", "vision_tower.safetensors")
 
 
-def train_form_encoder_state(model, encoder_trained: bool) -> Optional[dict]:
+def train_form_encoder_state(model) -> Optional[dict]:
     """The model's encoder in its multi-branch form, if it has one: its own weights while it is unfused, else
-    the multi-branch weights it was fused from at load, which still hold only if the encoder did not train."""
+    the multi-branch weights it was fused from at load (`build_model` keeps those only for a frozen encoder)."""
     if not model.config.vision.inference_mode:
         return {k: v.detach().cpu().clone() for k, v in model.vision_tower.state_dict().items()}
-    stash = getattr(model, "_train_form_encoder", None)
-    return stash if stash is not None and not encoder_trained else None
+    return getattr(model, "_train_form_encoder", None)
 
 
 def use_train_form_encoder(model, path: str, train: bool) -> None:
@@ -223,6 +222,8 @@ def build_model(recipe: Recipe):
         del lm
     if init.vision_tower is not None:
         _load_vision_weights(model, init.vision_tower)
+        if recipe.trainable_modules()["vision_tower"]:  # the branches it kept would be stale after training
+            model.__dict__.pop("_train_form_encoder", None)
     elif not recipe.trainable_modules()["vision_tower"]:
         logger.warning(
             "init.vision_tower is not set and this stage keeps the encoder frozen: it stays at its random "

@@ -58,14 +58,15 @@ class FeatureCache:
     @classmethod
     def build(cls, vlm, datasets: Sequence[ConversationDataset], *, batch_size: int,
               autocast: Optional[Callable[[], Any]] = None, progress: bool = False,
-              workers: int = 0) -> "FeatureCache":
+              workers: int = 0, first_use: Optional[dict] = None) -> "FeatureCache":
         """``workers`` > 1 decodes and preprocesses the images in that many threads (PIL releases the GIL
-        while it decodes and resizes), in the same order as one thread: the same features in the same rows."""
+        while it decodes and resizes), in the same order as one thread: the same features in the same rows.
+        ``first_use``: `first_uses(datasets)` when the caller has it already (it reads every record)."""
         from ..processing import load_image, preprocess_image
 
         if vlm.vision_tower.training or any(p.requires_grad for p in vlm.vision_tower.parameters()):
             raise ConfigError("data.cache_image_features needs a frozen encoder in eval mode")
-        first_use = first_uses(datasets)
+        first_use = first_uses(datasets) if first_use is None else first_use
         paths = list(first_use)
         if not paths:
             return cls(torch.zeros(0), {}, {})
@@ -157,15 +158,13 @@ class FeatureCache:
         try:
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("key") != key:
-                    raise DataError(f"{path} holds features of another encoder, image set or settings")
                 features = f.get_tensor("features")
             paths = json.loads(meta["paths"])
             failed = json.loads(meta["failed"])
-        except DataError:
-            raise
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file
             raise DataError(f"{path} is not a readable feature cache ({type(e).__name__}: {e})") from None
+        if meta.get("key") != key:
+            raise DataError(f"{path} holds features of another encoder, image set or settings")
         if features.shape[0] != len(paths):
             raise DataError(f"{path}: {features.shape[0]} feature rows for {len(paths)} images")
         return cls(features, {p: i for i, p in enumerate(paths)}, failed, float(meta.get("seconds", 0.0)))
@@ -181,10 +180,10 @@ def first_uses(datasets: Sequence[ConversationDataset]) -> dict[str, tuple[Conve
     return first_use
 
 
-def cache_key(vlm, datasets: Sequence[ConversationDataset], precision: str) -> str:
+def cache_key(vlm, datasets: Sequence[ConversationDataset], precision: str, paths: Sequence[str]) -> str:
     """What the cached features depend on, hashed: the encoder's weights, the preprocessing (resolution, aspect
     handling), the precision they were computed in, whether failed images may be skipped, and every image file
-    (path, size and modification time)."""
+    (path, size and modification time; ``paths`` is `first_uses(datasets)`'s keys)."""
     h = hashlib.sha256()
     for name, t in sorted(vlm.vision_tower.state_dict().items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -193,7 +192,7 @@ def cache_key(vlm, datasets: Sequence[ConversationDataset], precision: str) -> s
     # with skip_bad a cache may hold failed images, which a run without it must not skip silently
     skip_bad = any(d.skip_bad for d in datasets)
     h.update(f"|{ref.image_size}|{ref.image_aspect_ratio}|{precision}|{ref.num_image_tokens}|{skip_bad}".encode())
-    for p in first_uses(datasets):
+    for p in paths:
         try:
             st = os.stat(p)
             h.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())

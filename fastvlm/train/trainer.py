@@ -217,12 +217,13 @@ class Trainer:
 
         datasets = [d for d in (self.train_data, self.val_data) if d is not None]
         autocast = self.accelerator.autocast if self.mixed_precision != "no" else None
-        cache, path, key = None, None, None
+        cache, path, key, first_use = None, None, None, None
         folder = self.recipe.data.feature_cache_dir
         if folder:
-            from .features import cache_key
+            from .features import cache_key, first_uses
 
-            key = cache_key(vlm, datasets, self.mixed_precision)
+            first_use = first_uses(datasets)  # reads every record once, for the key and, if needed, the build
+            key = cache_key(vlm, datasets, self.mixed_precision, list(first_use))
             path = os.path.join(folder, f"features-{key[:24]}.safetensors")
             if os.path.exists(path):
                 try:
@@ -234,7 +235,7 @@ class Trainer:
         if cache is None:
             cache = FeatureCache.build(vlm, datasets, batch_size=self.recipe.train.per_device_batch_size,
                                        autocast=autocast, progress=self.progress and self.is_main,
-                                       workers=self.recipe.data.num_workers)
+                                       workers=self.recipe.data.num_workers, first_use=first_use)
             if path is not None and self.accelerator.is_local_main_process:  # one writer per machine
                 cache.save(path, key)
         self.feature_cache = {"images": len(cache), "seconds": round(cache.seconds, 1)}
@@ -455,7 +456,7 @@ class Trainer:
         if self.is_main:
             # the multi-branch encoder, if the model has one, goes beside the fused weights (final/train_form/),
             # where a later stage that trains the encoder picks it up (build.use_train_form_encoder)
-            train_form = build.train_form_encoder_state(vlm, self.recipe.trainable_modules()["vision_tower"])
+            train_form = build.train_form_encoder_state(vlm)
             vlm = build.merged_for_export(vlm)
             for layout, name in (("fastvlm", "final"), ("apple", "final_apple")):
                 if layout == "apple" and not self.recipe.output.export_apple:
