@@ -843,8 +843,8 @@ def test_bf16_with_gradient_checkpointing_matches_without_on_cpu(tmp_path, tok_d
     def spy(model, recipe):
         enable(model, recipe)
         lm = model.language_model
-        switched.append((bool(getattr(lm, "is_activation_checkpointing", None) or lm.is_gradient_checkpointing),
-                         model.vision_tower.grad_checkpointing))
+        on = lm.is_activation_checkpointing if hasattr(lm, "is_activation_checkpointing") else lm.is_gradient_checkpointing
+        switched.append((bool(on), model.vision_tower.grad_checkpointing))
 
     monkeypatch.setattr(build, "enable_gradient_checkpointing", spy)
     data = make_dataset(tmp_path / "data", 8)
