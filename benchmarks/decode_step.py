@@ -7,8 +7,10 @@ Each round times one step of every variant back to back, in an order rotated eve
 variant keeps its own KV cache, so all see the same context length), plus one pass of every
 weight matrix through the native matrix-vector kernel alone (the floor for any path that reads
 the weights once), plus the memory read bandwidth. Variants:
-  lean        the fast path: native matrix-vector kernels and, in bf16, Qwen2 decode steps as
-              three native calls per layer (fastvlm.kernels.decode_layer)
+  native      (bf16) the fast path's generation loop: the whole step, every layer, attention over a
+              preallocated KV cache and the LM head, as one native call (fastvlm.kernels.decode_model)
+  lean        native matrix-vector kernels and Qwen2 decode steps as three native calls per layer
+              (fastvlm.kernels.decode_layer) inside transformers' model, with its DynamicCache
   modules     transformers' decoder layers around the same native kernels (the fast path before
               the lean layers)
   torch       transformers' layers and PyTorch's matmuls (no native kernels)
@@ -30,7 +32,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("lean", "modules", "torch")
+VARIANTS = ("native", "lean", "modules", "torch")
 
 
 def _random_read_gbps(buf: torch.Tensor, repeats: int = 3) -> float:
@@ -59,6 +61,7 @@ def main() -> int:
     from fastvlm.bench.core import lm_decode_bytes, machine_info, read_bandwidth
     from fastvlm.generation import cache_argument
     from fastvlm.kernels.decode_layer import use_lean_decode_layers
+    from fastvlm.kernels.decode_model import NativeQwen2Decoder
 
     if not kernels.available(torch.bfloat16 if a.dtype == "bf16" else torch.float32):
         p.error(f"needs the native kernels: {kernels.status()}")
@@ -73,11 +76,12 @@ def main() -> int:
     lins = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
     xs = [torch.randn(1, 1, m.in_features).to(dtype) for m in lins]
 
-    variants = VARIANTS + tuple(f"lean@{n}B" for n in a.prefetch)
+    variants = tuple(v for v in VARIANTS if v != "native" or dtype == torch.bfloat16)
+    variants += tuple(f"lean@{n}B" for n in a.prefetch)
     default_pf = kernels.prefetch_bytes()
 
     def put(variant: str) -> None:
-        lean = variant.startswith("lean")
+        lean = variant.startswith(("lean", "native"))
         kernels.set_prefetch(int(variant[5:-1]) if variant.startswith("lean@") else default_pf)
         kernels.use_decode_kernels(lm, variant != "torch")
         use_lean_decode_layers(lm, lean)
@@ -95,6 +99,10 @@ def main() -> int:
             put(v)
             cache = DynamicCache()
             out = lm(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+            if v == "native":
+                native = NativeQwen2Decoder.for_model(lm, a.context + a.rounds + 2)
+                native.load_cache(cache, a.context)
+                cache = native
             state[v] = [cache, out.logits[:, -1].argmax(-1, keepdim=True), a.context]
         for r in range(a.rounds + 2):  # the first two rounds warm up
             bw = read_bandwidth(torch.device("cpu"), repeats=3)["gbps_median"]
@@ -104,8 +112,11 @@ def main() -> int:
                 put(v)
                 cache, tok, pos = state[v]
                 t = time.perf_counter()
-                out = lm(input_ids=tok, position_ids=torch.tensor([[pos]]), use_cache=True, **{kw: cache})
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                if v == "native":
+                    tok = cache.step(int(tok), pos).argmax(-1, keepdim=True)
+                else:
+                    out = lm(input_ids=tok, position_ids=torch.tensor([[pos]]), use_cache=True, **{kw: cache})
+                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
                 dt = time.perf_counter() - t
                 state[v][1:] = [tok, pos + 1]
                 tokens[v].append(int(tok))

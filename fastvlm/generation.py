@@ -138,6 +138,20 @@ def use_packed_gqa_attention(language_model, enabled: bool = True) -> bool:
     return enabled
 
 
+def native_decoder(language_model, capacity: int):
+    """The native whole-step decoder (`fastvlm.kernels.decode_model`) for a batch-1 generation of up to
+    `capacity` tokens where the language model's layers are lean (the `fast` mode in bf16 on AVX512-BF16
+    CPUs); None otherwise, and then transformers' model and DynamicCache take the steps."""
+    from .kernels.decode_layer import LeanQwen2DecoderLayer
+
+    layers = getattr(getattr(language_model, "model", None), "layers", None)
+    if not layers or not all(type(layer) is LeanQwen2DecoderLayer for layer in layers):
+        return None  # checked first: in every other mode nothing here loads or builds the kernels
+    from .kernels.decode_model import NativeQwen2Decoder
+
+    return NativeQwen2Decoder.for_model(language_model, capacity)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -255,6 +269,12 @@ def generate_steps(
         **{cache_kw: cache},
     )
     logits = out.logits[:, -1, :].float()
+    native = None
+    if batch == 1 and device.type == "cpu" and bool(attention_mask.all()):
+        native = native_decoder(model.language_model, input_ids.shape[1] + params.max_new_tokens)
+        if native is not None:
+            native.load_cache(cache, input_ids.shape[1])
+            cache = None  # the decoder's buffers hold it from here on
     # token history for the repetition penalty: the prompt's text ids (images and padding excluded)
     history = input_ids.masked_fill((input_ids < 0) | (attention_mask == 0), 0) if params.repetition_penalty != 1.0 else None
     if history is not None:
@@ -276,16 +296,20 @@ def generate_steps(
         yield next_tokens, finished, timings
         if bool(finished.all()) or step == params.max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=attention_mask.dtype, device=device)], 1)
-        out = model.language_model(
-            input_ids=next_tokens.unsqueeze(1),
-            attention_mask=attention_mask,
-            position_ids=next_pos.unsqueeze(1),
-            use_cache=True,
-            **{cache_kw: cache},
-        )
+        if native is not None:
+            logits = native.step(int(next_tokens[0]), int(next_pos[0]))
+        else:
+            attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=attention_mask.dtype,
+                                                                   device=device)], 1)
+            out = model.language_model(
+                input_ids=next_tokens.unsqueeze(1),
+                attention_mask=attention_mask,
+                position_ids=next_pos.unsqueeze(1),
+                use_cache=True,
+                **{cache_kw: cache},
+            )
+            logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
-        logits = out.logits[:, -1, :].float()
         if history is not None:
             history = torch.cat([history, next_tokens.unsqueeze(1)], 1)
             logits = apply_repetition_penalty(logits, history, params.repetition_penalty)

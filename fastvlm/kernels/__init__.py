@@ -134,7 +134,9 @@ def load() -> Optional[ctypes.CDLL]:
                             ("fastvlm_gemv_bf16", [P] * 4 + [L, L, N]),
                             ("fastvlm_qwen2_attn_in_bf16", [P, P, F] + [P] * 8 + [L] * 4 + [P, P, N]),
                             ("fastvlm_qwen2_attn_out_bf16", [P, P, P, L, P, F, L, P, P, N]),
-                            ("fastvlm_qwen2_mlp_bf16", [P] * 5 + [L, L, P, P, N])):
+                            ("fastvlm_qwen2_mlp_bf16", [P] * 5 + [L, L, P, P, N]),
+                            ("fastvlm_qwen2_step_bf16", [P, P, P] + [L] * 6 + [P, P, F, P, P, L, L, P, F, P, L]
+                             + [P, P, P, N])):
                         getattr(lib, name).argtypes = args
                         getattr(lib, name).restype = None
             except (OSError, subprocess.SubprocessError, AttributeError) as e:

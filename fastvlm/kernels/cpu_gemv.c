@@ -181,6 +181,98 @@ void fastvlm_qwen2_mlp_bf16(const uint16_t *x1, const uint16_t *h, const uint16_
         for (int64_t o = 0; o < H; o++) out[o] = f32_to_bf16(bf(x1[o]) + rnd(dot_bf16(Wd + o * I, gu, I)));
     }
 }
+/* ---- a whole Qwen2 decode step (batch 1, one new token) in one call ----
+ * The same arithmetic as the three calls above, for every layer in turn, inside one OpenMP
+ * region, plus what they leave to PyTorch: the KV cache write, single-query attention, the final
+ * RMSNorm and the LM head. Going through the Python layers cost about 6 ms of a 44 ms 0.5B step
+ * on the 2-core Xeon (~250 us per layer of small PyTorch ops, cache concatenation and calls).
+ *
+ * P: 12 pointers per layer (input norm, Wq, bq, Wk, bk, Wv, bv, Wo, post-attention norm, Wg,
+ * Wu, Wd; a missing bias is NULL); eps: the two norms' epsilons per layer.
+ * kcache/vcache: [L][nkv][cap][D] bf16; positions 0..n-1 hold the context, this step writes n.
+ * Attention follows PyTorch's CPU flash kernel for bf16: q.k in fp32, scaled, softmax in fp32
+ * with the exponentials rounded to bf16 for the product with V, the sum taken unrounded, the
+ * output divided once and rounded. logits[V]: the LM head's bf16 outputs, widened to fp32.
+ * buf: bf16 scratch of 3H + (2nq + 2nkv)D + 2I; fbuf: fp32 scratch of nq * cap. */
+void fastvlm_qwen2_step_bf16(const uint16_t *emb, const uint16_t *const *P, const float *eps, int64_t L,
+                             int64_t H, int64_t I, int64_t nq, int64_t nkv, int64_t D,
+                             const uint16_t *cosv, const uint16_t *sinv, float scaling,
+                             uint16_t *kcache, uint16_t *vcache, int64_t cap, int64_t n,
+                             const uint16_t *norm_w, float norm_eps, const uint16_t *Wlm, int64_t V,
+                             uint16_t *buf, float *fbuf, float *logits, int nthreads) {
+    uint16_t *x = buf, *h = x + H, *x1 = h + H, *qkv = x1 + H, *attn = qkv + (nq + 2 * nkv) * D;
+    uint16_t *gu = attn + nq * D;
+    const int64_t rows = (nq + 2 * nkv) * D, half = D / 2, G = nq / nkv, T = n + 1, A = nq * D;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp single
+        memcpy(x, emb, (size_t)H * sizeof(uint16_t));
+        for (int64_t l = 0; l < L; l++) {
+            const uint16_t *const *p = P + 12 * l;
+            uint16_t *kc = kcache + l * nkv * cap * D, *vc = vcache + l * nkv * cap * D;
+            const uint16_t *W[3] = {p[1], p[3], p[5]}, *B[3] = {p[2], p[4], p[6]};
+            const int64_t O[3] = {nq * D, nkv * D, nkv * D};
+#pragma omp single
+            rms_apply(x, p[0], rms_inv(x, H, eps[2 * l]), h, H);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) qkv[r] = f32_to_bf16(stacked_row(r, W, B, O, h, H));
+            /* rotary on the q and k heads; the new k and v go to the cache at position n */
+#pragma omp for schedule(static)
+            for (int64_t head = 0; head < nq + 2 * nkv; head++) {
+                uint16_t *v = qkv + head * D;
+                if (head < nq + nkv) {
+                    uint16_t tmp[512];
+                    for (int64_t j = 0; j < D; j++) {
+                        float rot = j < half ? -bf(v[j + half]) : bf(v[j - half]);
+                        tmp[j] = f32_to_bf16(rnd(bf(v[j]) * bf(cosv[j])) + rnd(rot * bf(sinv[j])));
+                    }
+                    memcpy(v, tmp, (size_t)D * sizeof(uint16_t));
+                    if (head >= nq) memcpy(kc + ((head - nq) * cap + n) * D, v, (size_t)D * sizeof(uint16_t));
+                } else {
+                    memcpy(vc + ((head - nq - nkv) * cap + n) * D, v, (size_t)D * sizeof(uint16_t));
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t hq = 0; hq < nq; hq++) {
+                const uint16_t *q = qkv + hq * D, *K = kc + (hq / G) * cap * D, *Vv = vc + (hq / G) * cap * D;
+                float *s = fbuf + hq * cap, m = -INFINITY, sum = 0.0f, acc[512];
+                for (int64_t t = 0; t < T; t++) {
+                    s[t] = dot_bf16(K + t * D, q, D) * scaling;
+                    if (s[t] > m) m = s[t];
+                }
+                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+                for (int64_t t = 0; t < T; t++) {
+                    const float e = expf(s[t] - m), pe = rnd(e);
+                    const uint16_t *vr = Vv + t * D;
+                    sum += e;
+                    for (int64_t d = 0; d < D; d++) acc[d] += pe * bf(vr[d]);
+                }
+                for (int64_t d = 0; d < D; d++) attn[hq * D + d] = f32_to_bf16(acc[d] / sum);
+            }
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < H; o++) x1[o] = f32_to_bf16(bf(x[o]) + rnd(dot_bf16(p[7] + o * A, attn, A)));
+#pragma omp single
+            rms_apply(x1, p[8], rms_inv(x1, H, eps[2 * l + 1]), h, H);
+            {
+                const uint16_t *Wm[2] = {p[9], p[10]}, *Bm[2] = {0, 0};
+                const int64_t Om[2] = {I, I};
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < 2 * I; r++) gu[r] = f32_to_bf16(stacked_row(r, Wm, Bm, Om, h, H));
+            }
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < I; i++) {
+                float g = bf(gu[i]);
+                gu[i] = f32_to_bf16(rnd(g / (1.0f + expf(-g))) * bf(gu[I + i]));
+            }
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < H; o++) x[o] = f32_to_bf16(bf(x1[o]) + rnd(dot_bf16(p[11] + o * I, gu, I)));
+        }
+#pragma omp single
+        rms_apply(x, norm_w, rms_inv(x, H, norm_eps), h, H);
+#pragma omp for schedule(static)
+        for (int64_t v = 0; v < V; v++) logits[v] = rnd(dot_bf16(Wlm + v * H, h, H));
+    }
+}
 #endif
 
 void fastvlm_gemv_f32(const float *W, const float *x, const float *b, float *y,

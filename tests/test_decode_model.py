@@ -1,0 +1,164 @@
+"""The native whole-model decode step (fastvlm.kernels.decode_model): as accurate as transformers' bf16
+modules against an fp32 reference, the same greedy tokens, the same cache, used by `generate` exactly
+where it applies, and clear errors at its limits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from fastvlm import kernels
+from fastvlm.generation import native_decoder
+from fastvlm.kernels.decode_layer import use_lean_decode_layers
+from fastvlm.kernels.decode_model import NativeQwen2Decoder
+from test_decode_layer import KW, decode, lm
+
+pytestmark = pytest.mark.skipif(not kernels.available(torch.bfloat16), reason=kernels.status())
+
+
+@torch.inference_mode()
+def native_decode(model, ids, steps, scaling=None):
+    """Greedy decode with the native step after a prefill through the lean model; per step the logits."""
+    assert use_lean_decode_layers(model, True) == len(model.model.layers)
+    cache = DynamicCache()
+    out = model(input_ids=ids, use_cache=True, **{KW: cache}, logits_to_keep=1)
+    dec = NativeQwen2Decoder.for_model(model, ids.shape[1] + steps)
+    assert dec is not None
+    if scaling is not None:
+        dec.scaling = scaling
+    dec.load_cache(cache, ids.shape[1])
+    tok = int(out.logits[0, -1].argmax())
+    logits, toks = [], []
+    for i in range(steps):
+        toks.append(tok)
+        step_logits = dec.step(tok, ids.shape[1] + i)
+        assert step_logits.shape == (1, model.config.vocab_size) and step_logits.dtype == torch.float32
+        logits.append(step_logits[0])
+        tok = int(step_logits[0].argmax())
+    return torch.stack(logits), toks, dec
+
+
+@torch.inference_mode()
+def fp32_logits(model, ids, toks):
+    """The fp32 model's logits after each of `toks`, teacher-forced (one forward, no cache)."""
+    m32 = copy.deepcopy(model).float()
+    use_lean_decode_layers(m32, False)
+    full = torch.cat([ids, torch.tensor([toks])], 1)
+    return m32(input_ids=full).logits[0, ids.shape[1]:].float()
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_native_steps_are_as_accurate_as_the_modules(head_dim):
+    model = lm(head_dim)
+    ids = torch.randint(0, 300, (1, 23), generator=torch.Generator().manual_seed(1))
+    steps = 16
+    mod_logits, mod_toks, mod_cache = decode(model, ids, steps, lean=False)  # transformers' bf16 modules
+    got_logits, got_toks, dec = native_decode(model, ids, steps)
+    assert got_toks == mod_toks
+    ref = fp32_logits(model, ids, got_toks)
+    scale = ref.abs().max()
+    err_native = ((got_logits - ref).abs().max() / scale).item()
+    err_modules = ((mod_logits - ref).abs().max() / scale).item()
+    err_between = ((got_logits - mod_logits).abs().max() / scale).item()
+    print(f"\nhead_dim {head_dim}: max logit error against fp32 {err_native:.2e} (native) and "
+          f"{err_modules:.2e} (transformers' bf16 modules); {err_between:.2e} between them")
+    assert err_native <= 1.5 * err_modules + 2e-3, (err_native, err_modules)
+    assert err_between < 4e-2
+    # the cache: the prefill's positions copied, each step's rotated key and value appended
+    assert dec.length == ids.shape[1] + steps
+    for layer in range(3):
+        keys, values = mod_cache.layers[layer].keys[0], mod_cache.layers[layer].values[0]
+        n = keys.shape[1]
+        assert n == ids.shape[1] + steps
+        for a, b in ((dec.keys[layer, :, :n], keys), (dec.values[layer, :, :n], values)):
+            assert torch.equal(a[:, :ids.shape[1]], b[:, :ids.shape[1]])
+            tol = 2e-2 if layer else 1e-2  # layer 0's step inputs are the token embeddings themselves
+            assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+
+
+def test_a_wrong_attention_would_be_caught():
+    """The accuracy bound above is sharp enough to see a mistake in the native attention: the same
+    steps with the softmax scale off by a factor of 2 fail it."""
+    model = lm(32)
+    ids = torch.randint(0, 300, (1, 23), generator=torch.Generator().manual_seed(1))
+    mod_logits, mod_toks, _ = decode(model, ids, 6, lean=False)
+    right, toks, dec = native_decode(model, ids, 6)
+    wrong, wrong_toks, _ = native_decode(model, ids, 6, scaling=2 * dec.scaling)
+    ref = fp32_logits(model, ids, toks)
+    ref_wrong = fp32_logits(model, ids, wrong_toks)
+    scale = ref.abs().max()
+    err_modules = (mod_logits - ref).abs().max() / scale
+    assert (right - ref).abs().max() / scale <= 1.5 * err_modules + 2e-3
+    assert (wrong - ref_wrong).abs().max() / ref_wrong.abs().max() > 1.5 * err_modules + 2e-3
+
+
+def test_only_lean_bf16_models_get_a_native_decoder():
+    model = lm(32)
+    use_lean_decode_layers(model, False)
+    assert native_decoder(model, 64) is None  # plain transformers layers (the exact mode)
+    use_lean_decode_layers(model, True)
+    assert isinstance(native_decoder(model, 64), NativeQwen2Decoder)
+    m32 = copy.deepcopy(model).float()  # fp32: not lean
+    assert use_lean_decode_layers(m32, True) == 0 and native_decoder(m32, 64) is None
+    biased = copy.deepcopy(model)
+    biased.lm_head.bias = torch.nn.Parameter(torch.zeros(300, dtype=torch.bfloat16))
+    assert native_decoder(biased, 64) is None
+    scaled = copy.deepcopy(model)
+    scaled.model.rotary_emb.rope_type = "dynamic"
+    assert native_decoder(scaled, 64) is None
+
+
+def test_limits_are_clear_errors():
+    model = lm(32)
+    ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(1))
+    use_lean_decode_layers(model, True)
+    with torch.inference_mode():
+        cache = DynamicCache()
+        model(input_ids=ids, use_cache=True, **{KW: cache})
+        dec = NativeQwen2Decoder.for_model(model, 6)
+        with pytest.raises(ValueError, match="holds 5 tokens, more than this decoder.s capacity of 4"):
+            NativeQwen2Decoder.for_model(model, 4).load_cache(cache, 5)
+        dec.load_cache(cache, 5)
+        with pytest.raises(ValueError, match="token id 300 is outside the vocabulary of 300"):
+            dec.step(300, 5)
+        dec.step(7, 5)
+        with pytest.raises(ValueError, match="decoder full: 6 tokens cached, capacity 6"):
+            dec.step(7, 6)
+
+
+def test_generate_takes_native_steps_where_they_apply(monkeypatch):
+    """A batch-1 bf16 `fast` generation decodes with the native step (one call per token after the first)
+    and yields the tokens the transformers loop yields; batches, padding and the exact mode keep that loop."""
+    from fastvlm import generation
+    from test_fast_paths import build, inputs
+
+    calls = []
+    real_step = NativeQwen2Decoder.step
+
+    def spy(self, token, position):
+        calls.append(position)
+        return real_step(self, token, position)
+
+    monkeypatch.setattr(NativeQwen2Decoder, "step", spy)
+    model = build(torch.bfloat16).optimize_for_inference("fast")
+    ids, px = inputs(model)
+    with torch.inference_mode():
+        native = model.generate(ids, pixel_values=px, max_new_tokens=10, eos_token_id=[])
+        assert calls == list(range(ids.shape[1], ids.shape[1] + 9))  # 9 steps after the prefill's token
+        with monkeypatch.context() as m:
+            m.setattr(generation, "native_decoder", lambda lm, capacity: None)
+            loop = model.generate(ids, pixel_values=px, max_new_tokens=10, eos_token_id=[])
+        assert native.tolist() == loop.tolist()
+        calls.clear()
+        ids2, px2 = inputs(model, batch=2)
+        model.generate(ids2.expand(2, -1), pixel_values=px2, max_new_tokens=4, eos_token_id=[])
+        padded = torch.ones(1, ids.shape[1] + 1, dtype=torch.long)
+        padded[0, 0] = 0
+        model.generate(torch.cat([torch.tensor([[0]]), ids], 1), attention_mask=padded, pixel_values=px,
+                       max_new_tokens=4, eos_token_id=[])
+        model.optimize_for_inference("exact")
+        model.generate(ids, pixel_values=px, max_new_tokens=4, eos_token_id=[])
+    assert calls == []
