@@ -2,7 +2,7 @@
 # The CPU benchmark behind benchmarks/results/README.md (run from the repository root).
 #   bash benchmarks/run_cpu.sh            # everything below, one step after the other
 #   bash benchmarks/run_cpu.sh main       # one step: profile | grouped | onednn | main | fresh | paired | decode |
-#                                         #   prefetch | prefetch-fine | plan | train-alloc | sweep | 1.5b | 7b
+#                                         #   prefetch | prefetch-fine | plan | native | train-alloc | sweep | 1.5b | 7b
 # On a shared machine every timed run first waits (up to QUIET_WAIT s) for the CPUs to go idle;
 # the waits and the load average are recorded in each JSON. SUFFIX names another machine's files:
 #   SUFFIX=-intel bash benchmarks/run_cpu.sh main     # writes bench-0.5b-cpu-intel.json (the AMX Xeon's runs)
@@ -13,7 +13,7 @@ S=${SUFFIX:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 step() { [ "${1}" = "${WHICH}" ] || [ "${WHICH}" = all ]; }
 WHICH=${1:-all}
-STEPS="profile grouped onednn main fresh paired decode prefetch prefetch-fine plan train-alloc sweep 1.5b 7b"
+STEPS="profile grouped onednn main fresh paired decode prefetch prefetch-fine plan native train-alloc sweep 1.5b 7b"
 case " all $STEPS " in
   *" $WHICH "*) ;;
   *) echo "run_cpu.sh: unknown step '$WHICH'; steps: $STEPS (or none for all)" >&2; exit 2 ;;
@@ -69,6 +69,12 @@ step prefetch-fine && python benchmarks/decode_step.py --rounds 16 --prefetch 51
 # the lean decode layers' per-layer plans (session 12) against the layers before them (45b6670), interleaved:
 # the 0.5B step, and the same 24 layers with tiny weights (per-step overhead alone)
 step plan && python benchmarks/decode_ab.py --ref 45b6670 --rounds 12 --steps 4 --out "$OUT/decode-ab-plan-cpu$S.json"
+
+# the whole bf16 decode step as one native call with a preallocated KV cache (session 20): one step of each path,
+# interleaved, twice; then whole generations, the native loop against transformers' loop with the lean layers
+step native && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-step-cpu-bf16-native$S.json" \
+    && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-step-cpu-bf16-native-2$S.json" \
+    && python benchmarks/decode_loop_ab.py --rounds 10 --out "$OUT/decode-loop-ab-cpu$S.json"
 
 # CPU training with and without glibc allocator tuning, alternated (needs the bundled model's data:
 # scripts/train_bundled_model.sh step 1, or DATA=folder)

@@ -147,6 +147,12 @@ def main() -> int:
     # the same runs on a second CPU (SUFFIX=-intel bash benchmarks/run_cpu.sh ...) follow the first's
     sections += [(n.replace(".json", "-intel.json"), t.replace("CPU", "CPU (Intel Xeon with AMX)"), f)
                  for n, t, f in sections if "-cpu" in n]
+    sections += [
+        ("bench-0.5b-cpu-intel-native.json", "0.5B architecture at 1024 px, CPU (Intel Xeon with AMX), "
+         "with the native decode loop (session 20, a busy day on this machine)", [main_table, accuracy_table]),
+        ("bench-0.5b-cpu-bf16-paired-intel-native.json", "0.5B at 1024 px, CPU (Intel Xeon with AMX) bf16, paired "
+         "decode, with the native decode loop (session 20)", [main_table]),
+    ]
     for name, title, fns in sections:
         r = load(d, name)
         if r is None:
@@ -171,6 +177,20 @@ def main() -> int:
         for v, row in r["variants"].items():
             print(f"| {v} | {row['step_ms_median']:.1f} | {row['tokens_per_s']:.1f} | "
                   f"{100 * row['fraction_of_bound_paired']:.0f}% |")
+        print()
+    for name in sorted(f for f in os.listdir(d) if f.startswith("decode-loop-ab") and f.endswith(".json")):
+        r = load(d, name)
+        bw = sorted(r["read_bandwidth_gbps_per_round"])
+        ratio = sorted(r["native_over_layers_per_round"])
+        print(f"### Whole generations, native decode loop against transformers' loop, interleaved (`{name}`)\n")
+        print(f"{r['machine'].get('cpu_model', '')}, {r['machine']['threads']} threads, torch {r['machine'].get('torch')}; "
+              f"{r['preset']} {r['dtype']}, {r['context']}-token prompt, {r['new_tokens']} new tokens, {r['rounds']} "
+              f"rounds; read bandwidth {bw[0]}-{bw[-1]} GB/s; native / layers per round {ratio[0]}-{ratio[-1]} "
+              f"(median {ratio[len(ratio) // 2]}); greedy tokens the same: {r['same_greedy_tokens']} of {r['greedy_tokens']}\n")
+        print("Command: `" + r["command"] + "`\n")
+        print("| loop | decode tokens/s (median) | of the paired bandwidth bound |\n|---|---|---|")
+        for v, row in r["variants"].items():
+            print(f"| {v} | {row['decode_tokens_per_s_median']:.1f} | {100 * row['fraction_of_bound_paired']:.0f}% |")
         print()
     for name in ("profile-cpu.json", "profile-cpu-default-allocator.json", "profile-cpu-intel.json",
                  "profile-cpu-default-allocator-intel.json"):

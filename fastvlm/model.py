@@ -298,7 +298,9 @@ class FastVLM(nn.Module):
         and, on CPUs, a faster single-query GQA attention for decode steps
         (`generation.use_packed_gqa_attention`) plus, on AVX-512 CPUs with a C compiler,
         native matrix-vector kernels for batch-1 decoding (`fastvlm.kernels`) and, in bf16,
-        Qwen2 decode steps as three native calls per layer (`fastvlm.kernels.decode_layer`).
+        Qwen2 decode steps as three native calls per layer (`fastvlm.kernels.decode_layer`), which
+        `generate` runs for batch-1 requests as one native call per token over a preallocated KV
+        cache (`fastvlm.kernels.decode_model`).
         compile: also `torch.compile` the fused encoder (inductor with weight freezing; the
         first call per input shape compiles, which takes minutes on a small CPU).
         quantize "int8": int8 dynamic quantization of the language model's linear layers
@@ -344,6 +346,10 @@ class FastVLM(nn.Module):
             "decode_kernels": bool(decode_kernels) and n_kernels > 0,
             "decode_attention": "packed-gqa sdpa" if packed_gqa else "sdpa",
             "decode_layers": "native bf16 steps" if n_lean else "transformers",
+            # generation.native_decoder: the whole step as one call, where every layer is lean
+            "decode_loop": ("native whole-model step, preallocated KV cache (batch 1)"
+                            if n_lean and n_lean == len(getattr(getattr(self.language_model, "model", None),
+                                                                "layers", ())) else "transformers"),
         }
         return self
 

@@ -144,6 +144,7 @@ def test_generate_takes_native_steps_where_they_apply(monkeypatch):
 
     monkeypatch.setattr(NativeQwen2Decoder, "step", spy)
     model = build(torch.bfloat16).optimize_for_inference("fast")
+    assert model.inference_settings["decode_loop"].startswith("native whole-model step")
     ids, px = inputs(model)
     with torch.inference_mode():
         native = model.generate(ids, pixel_values=px, max_new_tokens=10, eos_token_id=[])
@@ -160,5 +161,6 @@ def test_generate_takes_native_steps_where_they_apply(monkeypatch):
         model.generate(torch.cat([torch.tensor([[0]]), ids], 1), attention_mask=padded, pixel_values=px,
                        max_new_tokens=4, eos_token_id=[])
         model.optimize_for_inference("exact")
+        assert model.inference_settings["decode_loop"] == "transformers"
         model.generate(ids, pixel_values=px, max_new_tokens=4, eos_token_id=[])
     assert calls == []

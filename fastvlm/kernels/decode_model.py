@@ -71,8 +71,9 @@ class NativeQwen2Decoder:
         cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.bfloat16), positions)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         shape = (self.L, self.nkv, self.capacity, self.D)
-        self.keys = torch.zeros(shape, dtype=torch.bfloat16)
-        self.values = torch.zeros(shape, dtype=torch.bfloat16)
+        # uninitialised: a step reads positions 0..length only, all written by load_cache or a step
+        self.keys = torch.empty(shape, dtype=torch.bfloat16)
+        self.values = torch.empty(shape, dtype=torch.bfloat16)
         self.length = 0  # tokens in the cache
         self._buf = torch.empty(3 * self.H + (2 * self.nq + 2 * self.nkv) * self.D + 2 * self.I, dtype=torch.bfloat16)
         self._fbuf = torch.empty(self.nq * self.capacity, dtype=torch.float32)
@@ -86,8 +87,11 @@ class NativeQwen2Decoder:
         layers = getattr(base, "layers", None)
         if load() is None or not layers or getattr(lm, "lm_head", None) is None:
             return None
-        if not all(type(layer) is LeanQwen2DecoderLayer and _plan_for(layer) is not None for layer in layers):
+        if not all(type(layer) is LeanQwen2DecoderLayer for layer in layers):
             return None
+        plans = [_plan_for(layer) for layer in layers]
+        if any(p is None for p in plans) or len({(p.H, p.inter, p.nq, p.nkv, p.D, p.scaling) for p in plans}) != 1:
+            return None  # every layer must qualify, all of one shape (the native step loops over them as such)
         rotary = getattr(base, "rotary_emb", None)
         if rotary is None or getattr(rotary, "rope_type", "default") != "default":
             return None
@@ -96,7 +100,7 @@ class NativeQwen2Decoder:
         if (getattr(head, "bias", None) is not None or norm is None
                 or not all(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
                            and t.is_contiguous() for t in tensors)
-                or tensors[0].shape[1] != tensors[2].shape[1]):
+                or not tensors[0].shape[1] == tensors[2].shape[1] == tensors[1].shape[0] == plans[0].H):
             return None
         return cls(lm, capacity)
 

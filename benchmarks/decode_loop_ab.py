@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Interleaved A/B of whole generations: the native decode loop against transformers' loop with lean layers.
+
+  python benchmarks/decode_loop_ab.py --out benchmarks/results/decode-loop-ab-cpu-intel.json
+
+Both variants are `model.generate` on the same bf16 model in the fast mode, batch 1, the same
+prompt (random token ids, --context of them; decode speed does not depend on an image), greedy,
+--new-tokens tokens with no end token:
+  native   what `generate` does now: after the prefill, one native call per token over a KV cache
+           allocated for the whole generation (fastvlm.kernels.decode_model), setup included;
+  layers   the same with the native loop switched off: transformers' model and DynamicCache, each
+           layer's step as three native calls (fastvlm.kernels.decode_layer).
+Each round runs both, in an order that alternates every round, with the memory read bandwidth
+read first; decode tokens/s is generate's own (Timings.decode_tokens_per_s). Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="fastvlm-0.5b")
+    p.add_argument("--context", type=int, default=288, help="prompt tokens (default 288: 256 image tokens and a question)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "decode-loop-ab-cpu.json"))
+    a = p.parse_args()
+
+    from fastvlm import FastVLM, generation, kernels
+    from fastvlm.bench.core import lm_decode_bytes, machine_info, read_bandwidth
+
+    if not kernels.available(torch.bfloat16):
+        p.error(f"needs the bf16 native kernels: {kernels.status()}")
+    kernels.tune_allocator()
+    model = FastVLM.from_preset(a.preset, device="cpu", dtype=torch.bfloat16).optimize_for_inference("fast")
+    vocab = model.language_model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(3, min(1000, vocab), (1, a.context), generator=torch.Generator().manual_seed(0))
+    real = generation.native_decoder
+    variants = ("native", "layers")
+    speed: dict[str, list[float]] = {v: [] for v in variants}
+    tokens: dict[str, list[int]] = {}
+    bandwidth = []
+    for r in range(a.rounds + 1):  # round 0 warms up
+        bw = read_bandwidth(torch.device("cpu"), repeats=3)["gbps_median"]
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            generation.native_decoder = real if v == "native" else (lambda lm, capacity: None)
+            try:
+                out = model.generate(ids, max_new_tokens=a.new_tokens, eos_token_id=[], return_dict=True)
+            finally:
+                generation.native_decoder = real
+            tokens[v] = out.sequences[0].tolist()
+            if r:
+                speed[v].append(out.timings.decode_tokens_per_s)
+        if r:
+            bandwidth.append(bw)
+    nbytes = lm_decode_bytes(model.language_model, a.context)
+    rows = {}
+    for v, s in speed.items():
+        rows[v] = {"decode_tokens_per_s_median": round(statistics.median(s), 2),
+                   "fraction_of_bound_paired": round(statistics.median(
+                       t * nbytes / (bw * 1e9) for t, bw in zip(s, bandwidth)), 3)}
+    report = {
+        "command": "python benchmarks/decode_loop_ab.py " + " ".join(sys.argv[1:]),
+        "machine": {**machine_info(torch.device("cpu")), "threads": torch.get_num_threads(),
+                    "python": platform.python_version()},
+        "preset": a.preset, "dtype": "bf16", "context": a.context, "new_tokens": a.new_tokens, "rounds": a.rounds,
+        "decode_bytes_per_token": nbytes, "read_bandwidth_gbps_per_round": [round(b, 1) for b in bandwidth],
+        "decode_tokens_per_s_per_round": {v: [round(t, 2) for t in s] for v, s in speed.items()},
+        "variants": rows,
+        "native_over_layers_per_round": [round(x / y, 3) for x, y in zip(speed["native"], speed["layers"])],
+        "same_greedy_tokens": sum(x == y for x, y in zip(tokens["native"], tokens["layers"])),
+        "greedy_tokens": a.new_tokens,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+    print(f"{a.preset} bf16, {a.context}-token prompt, {a.new_tokens} new tokens, {a.rounds} interleaved rounds, "
+          f"read bandwidth median {statistics.median(bandwidth):.1f} GB/s")
+    for v, row in rows.items():
+        print(f"  {v:8s} {row['decode_tokens_per_s_median']:6.2f} tokens/s "
+              f"({100 * row['fraction_of_bound_paired']:.0f}% of the paired bound)")
+    print(f"  native / layers per round: median {statistics.median(report['native_over_layers_per_round']):.3f}; "
+          f"greedy tokens the same: {report['same_greedy_tokens']} of {a.new_tokens}")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
