@@ -50,7 +50,7 @@ def fp32_logits(model, ids, toks):
     return m32(input_ids=full).logits[0, ids.shape[1]:].float()
 
 
-@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])  # 64: Qwen2-0.5B's; 128: the 1.5B's and 7B's
 def test_native_steps_are_as_accurate_as_the_modules(head_dim):
     model = lm(head_dim)
     ids = torch.randint(0, 300, (1, 23), generator=torch.Generator().manual_seed(1))
