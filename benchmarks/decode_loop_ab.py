@@ -3,13 +3,14 @@
 
   python benchmarks/decode_loop_ab.py --out benchmarks/results/decode-loop-ab-cpu-intel.json
 
-Both variants are `model.generate` on the same bf16 model in the fast mode, batch 1, the same
+Both variants are `model.generate` on the same model (--dtype) in the fast mode, batch 1, the same
 prompt (random token ids, --context of them; decode speed does not depend on an image), greedy,
 --new-tokens tokens with no end token:
   native   what `generate` does now: after the prefill, one native call per token over a KV cache
            allocated for the whole generation (fastvlm.kernels.decode_model), setup included;
-  layers   the same with the native loop switched off: transformers' model and DynamicCache, each
-           layer's step as three native calls (fastvlm.kernels.decode_layer).
+  layers   the same with the native loop switched off: transformers' model and DynamicCache, in bf16
+           each layer's step as three native calls (fastvlm.kernels.decode_layer), in fp32 transformers'
+           layers around the native matrix-vector kernel.
 Each round runs both, in an order that alternates every round, with the memory read bandwidth
 read first; decode tokens/s is generate's own (Timings.decode_tokens_per_s). Writes JSON.
 """
@@ -31,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="fastvlm-0.5b")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--context", type=int, default=288, help="prompt tokens (default 288: 256 image tokens and a question)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=10)
@@ -40,10 +42,11 @@ def main() -> int:
     from fastvlm import FastVLM, generation, kernels
     from fastvlm.bench.core import lm_decode_bytes, machine_info, read_bandwidth
 
-    if not kernels.available(torch.bfloat16):
-        p.error(f"needs the bf16 native kernels: {kernels.status()}")
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    if not kernels.available(dtype):
+        p.error(f"needs the native kernels for {a.dtype}: {kernels.status()}")
     kernels.tune_allocator()
-    model = FastVLM.from_preset(a.preset, device="cpu", dtype=torch.bfloat16).optimize_for_inference("fast")
+    model = FastVLM.from_preset(a.preset, device="cpu", dtype=dtype).optimize_for_inference("fast")
     vocab = model.language_model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, min(1000, vocab), (1, a.context), generator=torch.Generator().manual_seed(0))
     real = generation.native_decoder
@@ -74,7 +77,7 @@ def main() -> int:
         "command": "python benchmarks/decode_loop_ab.py " + " ".join(sys.argv[1:]),
         "machine": {**machine_info(torch.device("cpu")), "threads": torch.get_num_threads(),
                     "python": platform.python_version()},
-        "preset": a.preset, "dtype": "bf16", "context": a.context, "new_tokens": a.new_tokens, "rounds": a.rounds,
+        "preset": a.preset, "dtype": a.dtype, "context": a.context, "new_tokens": a.new_tokens, "rounds": a.rounds,
         "decode_bytes_per_token": nbytes, "read_bandwidth_gbps_per_round": [round(b, 1) for b in bandwidth],
         "decode_tokens_per_s_per_round": {v: [round(t, 2) for t in s] for v, s in speed.items()},
         "variants": rows,
@@ -86,7 +89,7 @@ def main() -> int:
     with open(a.out, "w") as f:
         json.dump(report, f, indent=1)
         f.write("\n")
-    print(f"{a.preset} bf16, {a.context}-token prompt, {a.new_tokens} new tokens, {a.rounds} interleaved rounds, "
+    print(f"{a.preset} {a.dtype}, {a.context}-token prompt, {a.new_tokens} new tokens, {a.rounds} interleaved rounds, "
           f"read bandwidth median {statistics.median(bandwidth):.1f} GB/s")
     for v, row in rows.items():
         print(f"  {v:8s} {row['decode_tokens_per_s_median']:6.2f} tokens/s "

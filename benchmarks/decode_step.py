@@ -7,14 +7,15 @@ Each round times one step of every variant back to back, in an order rotated eve
 variant keeps its own KV cache, so all see the same context length), plus one pass of every
 weight matrix through the native matrix-vector kernel alone (the floor for any path that reads
 the weights once), plus the memory read bandwidth. Variants:
-  native      (bf16) the fast path's generation loop: the whole step, every layer, attention over a
+  native      the fast path's generation loop: the whole step, every layer, attention over a
               preallocated KV cache and the LM head, as one native call (fastvlm.kernels.decode_model)
-  lean        native matrix-vector kernels and Qwen2 decode steps as three native calls per layer
-              (fastvlm.kernels.decode_layer) inside transformers' model, with its DynamicCache
+  lean        native matrix-vector kernels and, in bf16, Qwen2 decode steps as three native calls per
+              layer (fastvlm.kernels.decode_layer) inside transformers' model, with its DynamicCache
+              (in fp32 the same as "modules")
   modules     transformers' decoder layers around the same native kernels (the fast path before
               the lean layers)
   torch       transformers' layers and PyTorch's matmuls (no native kernels)
-  lean@NB     with --prefetch N ...: the lean path with the kernels' software prefetch N bytes
+  native@NB, lean@NB   with --prefetch N ...: those paths with the kernels' software prefetch N bytes
               ahead (the other variants keep this CPU's default, fastvlm.kernels.default_prefetch_bytes)
 Random weights (time does not depend on their values); the prompt is random token ids.
 """
@@ -52,7 +53,7 @@ def main() -> int:
                                                               "256 image tokens and a short question)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--prefetch", type=int, nargs="*", default=[], metavar="BYTES",
-                   help="also time the lean path with each of these prefetch distances (0: off)")
+                   help="also time the native and lean paths with each of these prefetch distances (0: off)")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/decode-step-cpu-DTYPE.json)")
     a = p.parse_args()
     from transformers import DynamicCache
@@ -76,13 +77,13 @@ def main() -> int:
     lins = [m for m in lm.modules() if isinstance(m, torch.nn.Linear)]
     xs = [torch.randn(1, 1, m.in_features).to(dtype) for m in lins]
 
-    variants = tuple(v for v in VARIANTS if v != "native" or dtype == torch.bfloat16)
-    variants += tuple(f"lean@{n}B" for n in a.prefetch)
+    variants = VARIANTS
+    variants += tuple(f"{v}@{n}B" for n in a.prefetch for v in ("native", "lean"))
     default_pf = kernels.prefetch_bytes()
 
     def put(variant: str) -> None:
         lean = variant.startswith(("lean", "native"))
-        kernels.set_prefetch(int(variant[5:-1]) if variant.startswith("lean@") else default_pf)
+        kernels.set_prefetch(int(variant.split("@")[1][:-1]) if "@" in variant else default_pf)
         kernels.use_decode_kernels(lm, variant != "torch")
         use_lean_decode_layers(lm, lean)
 
@@ -99,7 +100,7 @@ def main() -> int:
             put(v)
             cache = DynamicCache()
             out = lm(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
-            if v == "native":
+            if v.startswith("native"):
                 native = NativeQwen2Decoder.for_model(lm, a.context + a.rounds + 2)
                 native.load_cache(cache, a.context)
                 cache = native
@@ -112,7 +113,7 @@ def main() -> int:
                 put(v)
                 cache, tok, pos = state[v]
                 t = time.perf_counter()
-                if v == "native":
+                if v.startswith("native"):
                     tok = cache.step(int(tok), pos).argmax(-1, keepdim=True)
                 else:
                     out = lm(input_ids=tok, position_ids=torch.tensor([[pos]]), use_cache=True, **{kw: cache})

@@ -75,6 +75,9 @@ step plan && python benchmarks/decode_ab.py --ref 45b6670 --rounds 12 --steps 4 
 step native && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-step-cpu-bf16-native$S.json" \
     && python benchmarks/decode_step.py --rounds 30 --out "$OUT/decode-step-cpu-bf16-native-2$S.json" \
     && python benchmarks/decode_loop_ab.py --rounds 10 --out "$OUT/decode-loop-ab-cpu$S.json"
+# the same in fp32 (where every layer was transformers' module around the matrix-vector kernel)
+step native && python benchmarks/decode_step.py --dtype fp32 --rounds 15 --out "$OUT/decode-step-cpu-fp32-native$S.json" \
+    && python benchmarks/decode_loop_ab.py --dtype fp32 --rounds 8 --out "$OUT/decode-loop-ab-cpu-fp32$S.json"
 
 # CPU training with and without glibc allocator tuning, alternated (needs the bundled model's data:
 # scripts/train_bundled_model.sh step 1, or DATA=folder)

@@ -140,12 +140,14 @@ def use_packed_gqa_attention(language_model, enabled: bool = True) -> bool:
 
 def native_decoder(language_model, capacity: int):
     """The native whole-step decoder (`fastvlm.kernels.decode_model`) for a batch-1 generation of up to
-    `capacity` tokens where the language model's layers are lean (the `fast` mode in bf16 on AVX512-BF16
-    CPUs); None otherwise, and then transformers' model and DynamicCache take the steps."""
-    from .kernels.decode_layer import LeanQwen2DecoderLayer
+    `capacity` tokens where the language model's layers run on the native decode kernels (the `fast`
+    mode on AVX-512 CPUs, bf16 or fp32); None otherwise, and then transformers' model and DynamicCache
+    take the steps."""
+    from .kernels import DecodeLinear
 
     layers = getattr(getattr(language_model, "model", None), "layers", None)
-    if not layers or not all(type(layer) is LeanQwen2DecoderLayer for layer in layers):
+    if not layers or not all(type(getattr(getattr(layer, "self_attn", None), "q_proj", None)) is DecodeLinear
+                             for layer in layers):
         return None  # checked first: in every other mode nothing here loads or builds the kernels
     from .kernels.decode_model import NativeQwen2Decoder
 

@@ -12,7 +12,6 @@ from transformers import DynamicCache
 
 from fastvlm import kernels
 from fastvlm.generation import native_decoder
-from fastvlm.kernels.decode_layer import use_lean_decode_layers
 from fastvlm.kernels.decode_model import NativeQwen2Decoder
 from test_decode_layer import KW, decode, lm
 
@@ -21,8 +20,10 @@ pytestmark = pytest.mark.skipif(not kernels.available(torch.bfloat16), reason=ke
 
 @torch.inference_mode()
 def native_decode(model, ids, steps, scaling=None):
-    """Greedy decode with the native step after a prefill through the lean model; per step the logits."""
-    assert use_lean_decode_layers(model, True) == len(model.model.layers)
+    """Greedy decode with the native step after a prefill through the model on the decode kernels; per step
+    the logits."""
+    kernels.use_decode_kernels(model, True)
+    assert native_decoder(model, 8) is not None
     cache = DynamicCache()
     out = model(input_ids=ids, use_cache=True, **{KW: cache}, logits_to_keep=1)
     dec = NativeQwen2Decoder.for_model(model, ids.shape[1] + steps)
@@ -45,7 +46,7 @@ def native_decode(model, ids, steps, scaling=None):
 def fp32_logits(model, ids, toks):
     """The fp32 model's logits after each of `toks`, teacher-forced (one forward, no cache)."""
     m32 = copy.deepcopy(model).float()
-    use_lean_decode_layers(m32, False)
+    kernels.use_decode_kernels(m32, False)  # PyTorch's fp32 matmuls
     full = torch.cat([ids, torch.tensor([toks])], 1)
     return m32(input_ids=full).logits[0, ids.shape[1]:].float()
 
@@ -79,6 +80,27 @@ def test_native_steps_are_as_accurate_as_the_modules(head_dim):
             assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
 
 
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_fp32_native_steps_match_the_modules(head_dim):
+    """In fp32 nothing is rounded: the native steps follow transformers' fp32 modules (PyTorch's matmuls and
+    SDPA) to fp32 summation order, with the same greedy tokens and cache."""
+    model = lm(head_dim).float()
+    ids = torch.randint(0, 300, (1, 23), generator=torch.Generator().manual_seed(1))
+    kernels.use_decode_kernels(model, False)
+    ref_logits, ref_toks, ref_cache = decode(model, ids, 16, lean=False)
+    got_logits, got_toks, dec = native_decode(model, ids, 16)
+    assert dec.dtype == torch.float32 and dec.keys.dtype == torch.float32
+    assert got_toks == ref_toks
+    err = ((got_logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    print(f"\nhead_dim {head_dim}, fp32: max logit difference {err:.1e} of the logits' scale")
+    assert err < 1e-4, err
+    n = ids.shape[1] + 16
+    for layer in range(3):
+        for a, b in ((dec.keys[layer, :, :n], ref_cache.layers[layer].keys[0]),
+                     (dec.values[layer, :, :n], ref_cache.layers[layer].values[0])):
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
 def test_a_wrong_attention_would_be_caught():
     """The accuracy bound above is sharp enough to see a mistake in the native attention: the same
     steps with the softmax scale off by a factor of 2 fail it."""
@@ -95,26 +117,43 @@ def test_a_wrong_attention_would_be_caught():
     assert (wrong - ref_wrong).abs().max() / ref_wrong.abs().max() > 1.5 * err_modules + 2e-3
 
 
-def test_only_lean_bf16_models_get_a_native_decoder():
+def test_which_models_get_a_native_decoder():
     model = lm(32)
-    use_lean_decode_layers(model, False)
-    assert native_decoder(model, 64) is None  # plain transformers layers (the exact mode)
-    use_lean_decode_layers(model, True)
-    assert isinstance(native_decoder(model, 64), NativeQwen2Decoder)
-    m32 = copy.deepcopy(model).float()  # fp32: not lean
-    assert use_lean_decode_layers(m32, True) == 0 and native_decoder(m32, 64) is None
+    kernels.use_decode_kernels(model, False)
+    assert native_decoder(model, 64) is None  # PyTorch's linears (the exact mode): nothing native
+    kernels.use_decode_kernels(model, True)
+    assert native_decoder(model, 64).dtype == torch.bfloat16
+    m32 = copy.deepcopy(model).float()
+    assert native_decoder(m32, 64).dtype == torch.float32
+    m16 = copy.deepcopy(model).half()  # no fp16 kernels
+    assert native_decoder(m16, 64) is None
     biased = copy.deepcopy(model)
     biased.lm_head.bias = torch.nn.Parameter(torch.zeros(300, dtype=torch.bfloat16))
     assert native_decoder(biased, 64) is None
     scaled = copy.deepcopy(model)
     scaled.model.rotary_emb.rope_type = "dynamic"
     assert native_decoder(scaled, 64) is None
+    wrapped = copy.deepcopy(model)  # a wrapped projection (as LoRA wraps them): not the structure implemented
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.weight, self.bias = inner, inner.weight, inner.bias
+
+        def forward(self, x):
+            return self.inner(x)
+
+    wrapped.model.layers[1].mlp.down_proj = Wrapped(wrapped.model.layers[1].mlp.down_proj)
+    assert native_decoder(wrapped, 64) is None
+    mixed = copy.deepcopy(model)  # one layer with a bias on o_proj
+    mixed.model.layers[2].self_attn.o_proj.bias = torch.nn.Parameter(torch.zeros(128, dtype=torch.bfloat16))
+    assert native_decoder(mixed, 64) is None
 
 
 def test_limits_are_clear_errors():
     model = lm(32)
     ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(1))
-    use_lean_decode_layers(model, True)
+    kernels.use_decode_kernels(model, True)
     with torch.inference_mode():
         cache = DynamicCache()
         model(input_ids=ids, use_cache=True, **{KW: cache})
@@ -129,9 +168,10 @@ def test_limits_are_clear_errors():
             dec.step(7, 6)
 
 
-def test_generate_takes_native_steps_where_they_apply(monkeypatch):
-    """A batch-1 bf16 `fast` generation decodes with the native step (one call per token after the first)
-    and yields the tokens the transformers loop yields; batches, padding and the exact mode keep that loop."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_generate_takes_native_steps_where_they_apply(monkeypatch, dtype):
+    """A batch-1 `fast` generation (bf16 and fp32) decodes with the native step (one call per token after the
+    first) and yields the tokens the transformers loop yields; batches, padding and the exact mode keep that loop."""
     from fastvlm import generation
     from test_fast_paths import build, inputs
 
@@ -143,7 +183,7 @@ def test_generate_takes_native_steps_where_they_apply(monkeypatch):
         return real_step(self, token, position)
 
     monkeypatch.setattr(NativeQwen2Decoder, "step", spy)
-    model = build(torch.bfloat16).optimize_for_inference("fast")
+    model = build(dtype).optimize_for_inference("fast")
     assert model.inference_settings["decode_loop"].startswith("native whole-model step")
     ids, px = inputs(model)
     with torch.inference_mode():

@@ -275,28 +275,123 @@ void fastvlm_qwen2_step_bf16(const uint16_t *emb, const uint16_t *const *P, cons
 }
 #endif
 
+static inline float dot_f32(const float *w, const float *x, int64_t I) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= I; i += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= I; i += 16)
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+    if (i < I) {
+        const __mmask16 m = (__mmask16)((1u << (I - i)) - 1u);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, x + i), a1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
 void fastvlm_gemv_f32(const float *W, const float *x, const float *b, float *y,
                       int64_t O, int64_t I, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t o = 0; o < O; o++) {
-        const float *w = W + o * I;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-        int64_t i = 0;
-        for (; i + 64 <= I; i += 64) {
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-        }
-        for (; i + 16 <= I; i += 16)
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        if (i < I) {
-            const __mmask16 m = (__mmask16)((1u << (I - i)) - 1u);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + i), _mm512_maskz_loadu_ps(m, x + i), a1);
-        }
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        float s = dot_f32(W + o * I, x, I);
         y[o] = b ? s + b[o] : s;
+    }
+}
+
+/* fp32 counterparts of rms_inv / rms_apply: out = w * (x * r), as Qwen2RMSNorm in fp32 */
+static void rms_apply_f32(const float *x, const float *w, float eps, float *out, int64_t H) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < H; i++) s += x[i] * x[i];
+    const float r = 1.0f / sqrtf(s / (float)H + eps);
+    for (int64_t i = 0; i < H; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* The fp32 whole-model decode step: fastvlm_qwen2_step_bf16's structure and arguments (buffers of
+ * floats), with nothing rounded, as transformers computes in fp32. For CPUs with AVX-512 but no
+ * AVX512-BF16 (where the CLI's dtype="auto" picks fp32) and for users who choose fp32. */
+void fastvlm_qwen2_step_f32(const float *emb, const float *const *P, const float *eps, int64_t L,
+                            int64_t H, int64_t I, int64_t nq, int64_t nkv, int64_t D,
+                            const float *cosv, const float *sinv, float scaling,
+                            float *kcache, float *vcache, int64_t cap, int64_t n,
+                            const float *norm_w, float norm_eps, const float *Wlm, int64_t V,
+                            float *buf, float *fbuf, float *logits, int nthreads) {
+    float *x = buf, *h = x + H, *x1 = h + H, *qkv = x1 + H, *attn = qkv + (nq + 2 * nkv) * D;
+    float *gu = attn + nq * D;
+    const int64_t rows = (nq + 2 * nkv) * D, half = D / 2, G = nq / nkv, T = n + 1, A = nq * D;
+    const int64_t oq = nq * D, ok = nkv * D;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp single
+        memcpy(x, emb, (size_t)H * sizeof(float));
+        for (int64_t l = 0; l < L; l++) {
+            const float *const *p = P + 12 * l;
+            float *kc = kcache + l * nkv * cap * D, *vc = vcache + l * nkv * cap * D;
+#pragma omp single
+            rms_apply_f32(x, p[0], eps[2 * l], h, H);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) {
+                const int j = r < oq ? 0 : (r < oq + ok ? 1 : 2);
+                const int64_t rr = r - (j == 0 ? 0 : (j == 1 ? oq : oq + ok));
+                const float *Wj = p[1 + 2 * j], *Bj = p[2 + 2 * j];
+                const float s = dot_f32(Wj + rr * H, h, H);
+                qkv[r] = Bj ? s + Bj[rr] : s;
+            }
+#pragma omp for schedule(static)
+            for (int64_t head = 0; head < nq + 2 * nkv; head++) {
+                float *v = qkv + head * D;
+                if (head < nq + nkv) {
+                    float tmp[512];
+                    for (int64_t j = 0; j < D; j++) {
+                        const float rot = j < half ? -v[j + half] : v[j - half];
+                        const float a = v[j] * cosv[j], b = rot * sinv[j];
+                        tmp[j] = a + b;
+                    }
+                    memcpy(v, tmp, (size_t)D * sizeof(float));
+                    if (head >= nq) memcpy(kc + ((head - nq) * cap + n) * D, v, (size_t)D * sizeof(float));
+                } else {
+                    memcpy(vc + ((head - nq - nkv) * cap + n) * D, v, (size_t)D * sizeof(float));
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t hq = 0; hq < nq; hq++) {
+                const float *q = qkv + hq * D, *K = kc + (hq / G) * cap * D, *Vv = vc + (hq / G) * cap * D;
+                float *sc = fbuf + hq * cap, m = -INFINITY, sum = 0.0f, acc[512];
+                for (int64_t t = 0; t < T; t++) {
+                    sc[t] = dot_f32(K + t * D, q, D) * scaling;
+                    if (sc[t] > m) m = sc[t];
+                }
+                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+                for (int64_t t = 0; t < T; t++) {
+                    const float e = expf(sc[t] - m);
+                    const float *vr = Vv + t * D;
+                    sum += e;
+                    for (int64_t d = 0; d < D; d++) acc[d] += e * vr[d];
+                }
+                for (int64_t d = 0; d < D; d++) attn[hq * D + d] = acc[d] / sum;
+            }
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < H; o++) x1[o] = x[o] + dot_f32(p[7] + o * A, attn, A);
+#pragma omp single
+            rms_apply_f32(x1, p[8], eps[2 * l + 1], h, H);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < 2 * I; r++) gu[r] = dot_f32((r < I ? p[9] + r * H : p[10] + (r - I) * H), h, H);
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < I; i++) {
+                const float g = gu[i];
+                gu[i] = (g / (1.0f + expf(-g))) * gu[I + i];
+            }
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < H; o++) x[o] = x1[o] + dot_f32(p[11] + o * I, gu, I);
+        }
+#pragma omp single
+        rms_apply_f32(x, norm_w, norm_eps, h, H);
+#pragma omp for schedule(static)
+        for (int64_t v = 0; v < V; v++) logits[v] = dot_f32(Wlm + v * H, h, H);
     }
 }
 

@@ -1,21 +1,24 @@
-"""Batch-1 bf16 decode steps of a whole Qwen2 model in one native call, with a preallocated KV cache.
+"""Batch-1 decode steps of a whole Qwen2 model in one native call, with a preallocated KV cache (bf16 and fp32).
 
-`LeanQwen2DecoderLayer` (decode_layer.py) runs each layer's step as three native calls but leaves
-the rest to PyTorch and transformers: per layer the KV cache update (`DynamicCache` concatenates
-a new key and value onto the old tensors every step), single-query attention, a dozen tensor
-allocations and transformers' model loop; per step the embedding, rotary tables, final norm and
-LM head. `NativeQwen2Decoder` runs all of it as `fastvlm_qwen2_step_bf16` (cpu_gemv.c):
-one OpenMP region per token, the KV cache in buffers allocated once for the whole generation
-([layers, kv heads, capacity, head dim] for keys and for values), the rotary tables computed
-once by the model's own rotary module, and the logits written as fp32.
+`LeanQwen2DecoderLayer` (decode_layer.py) runs each bf16 layer's step as three native calls but
+leaves the rest to PyTorch and transformers: per layer the KV cache update (`DynamicCache`
+concatenates a new key and value onto the old tensors every step), single-query attention, a
+dozen tensor allocations and transformers' model loop; per step the embedding, rotary tables, final
+norm and LM head (in fp32 every layer is transformers' module around the matrix-vector kernel).
+`NativeQwen2Decoder` runs all of it as `fastvlm_qwen2_step_bf16` or `_f32` (cpu_gemv.c): one OpenMP
+region per token, the KV cache in buffers allocated once for the whole generation ([layers, kv
+heads, capacity, head dim] for keys and for values), the rotary tables computed once by the
+model's own rotary module, and the logits written as fp32.
 
-The arithmetic is the lean layers' (every bf16 rounding where transformers' modules round) plus
-attention as PyTorch's CPU flash kernel computes it for bf16, so its logits follow the module
-path's within bf16 rounding (tests/test_decode_model.py asserts logits, cache and greedy tokens).
+In bf16 the arithmetic is the lean layers' (every bf16 rounding where transformers' modules round)
+plus attention as PyTorch's CPU flash kernel computes it for bf16 (exponentials rounded to bf16 for
+the product with V), so its logits follow the module path's within bf16 rounding; in fp32 nothing
+is rounded and they follow to fp32 summation order (tests/test_decode_model.py asserts logits
+against an fp32 reference, the cache and greedy tokens).
 
 `generation.generate_steps` uses it after a prefill through transformers for batch-1 requests
-without padding when the language model's layers are lean (the `fast` mode on AVX512-BF16 CPUs),
-copying the prefill's `DynamicCache` into its buffers once.
+without padding when the language model runs on the native decode kernels (the `fast` mode on
+AVX-512 CPUs), copying the prefill's `DynamicCache` into its buffers once.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import Optional
 
 import torch
 
-from . import load
-from .decode_layer import LeanQwen2DecoderLayer, _plan_for
+from torch import nn
+
+from . import DecodeLinear, available, load
 
 
 def _kv_of(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,28 +41,64 @@ def _kv_of(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.key_cache[i], cache.value_cache[i]
 
 
+def _ok(t, dtype: torch.dtype) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+
+
+def _layer_shape(layer, dtype: torch.dtype) -> Optional[tuple]:
+    """(H, I, nq, nkv, D, scaling, eps1, eps2) where `layer` has exactly the structure the native step
+    implements (a Qwen2 decoder layer with plain or DecodeLinear projections and SiLU, no sliding window),
+    every tensor in `dtype` on the CPU; None otherwise (a wrapped or quantized projection, say)."""
+    a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    try:
+        lins = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        D = int(a.head_dim)
+    except (AttributeError, TypeError):
+        return None
+    if (not all(type(x) in (nn.Linear, DecodeLinear) and _ok(x.weight, dtype) and (x.bias is None or _ok(x.bias, dtype))
+                for x in lins)
+            or any(x.bias is not None for x in lins[3:])
+            or not all(_ok(getattr(x, "weight", None), dtype) for x in norms)
+            or getattr(a, "sliding_window", None) is not None
+            or getattr(getattr(m, "config", None), "hidden_act", None) != "silu"
+            or D % 2 or not 0 < D <= 512):  # the native rotary and attention keep a head in 512 floats
+        return None
+    q, k, g = a.q_proj, a.k_proj, m.gate_proj
+    H, inter = q.in_features, g.out_features
+    if (q.out_features % D or k.out_features % D or k.out_features != a.v_proj.out_features
+            or a.o_proj.weight.shape != (H, q.out_features) or m.up_proj.weight.shape != g.weight.shape
+            or m.down_proj.weight.shape != (H, inter) or k.in_features != H or g.in_features != H):
+        return None
+    nq, nkv = q.out_features // D, k.out_features // D
+    if nq % nkv:
+        return None
+    return (H, inter, nq, nkv, D, float(a.scaling), float(norms[0].variance_epsilon), float(norms[1].variance_epsilon))
+
+
 class NativeQwen2Decoder:
-    """One generation's native decode steps for a Qwen2ForCausalLM in bf16 on the CPU (see the module docstring).
+    """One generation's native decode steps for a Qwen2ForCausalLM in bf16 or fp32 on the CPU (see the module
+    docstring).
 
     Build it with `for_model` (None where the model does not qualify), fill its cache from the
     prefill with `load_cache`, then call `step(token, position)` once per token.
     """
 
-    def __init__(self, lm, capacity: int) -> None:
+    def __init__(self, lm, capacity: int, shapes: list[tuple]) -> None:
         base = lm.model
         self._lib = load()
-        plans = [_plan_for(layer) for layer in base.layers]
-        p0 = plans[0]
-        self.L, self.H, self.I, self.nq, self.nkv, self.D = len(plans), p0.H, p0.inter, p0.nq, p0.nkv, p0.D
+        self.dtype = dtype = base.embed_tokens.weight.dtype
+        self._step = self._lib.fastvlm_qwen2_step_bf16 if dtype == torch.bfloat16 else self._lib.fastvlm_qwen2_step_f32
+        self.L = len(shapes)
+        self.H, self.I, self.nq, self.nkv, self.D, self.scaling = shapes[0][:6]
         self.capacity = int(capacity)
-        self.scaling = float(p0.scaling)
         ptrs, eps = [], []
-        for layer, plan in zip(base.layers, plans):
+        for layer, shape in zip(base.layers, shapes):
             a, m = layer.self_attn, layer.mlp
             ptrs += [layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
                      a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, layer.post_attention_layernorm.weight,
                      m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
-            eps += [plan.eps1, plan.eps2]
+            eps += list(shape[6:])
         self._keep = [t for t in ptrs if t is not None]  # the weights stay alive while the pointers are in use
         self._ptrs = (ctypes.c_void_p * len(ptrs))(*[None if t is None else t.data_ptr() for t in ptrs])
         self._eps = (ctypes.c_float * len(eps))(*eps)
@@ -68,41 +108,42 @@ class NativeQwen2Decoder:
         self.V = self.lm_head.shape[0]
         # the model's own rotary module, once for every position this generation can reach
         positions = torch.arange(self.capacity).unsqueeze(0)
-        cos, sin = base.rotary_emb(torch.zeros(1, dtype=torch.bfloat16), positions)
-        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        cos, sin = base.rotary_emb(torch.zeros(1, dtype=dtype), positions)
+        self.cos, self.sin = cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous()
         shape = (self.L, self.nkv, self.capacity, self.D)
         # uninitialised: a step reads positions 0..length only, all written by load_cache or a step
-        self.keys = torch.empty(shape, dtype=torch.bfloat16)
-        self.values = torch.empty(shape, dtype=torch.bfloat16)
+        self.keys = torch.empty(shape, dtype=dtype)
+        self.values = torch.empty(shape, dtype=dtype)
         self.length = 0  # tokens in the cache
-        self._buf = torch.empty(3 * self.H + (2 * self.nq + 2 * self.nkv) * self.D + 2 * self.I, dtype=torch.bfloat16)
+        self._buf = torch.empty(3 * self.H + (2 * self.nq + 2 * self.nkv) * self.D + 2 * self.I, dtype=dtype)
         self._fbuf = torch.empty(self.nq * self.capacity, dtype=torch.float32)
 
     @classmethod
     def for_model(cls, lm, capacity: int) -> Optional["NativeQwen2Decoder"]:
         """A decoder for `lm` with room for `capacity` tokens, or None where the native step does not apply:
-        no bf16 kernels, layers not lean (not the fast mode, LoRA or quantized projections), a rotary
-        scaling other than the default, a sliding window, a bias on the LM head, weights not bf16."""
+        no native kernels for its dtype (bf16 needs AVX512-BF16; fp32 AVX-512), weights in another dtype or
+        not on the CPU, a layer the step does not implement (`_layer_shape`), layers of different shapes,
+        a rotary scaling other than the default, or a bias on the LM head."""
         base = getattr(lm, "model", None)
         layers = getattr(base, "layers", None)
-        if load() is None or not layers or getattr(lm, "lm_head", None) is None:
+        embed = getattr(getattr(base, "embed_tokens", None), "weight", None)
+        if not layers or getattr(lm, "lm_head", None) is None or not isinstance(embed, torch.Tensor):
             return None
-        if not all(type(layer) is LeanQwen2DecoderLayer for layer in layers):
+        dtype = embed.dtype
+        if dtype not in (torch.bfloat16, torch.float32) or not available(dtype):
             return None
-        plans = [_plan_for(layer) for layer in layers]
-        if any(p is None for p in plans) or len({(p.H, p.inter, p.nq, p.nkv, p.D, p.scaling) for p in plans}) != 1:
+        shapes = [_layer_shape(layer, dtype) for layer in layers]
+        if any(x is None for x in shapes) or len({x[:6] for x in shapes}) != 1:
             return None  # every layer must qualify, all of one shape (the native step loops over them as such)
         rotary = getattr(base, "rotary_emb", None)
         if rotary is None or getattr(rotary, "rope_type", "default") != "default":
             return None
-        head, norm, embed = lm.lm_head, getattr(base, "norm", None), getattr(base, "embed_tokens", None)
-        tensors = [getattr(head, "weight", None), getattr(norm, "weight", None), getattr(embed, "weight", None)]
-        if (getattr(head, "bias", None) is not None or norm is None
-                or not all(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
-                           and t.is_contiguous() for t in tensors)
-                or not tensors[0].shape[1] == tensors[2].shape[1] == tensors[1].shape[0] == plans[0].H):
+        head, norm = lm.lm_head, getattr(base, "norm", None)
+        tensors = [getattr(head, "weight", None), getattr(norm, "weight", None), embed]
+        if (getattr(head, "bias", None) is not None or norm is None or not all(_ok(t, dtype) for t in tensors)
+                or not tensors[0].shape[1] == tensors[2].shape[1] == tensors[1].shape[0] == shapes[0][0]):
             return None
-        return cls(lm, capacity)
+        return cls(lm, capacity, shapes)
 
     def load_cache(self, cache, length: int) -> None:
         """Copy the first `length` positions of a transformers cache (batch 1) into the buffers."""
@@ -123,7 +164,7 @@ class NativeQwen2Decoder:
         logits = torch.empty(1, self.V, dtype=torch.float32)
         emb = self.embed.data_ptr() + token * self.H * self.embed.element_size()
         pos = position * self.D * self.cos.element_size()
-        self._lib.fastvlm_qwen2_step_bf16(
+        self._step(
             emb, self._ptrs, self._eps, self.L, self.H, self.I, self.nq, self.nkv, self.D,
             self.cos.data_ptr() + pos, self.sin.data_ptr() + pos, self.scaling,
             self.keys.data_ptr(), self.values.data_ptr(), self.capacity, self.length,
