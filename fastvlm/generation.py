@@ -276,7 +276,7 @@ def generate_steps(
         native = native_decoder(model.language_model, input_ids.shape[1] + params.max_new_tokens)
         if native is not None:
             native.load_cache(cache, input_ids.shape[1])
-            cache = None  # the decoder's buffers hold it from here on
+            cache = out = None  # the decoder's buffers hold it from here on (the output referenced it too)
     # token history for the repetition penalty: the prompt's text ids (images and padding excluded)
     history = input_ids.masked_fill((input_ids < 0) | (attention_mask == 0), 0) if params.repetition_penalty != 1.0 else None
     if history is not None:

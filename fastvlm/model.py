@@ -298,8 +298,8 @@ class FastVLM(nn.Module):
         and, on CPUs, a faster single-query GQA attention for decode steps
         (`generation.use_packed_gqa_attention`) plus, on AVX-512 CPUs with a C compiler,
         native matrix-vector kernels for batch-1 decoding (`fastvlm.kernels`) and, in bf16,
-        Qwen2 decode steps as three native calls per layer (`fastvlm.kernels.decode_layer`), which
-        `generate` runs for batch-1 requests as one native call per token over a preallocated KV
+        Qwen2 decode steps as three native calls per layer (`fastvlm.kernels.decode_layer`); `generate`
+        decodes batch-1 requests (bf16 or fp32) with one native call per token over a preallocated KV
         cache (`fastvlm.kernels.decode_model`).
         compile: also `torch.compile` the fused encoder (inductor with weight freezing; the
         first call per input shape compiles, which takes minutes on a small CPU).

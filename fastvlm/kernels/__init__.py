@@ -1,8 +1,8 @@
 """Optional native kernels, built at run time with the system C compiler (no build step at install).
 
-All for batch-1 decoding on AVX-512 CPUs (`cpu_gemv.c`): matrix-vector products, and in bf16
-the three fused calls of a Qwen2 decoder layer's step (`decode_layer`) and a whole model's step
-with its KV cache in one call (`decode_model`). PyTorch's M=1 paths
+All for batch-1 decoding on AVX-512 CPUs (`cpu_gemv.c`): matrix-vector products, in bf16 the
+three fused calls of a Qwen2 decoder layer's step (`decode_layer`), and in bf16 and fp32 a whole
+model's step with its KV cache in one call (`decode_model`). PyTorch's M=1 paths
 (MKL sgemv, oneDNN bf16 gemm) read the weights at about half of what this CPU's memory
 delivers; decoding is nothing but that read, so a plain streaming kernel is worth ~1.5-2x
 tokens/s. Everything here degrades gracefully: not Linux, no compiler, no AVX-512, or

@@ -27,7 +27,6 @@ import ctypes
 from typing import Optional
 
 import torch
-
 from torch import nn
 
 from . import DecodeLinear, available, load
