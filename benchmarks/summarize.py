@@ -152,6 +152,8 @@ def main() -> int:
          "with the native decode loop (session 20, a busy day on this machine)", [main_table, accuracy_table]),
         ("bench-0.5b-cpu-bf16-paired-intel-native.json", "0.5B at 1024 px, CPU (Intel Xeon with AMX) bf16, paired "
          "decode, with the native decode loop (session 20)", [main_table]),
+        ("bench-0.5b-cpu-bf16-paired-intel-native-2.json", "0.5B at 1024 px, CPU (Intel Xeon with AMX) bf16, "
+         "paired decode, with the native decode loop (session 20, second run)", [main_table]),
     ]
     for name, title, fns in sections:
         r = load(d, name)
