@@ -272,7 +272,7 @@ def generate_steps(
     )
     logits = out.logits[:, -1, :].float()
     native = None
-    if batch == 1 and device.type == "cpu" and bool(attention_mask.all()):
+    if batch == 1 and device.type == "cpu" and params.max_new_tokens > 1 and bool(attention_mask.all()):
         native = native_decoder(model.language_model, input_ids.shape[1] + params.max_new_tokens)
         if native is not None:
             native.load_cache(cache, input_ids.shape[1])
