@@ -12,7 +12,11 @@ prompt (random token ids, --context of them; decode speed does not depend on an 
            each layer's step as three native calls (fastvlm.kernels.decode_layer), in fp32 transformers'
            layers around the native matrix-vector kernel.
 Each round runs both, in an order that alternates every round, with the memory read bandwidth
-read first; decode tokens/s is generate's own (Timings.decode_tokens_per_s). Writes JSON.
+read first; decode tokens/s is generate's own (Timings.decode_tokens_per_s: the tokens after the
+first over the time after the first, which includes building the native decoder). In bf16 the two
+loops' greedy tokens can part where two logits are within bf16 rounding of each other, so the
+fp32 model, teacher-forced on each loop's tokens, says how often it picks the same token and, at
+the first difference, how far apart its two best logits are (--no-fp32-check skips this). Writes JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +33,32 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _fp32_check(lm, ids, tokens: dict, prefix: int) -> dict:
+    """The fp32 copy of `lm` (PyTorch's matmuls), teacher-forced on each loop's tokens."""
+    import copy
+    import math
+
+    from fastvlm import kernels
+
+    m32 = copy.deepcopy(lm).float()
+    kernels.use_decode_kernels(m32, False)
+    n = ids.shape[1]
+    out: dict = {"fp32_agrees": {}}
+    with torch.inference_mode():
+        for v, toks in tokens.items():
+            logits = m32(input_ids=torch.cat([ids, torch.tensor([toks])], 1)).logits[0, n - 1:n - 1 + len(toks)]
+            out["fp32_agrees"][v] = int((logits.argmax(-1) == torch.tensor(toks)).sum())
+            if v == "native" and prefix < len(toks):
+                top = logits[prefix].float().topk(2)
+                step = 2.0 ** (math.floor(math.log2(abs(float(top.values[0])))) - 7)
+                out["at_first_difference"] = {
+                    "index": prefix, "native_token": toks[prefix], "layers_token": tokens["layers"][prefix],
+                    "fp32_top2_tokens": top.indices.tolist(), "fp32_top2_logits": [round(float(x), 5) for x in top.values],
+                    "fp32_top2_gap": round(float(top.values[0] - top.values[1]), 5),
+                    "bf16_step_at_top": step, "logit_scale": round(float(logits[prefix].abs().max()), 4)}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="fastvlm-0.5b")
@@ -36,6 +66,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=288, help="prompt tokens (default 288: 256 image tokens and a question)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--no-fp32-check", action="store_true", help="skip the fp32 teacher-forced check of the tokens")
     p.add_argument("--out", default=os.path.join(HERE, "results", "decode-loop-ab-cpu.json"))
     a = p.parse_args()
 
@@ -68,6 +99,10 @@ def main() -> int:
         if r:
             bandwidth.append(bw)
     nbytes = lm_decode_bytes(model.language_model, a.context)
+    prefix = next((i for i, (x, y) in enumerate(zip(tokens["native"], tokens["layers"])) if x != y), a.new_tokens)
+    fp32_check = None
+    if dtype == torch.bfloat16 and not a.no_fp32_check:
+        fp32_check = _fp32_check(model.language_model, ids, tokens, prefix)
     rows = {}
     for v, s in speed.items():
         rows[v] = {"decode_tokens_per_s_median": round(statistics.median(s), 2),
@@ -83,7 +118,9 @@ def main() -> int:
         "variants": rows,
         "native_over_layers_per_round": [round(x / y, 3) for x, y in zip(speed["native"], speed["layers"])],
         "same_greedy_tokens": sum(x == y for x, y in zip(tokens["native"], tokens["layers"])),
+        "same_greedy_prefix": prefix,
         "greedy_tokens": a.new_tokens,
+        "fp32_check": fp32_check,
     }
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
@@ -95,7 +132,14 @@ def main() -> int:
         print(f"  {v:8s} {row['decode_tokens_per_s_median']:6.2f} tokens/s "
               f"({100 * row['fraction_of_bound_paired']:.0f}% of the paired bound)")
     print(f"  native / layers per round: median {statistics.median(report['native_over_layers_per_round']):.3f}; "
-          f"greedy tokens the same: {report['same_greedy_tokens']} of {a.new_tokens}")
+          f"greedy tokens the same: the first {prefix} of {a.new_tokens}")
+    if fp32_check:
+        print("  fp32, teacher-forced, picks the same token as: " + ", ".join(
+            f"{v} {fp32_check['fp32_agrees'][v]} of {a.new_tokens}" for v in variants))
+        if fp32_check.get("at_first_difference"):
+            d = fp32_check["at_first_difference"]
+            print(f"  at the first difference fp32's two best logits are {d['fp32_top2_gap']:.4f} apart "
+                  f"(one bf16 step at that value: {d['bf16_step_at_top']:.4f})")
     print(f"wrote {a.out}")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -149,7 +150,8 @@ def main() -> int:
                  for n, t, f in sections if "-cpu" in n]
     sections += [
         ("bench-0.5b-cpu-intel-native.json", "0.5B architecture at 1024 px, CPU (Intel Xeon with AMX), "
-         "with the native decode loop (session 20, a busy day on this machine)", [main_table, accuracy_table]),
+         "with the bf16 native decode loop (session 20, a busy day on this machine; its fp32 rows predate the fp32 "
+         "native step)", [main_table, accuracy_table]),
         ("bench-0.5b-cpu-bf16-paired-intel-native.json", "0.5B at 1024 px, CPU (Intel Xeon with AMX) bf16, paired "
          "decode, with the native decode loop (session 20)", [main_table]),
         ("bench-0.5b-cpu-bf16-paired-intel-native-2.json", "0.5B at 1024 px, CPU (Intel Xeon with AMX) bf16, "
@@ -184,11 +186,23 @@ def main() -> int:
         r = load(d, name)
         bw = sorted(r["read_bandwidth_gbps_per_round"])
         ratio = sorted(r["native_over_layers_per_round"])
+        med = statistics.median(ratio)
+        same = (f"the first {r['same_greedy_prefix']}" if "same_greedy_prefix" in r
+                else f"{r['same_greedy_tokens']} (position by position)")
         print(f"### Whole generations, native decode loop against transformers' loop, interleaved (`{name}`)\n")
         print(f"{r['machine'].get('cpu_model', '')}, {r['machine']['threads']} threads, torch {r['machine'].get('torch')}; "
               f"{r['preset']} {r['dtype']}, {r['context']}-token prompt, {r['new_tokens']} new tokens, {r['rounds']} "
               f"rounds; read bandwidth {bw[0]}-{bw[-1]} GB/s; native / layers per round {ratio[0]}-{ratio[-1]} "
-              f"(median {ratio[len(ratio) // 2]}); greedy tokens the same: {r['same_greedy_tokens']} of {r['greedy_tokens']}\n")
+              f"(median {med:.3f}); greedy tokens the same: {same} of {r['greedy_tokens']}\n")
+        check = r.get("fp32_check")
+        if check:
+            line = "fp32, teacher-forced on each loop's tokens, picks the same token: " + ", ".join(
+                f"{v} {n} of {r['greedy_tokens']}" for v, n in check["fp32_agrees"].items())
+            diff = check.get("at_first_difference")
+            if diff:
+                line += (f"; at the first difference (token {diff['index']}) fp32's two best logits are "
+                         f"{diff['fp32_top2_gap']} apart, one bf16 step there being {diff['bf16_step_at_top']}")
+            print(line + "\n")
         print("Command: `" + r["command"] + "`\n")
         print("| loop | decode tokens/s (median) | of the paired bandwidth bound |\n|---|---|---|")
         for v, row in r["variants"].items():

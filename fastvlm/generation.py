@@ -271,12 +271,10 @@ def generate_steps(
         **{cache_kw: cache},
     )
     logits = out.logits[:, -1, :].float()
-    native = None
-    if batch == 1 and device.type == "cpu" and params.max_new_tokens > 1 and bool(attention_mask.all()):
-        native = native_decoder(model.language_model, input_ids.shape[1] + params.max_new_tokens)
-        if native is not None:
-            native.load_cache(cache, input_ids.shape[1])
-            cache = out = None  # the decoder's buffers hold it from here on (the output referenced it too)
+    out = None  # it referenced the cache; the native decoder below may take the cache over
+    # batch-1 steps on the CPU may go to the native decoder, built at the first step after the first token
+    # (so that TTFT does not pay for it, nor a reply that ends at its first token)
+    native, try_native = None, batch == 1 and device.type == "cpu" and bool(attention_mask.all())
     # token history for the repetition penalty: the prompt's text ids (images and padding excluded)
     history = input_ids.masked_fill((input_ids < 0) | (attention_mask == 0), 0) if params.repetition_penalty != 1.0 else None
     if history is not None:
@@ -298,6 +296,12 @@ def generate_steps(
         yield next_tokens, finished, timings
         if bool(finished.all()) or step == params.max_new_tokens - 1:
             break
+        if try_native:
+            try_native = False
+            native = native_decoder(model.language_model, input_ids.shape[1] + params.max_new_tokens)
+            if native is not None:
+                native.load_cache(cache, input_ids.shape[1])
+                cache = None  # the decoder's buffers hold it from here on
         if native is not None:
             logits = native.step(int(next_tokens[0]), int(next_pos[0]))
         else:

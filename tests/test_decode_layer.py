@@ -19,10 +19,10 @@ KW = cache_argument(Qwen2ForCausalLM(Qwen2Config(vocab_size=8, hidden_size=8, in
                                                   num_attention_heads=1, num_key_value_heads=1)))
 
 
-def lm(head_dim: int = 32, seed: int = 0) -> Qwen2ForCausalLM:
+def lm(head_dim: int = 32, seed: int = 0, max_positions: int = 512) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=300, hidden_size=4 * head_dim, intermediate_size=200, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                       tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(cfg).eval()

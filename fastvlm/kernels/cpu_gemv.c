@@ -190,9 +190,10 @@ void fastvlm_qwen2_mlp_bf16(const uint16_t *x1, const uint16_t *h, const uint16_
  * P: 12 pointers per layer (input norm, Wq, bq, Wk, bk, Wv, bv, Wo, post-attention norm, Wg,
  * Wu, Wd; a missing bias is NULL); eps: the two norms' epsilons per layer.
  * kcache/vcache: [L][nkv][cap][D] bf16; positions 0..n-1 hold the context, this step writes n.
- * Attention follows PyTorch's CPU flash kernel for bf16: q.k in fp32, scaled, softmax in fp32
- * with the exponentials rounded to bf16 for the product with V, the sum taken unrounded, the
- * output divided once and rounded. logits[V]: the LM head's bf16 outputs, widened to fp32.
+ * Attention rounds as PyTorch's CPU flash kernel does for bf16: q.k in fp32, scaled, softmax in
+ * fp32 with the exponentials rounded to bf16 for the product with V, the sum taken unrounded, the
+ * output divided once and rounded; in one block with expf, where that kernel takes blocks of keys
+ * with online rescaling and an approximate exp (so the two differ by bf16 rounding). logits[V]: the LM head's bf16 outputs, widened to fp32.
  * buf: bf16 scratch of 3H + (2nq + 2nkv)D + 2I; fbuf: fp32 scratch of nq * cap. */
 void fastvlm_qwen2_step_bf16(const uint16_t *emb, const uint16_t *const *P, const float *eps, int64_t L,
                              int64_t H, int64_t I, int64_t nq, int64_t nkv, int64_t D,

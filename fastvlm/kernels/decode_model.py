@@ -11,8 +11,9 @@ heads, capacity, head dim] for keys and for values), the rotary tables computed 
 model's own rotary module, and the logits written as fp32.
 
 In bf16 the arithmetic is the lean layers' (every bf16 rounding where transformers' modules round)
-plus attention as PyTorch's CPU flash kernel computes it for bf16 (exponentials rounded to bf16 for
-the product with V), so its logits follow the module path's within bf16 rounding; in fp32 nothing
+plus attention rounded as PyTorch's CPU flash kernel rounds for bf16 (exponentials rounded to bf16 for
+the product with V), though in one block with an exact exp where that kernel takes blocks of 512 keys
+with online rescaling and a faster exp, so its logits follow the module path's within bf16 rounding; in fp32 nothing
 is rounded and they follow to fp32 summation order (tests/test_decode_model.py asserts logits
 against an fp32 reference, the cache and greedy tokens).
 
@@ -29,7 +30,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
 from . import DecodeLinear, available, load
+from .decode_layer import LeanQwen2DecoderLayer
 
 
 def _kv_of(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,13 +51,16 @@ def _ok(t, dtype: torch.dtype) -> bool:
 def _layer_shape(layer, dtype: torch.dtype) -> Optional[tuple]:
     """(H, I, nq, nkv, D, scaling, eps1, eps2) where `layer` has exactly the structure the native step
     implements (a Qwen2 decoder layer with plain or DecodeLinear projections and SiLU, no sliding window),
-    every tensor in `dtype` on the CPU; None otherwise (a wrapped or quantized projection, say)."""
+    every tensor in `dtype` on the CPU; None otherwise (another architecture, a wrapped or quantized projection, say)."""
+    if type(layer) not in (Qwen2DecoderLayer, LeanQwen2DecoderLayer):
+        return None  # look-alikes differ (Qwen3 normalises q and k per head before rotary, say)
     a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     try:
         lins = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
-        D = int(a.head_dim)
-    except (AttributeError, TypeError):
+        D, scaling = int(a.head_dim), float(a.scaling)
+        eps = (float(norms[0].variance_epsilon), float(norms[1].variance_epsilon))
+    except (AttributeError, TypeError, ValueError):
         return None
     if (not all(type(x) in (nn.Linear, DecodeLinear) and _ok(x.weight, dtype) and (x.bias is None or _ok(x.bias, dtype))
                 for x in lins)
@@ -72,7 +79,7 @@ def _layer_shape(layer, dtype: torch.dtype) -> Optional[tuple]:
     nq, nkv = q.out_features // D, k.out_features // D
     if nq % nkv:
         return None
-    return (H, inter, nq, nkv, D, float(a.scaling), float(norms[0].variance_epsilon), float(norms[1].variance_epsilon))
+    return (H, inter, nq, nkv, D, scaling) + eps
 
 
 class NativeQwen2Decoder:
@@ -131,6 +138,8 @@ class NativeQwen2Decoder:
         dtype = embed.dtype
         if dtype not in (torch.bfloat16, torch.float32) or not available(dtype):
             return None
+        if lm.training or any(mod._forward_hooks or mod._forward_pre_hooks for mod in lm.modules()):
+            return None  # dropout, or hooks that expect the modules' forwards to run
         shapes = [_layer_shape(layer, dtype) for layer in layers]
         if any(x is None for x in shapes) or len({x[:6] for x in shapes}) != 1:
             return None  # every layer must qualify, all of one shape (the native step loops over them as such)
