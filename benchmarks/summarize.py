@@ -154,6 +154,9 @@ def main() -> int:
          "native step)", [main_table, accuracy_table]),
         ("bench-0.5b-cpu-bf16-paired-intel-native.json", "0.5B at 1024 px, CPU (Intel Xeon with AMX) bf16, paired "
          "decode, with the native decode loop (session 20)", [main_table]),
+        ("bench-0.5b-cpu-intel-native-all.json", "0.5B architecture at 1024 px, CPU (Intel Xeon with AMX), with "
+         "the native decode loop in bf16 and fp32 (session 20; the roofline read at its start was low, so its "
+         "fractions of the peak are not meaningful)", [main_table, accuracy_table]),
         ("bench-0.5b-cpu-bf16-paired-intel-native-2.json", "0.5B at 1024 px, CPU (Intel Xeon with AMX) bf16, "
          "paired decode, with the native decode loop (session 20, second run)", [main_table]),
     ]
