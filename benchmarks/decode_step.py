@@ -23,7 +23,6 @@ Random weights (time does not depend on their values); the prompt is random toke
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -60,6 +59,7 @@ def main() -> int:
 
     from fastvlm import FastVLM, kernels
     from fastvlm.bench.core import lm_decode_bytes, machine_info, read_bandwidth
+    from fastvlm.bench.report import write_json
     from fastvlm.generation import cache_argument
     from fastvlm.kernels.decode_layer import use_lean_decode_layers
     from fastvlm.kernels.decode_model import NativeQwen2Decoder
@@ -153,10 +153,7 @@ def main() -> int:
         "greedy_tokens": len(tokens["modules"]),
     }
     out = a.out or os.path.join(HERE, "results", f"decode-step-cpu-{a.dtype}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
+    write_json(report, out)
     print(f"{a.preset} {a.dtype}, context {a.context}, {a.rounds} interleaved rounds, "
           f"{nbytes / 1e6:.0f} MB of weights per token, read bandwidth median "
           f"{statistics.median(bandwidth):.1f} GB/s")

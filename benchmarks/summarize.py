@@ -196,7 +196,9 @@ def main() -> int:
         print(f"{r['machine'].get('cpu_model', '')}, {r['machine']['threads']} threads, torch {r['machine'].get('torch')}; "
               f"{r['preset']} {r['dtype']}, {r['context']}-token prompt, {r['new_tokens']} new tokens, {r['rounds']} "
               f"rounds; read bandwidth {bw[0]}-{bw[-1]} GB/s; native / layers per round {ratio[0]}-{ratio[-1]} "
-              f"(median {med:.3f}); greedy tokens the same: {same} of {r['greedy_tokens']}\n")
+              f"(median {med:.3f}); greedy tokens the same: {same} of {r['greedy_tokens']}"
+              + (f"; the native loop's setup {r['native_setup_ms']} ms per generation" if "native_setup_ms" in r else "")
+              + "\n")
         check = r.get("fp32_check")
         if check:
             line = "fp32, teacher-forced on each loop's tokens, picks the same token: " + ", ".join(

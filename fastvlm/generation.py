@@ -143,15 +143,28 @@ def native_decoder(language_model, capacity: int):
     `capacity` tokens where the language model's layers run on the native decode kernels (the `fast`
     mode on AVX-512 CPUs, bf16 or fp32); None otherwise, and then transformers' model and DynamicCache
     take the steps."""
-    from .kernels import DecodeLinear
-
-    layers = getattr(getattr(language_model, "model", None), "layers", None)
-    if not layers or not all(type(getattr(getattr(layer, "self_attn", None), "q_proj", None)) is DecodeLinear
-                             for layer in layers):
+    if not _on_decode_kernels(language_model):
         return None  # checked first: in every other mode nothing here loads or builds the kernels
     from .kernels.decode_model import NativeQwen2Decoder
 
     return NativeQwen2Decoder.for_model(language_model, capacity)
+
+
+def native_decoding(language_model) -> bool:
+    """Whether `generate` decodes batch-1 requests of this language model natively (nothing allocated)."""
+    if not _on_decode_kernels(language_model):
+        return False
+    from .kernels.decode_model import NativeQwen2Decoder
+
+    return NativeQwen2Decoder.plan(language_model) is not None
+
+
+def _on_decode_kernels(language_model) -> bool:
+    from .kernels import DecodeLinear
+
+    layers = getattr(getattr(language_model, "model", None), "layers", None)
+    return bool(layers) and all(type(getattr(getattr(layer, "self_attn", None), "q_proj", None)) is DecodeLinear
+                                for layer in layers)
 
 
 def _sync(device: torch.device) -> None:

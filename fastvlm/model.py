@@ -327,7 +327,7 @@ class FastVLM(nn.Module):
         if quantize == "int8":
             self._quantize_int8()
         from . import kernels
-        from .generation import native_decoder, use_packed_gqa_attention
+        from .generation import native_decoding, use_packed_gqa_attention
 
         if decode_kernels is None:
             decode_kernels = fast and device.type == "cpu" and kernels.available(self.dtype)
@@ -346,9 +346,9 @@ class FastVLM(nn.Module):
             "decode_kernels": bool(decode_kernels) and n_kernels > 0,
             "decode_attention": "packed-gqa sdpa" if packed_gqa else "sdpa",
             "decode_layers": "native bf16 steps" if n_lean else "transformers",
-            # what generate's batch-1 decode steps run on (generation.native_decoder)
+            # what generate's batch-1 decode steps run on
             "decode_loop": ("native whole-model step, preallocated KV cache (batch 1)"
-                            if native_decoder(self.language_model, 1) is not None else "transformers"),
+                            if native_decoding(self.language_model) else "transformers"),
         }
         return self
 

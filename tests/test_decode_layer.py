@@ -37,6 +37,17 @@ def lm(head_dim: int = 32, seed: int = 0, max_positions: int = 512) -> Qwen2ForC
     return model.to(torch.bfloat16)
 
 
+class Wrapped(torch.nn.Module):
+    """A projection wrapped as LoRA wraps them: the same weight and bias attributes, another module type."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.weight, self.bias = inner, inner.weight, inner.bias
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 def layers_of(model):
     return [type(m).__name__ for m in model.model.layers]
 
@@ -147,15 +158,6 @@ def test_everything_else_takes_the_module(lean_step_calls):
         assert not calls
         # a wrapped projection (as LoRA wraps them): the module
         wrapped = copy.deepcopy(model)
-
-        class Wrapped(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner, self.weight, self.bias = inner, inner.weight, inner.bias
-
-            def forward(self, x):
-                return self.inner(x)
-
         for layer in wrapped.model.layers:
             layer.self_attn.q_proj = Wrapped(layer.self_attn.q_proj)
         cache = DynamicCache()

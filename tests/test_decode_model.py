@@ -11,9 +11,9 @@ import torch
 from transformers import DynamicCache
 
 from fastvlm import kernels
-from fastvlm.generation import native_decoder
+from fastvlm.generation import native_decoder, native_decoding
 from fastvlm.kernels.decode_model import NativeQwen2Decoder
-from test_decode_layer import KW, decode, lm
+from test_decode_layer import KW, Wrapped, decode, lm
 
 # the fp32 step needs AVX-512 (every CPU with the kernels); the bf16 step AVX512-BF16 as well
 pytestmark = pytest.mark.skipif(not kernels.available(torch.float32), reason=kernels.status())
@@ -140,28 +140,21 @@ def test_which_models_get_a_native_decoder():
     model = lm(32).float()
     kernels.use_decode_kernels(model, False)
     assert native_decoder(model, 64) is None  # PyTorch's linears (the exact mode): nothing native
+    assert not native_decoding(model)
     kernels.use_decode_kernels(model, True)
     assert native_decoder(model, 64).dtype == torch.float32
+    assert native_decoding(model)
     if kernels.available(torch.bfloat16):
         assert native_decoder(copy.deepcopy(model).to(torch.bfloat16), 64).dtype == torch.bfloat16
     m16 = copy.deepcopy(model).half()  # no fp16 kernels
     assert native_decoder(m16, 64) is None
     biased = copy.deepcopy(model)
     biased.lm_head.bias = torch.nn.Parameter(torch.zeros(300))
-    assert native_decoder(biased, 64) is None
+    assert native_decoder(biased, 64) is None and not native_decoding(biased)
     scaled = copy.deepcopy(model)
     scaled.model.rotary_emb.rope_type = "dynamic"
     assert native_decoder(scaled, 64) is None
     wrapped = copy.deepcopy(model)  # a wrapped projection (as LoRA wraps them): not the structure implemented
-
-    class Wrapped(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.weight, self.bias = inner, inner.weight, inner.bias
-
-        def forward(self, x):
-            return self.inner(x)
-
     wrapped.model.layers[1].mlp.down_proj = Wrapped(wrapped.model.layers[1].mlp.down_proj)
     assert native_decoder(wrapped, 64) is None
     mixed = copy.deepcopy(model)  # one layer with a bias on o_proj

@@ -126,9 +126,8 @@ def load() -> Optional[ctypes.CDLL]:
                     getattr(lib, name).argtypes = [ptr] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
                 lib.fastvlm_gemv_f32.restype = None
                 P, L, F, N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-                step_args = [P, P, P] + [L] * 6 + [P, P, F, P, P, L, L, P, F, P, L] + [P, P, P, N]
-                lib.fastvlm_qwen2_step_f32.argtypes = step_args
-                lib.fastvlm_qwen2_step_f32.restype = None
+                lib.fastvlm_qwen2_step.argtypes = [N, P, P, P] + [L] * 6 + [P, P, F, P, P, L, L, P, F, P, L] + [P, P, P, N]
+                lib.fastvlm_qwen2_step.restype = ctypes.c_int
                 lib.fastvlm_set_prefetch.argtypes = [ctypes.c_int64]
                 lib.fastvlm_set_prefetch.restype = None
                 lib.fastvlm_get_prefetch.restype = ctypes.c_int64
@@ -138,8 +137,7 @@ def load() -> Optional[ctypes.CDLL]:
                             ("fastvlm_gemv_bf16", [P] * 4 + [L, L, N]),
                             ("fastvlm_qwen2_attn_in_bf16", [P, P, F] + [P] * 8 + [L] * 4 + [P, P, N]),
                             ("fastvlm_qwen2_attn_out_bf16", [P, P, P, L, P, F, L, P, P, N]),
-                            ("fastvlm_qwen2_mlp_bf16", [P] * 5 + [L, L, P, P, N]),
-                            ("fastvlm_qwen2_step_bf16", step_args)):
+                            ("fastvlm_qwen2_mlp_bf16", [P] * 5 + [L, L, P, P, N])):
                         getattr(lib, name).argtypes = args
                         getattr(lib, name).restype = None
             except (OSError, subprocess.SubprocessError, AttributeError) as e:

@@ -181,99 +181,6 @@ void fastvlm_qwen2_mlp_bf16(const uint16_t *x1, const uint16_t *h, const uint16_
         for (int64_t o = 0; o < H; o++) out[o] = f32_to_bf16(bf(x1[o]) + rnd(dot_bf16(Wd + o * I, gu, I)));
     }
 }
-/* ---- a whole Qwen2 decode step (batch 1, one new token) in one call ----
- * The same arithmetic as the three calls above, for every layer in turn, inside one OpenMP
- * region, plus what they leave to PyTorch: the KV cache write, single-query attention, the final
- * RMSNorm and the LM head. Going through the Python layers cost about 6 ms of a 44 ms 0.5B step
- * on the 2-core Xeon (~250 us per layer of small PyTorch ops, cache concatenation and calls).
- *
- * P: 12 pointers per layer (input norm, Wq, bq, Wk, bk, Wv, bv, Wo, post-attention norm, Wg,
- * Wu, Wd; a missing bias is NULL); eps: the two norms' epsilons per layer.
- * kcache/vcache: [L][nkv][cap][D] bf16; positions 0..n-1 hold the context, this step writes n.
- * Attention rounds as PyTorch's CPU flash kernel does for bf16: q.k in fp32, scaled, softmax in
- * fp32 with the exponentials rounded to bf16 for the product with V, the sum taken unrounded, the
- * output divided once and rounded; in one block with expf, where that kernel takes blocks of keys
- * with online rescaling and an approximate exp (so the two differ by bf16 rounding). logits[V]: the LM head's bf16 outputs, widened to fp32.
- * buf: bf16 scratch of 3H + (2nq + 2nkv)D + 2I; fbuf: fp32 scratch of nq * cap. */
-void fastvlm_qwen2_step_bf16(const uint16_t *emb, const uint16_t *const *P, const float *eps, int64_t L,
-                             int64_t H, int64_t I, int64_t nq, int64_t nkv, int64_t D,
-                             const uint16_t *cosv, const uint16_t *sinv, float scaling,
-                             uint16_t *kcache, uint16_t *vcache, int64_t cap, int64_t n,
-                             const uint16_t *norm_w, float norm_eps, const uint16_t *Wlm, int64_t V,
-                             uint16_t *buf, float *fbuf, float *logits, int nthreads) {
-    uint16_t *x = buf, *h = x + H, *x1 = h + H, *qkv = x1 + H, *attn = qkv + (nq + 2 * nkv) * D;
-    uint16_t *gu = attn + nq * D;
-    const int64_t rows = (nq + 2 * nkv) * D, half = D / 2, G = nq / nkv, T = n + 1, A = nq * D;
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp single
-        memcpy(x, emb, (size_t)H * sizeof(uint16_t));
-        for (int64_t l = 0; l < L; l++) {
-            const uint16_t *const *p = P + 12 * l;
-            uint16_t *kc = kcache + l * nkv * cap * D, *vc = vcache + l * nkv * cap * D;
-            const uint16_t *W[3] = {p[1], p[3], p[5]}, *B[3] = {p[2], p[4], p[6]};
-            const int64_t O[3] = {nq * D, nkv * D, nkv * D};
-#pragma omp single
-            rms_apply(x, p[0], rms_inv(x, H, eps[2 * l]), h, H);
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; r++) qkv[r] = f32_to_bf16(stacked_row(r, W, B, O, h, H));
-            /* rotary on the q and k heads; the new k and v go to the cache at position n */
-#pragma omp for schedule(static)
-            for (int64_t head = 0; head < nq + 2 * nkv; head++) {
-                uint16_t *v = qkv + head * D;
-                if (head < nq + nkv) {
-                    uint16_t tmp[512];
-                    for (int64_t j = 0; j < D; j++) {
-                        float rot = j < half ? -bf(v[j + half]) : bf(v[j - half]);
-                        tmp[j] = f32_to_bf16(rnd(bf(v[j]) * bf(cosv[j])) + rnd(rot * bf(sinv[j])));
-                    }
-                    memcpy(v, tmp, (size_t)D * sizeof(uint16_t));
-                    if (head >= nq) memcpy(kc + ((head - nq) * cap + n) * D, v, (size_t)D * sizeof(uint16_t));
-                } else {
-                    memcpy(vc + ((head - nq - nkv) * cap + n) * D, v, (size_t)D * sizeof(uint16_t));
-                }
-            }
-#pragma omp for schedule(static)
-            for (int64_t hq = 0; hq < nq; hq++) {
-                const uint16_t *q = qkv + hq * D, *K = kc + (hq / G) * cap * D, *Vv = vc + (hq / G) * cap * D;
-                float *s = fbuf + hq * cap, m = -INFINITY, sum = 0.0f, acc[512];
-                for (int64_t t = 0; t < T; t++) {
-                    s[t] = dot_bf16(K + t * D, q, D) * scaling;
-                    if (s[t] > m) m = s[t];
-                }
-                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-                for (int64_t t = 0; t < T; t++) {
-                    const float e = expf(s[t] - m), pe = rnd(e);
-                    const uint16_t *vr = Vv + t * D;
-                    sum += e;
-                    for (int64_t d = 0; d < D; d++) acc[d] += pe * bf(vr[d]);
-                }
-                for (int64_t d = 0; d < D; d++) attn[hq * D + d] = f32_to_bf16(acc[d] / sum);
-            }
-#pragma omp for schedule(static)
-            for (int64_t o = 0; o < H; o++) x1[o] = f32_to_bf16(bf(x[o]) + rnd(dot_bf16(p[7] + o * A, attn, A)));
-#pragma omp single
-            rms_apply(x1, p[8], rms_inv(x1, H, eps[2 * l + 1]), h, H);
-            {
-                const uint16_t *Wm[2] = {p[9], p[10]}, *Bm[2] = {0, 0};
-                const int64_t Om[2] = {I, I};
-#pragma omp for schedule(static)
-                for (int64_t r = 0; r < 2 * I; r++) gu[r] = f32_to_bf16(stacked_row(r, Wm, Bm, Om, h, H));
-            }
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < I; i++) {
-                float g = bf(gu[i]);
-                gu[i] = f32_to_bf16(rnd(g / (1.0f + expf(-g))) * bf(gu[I + i]));
-            }
-#pragma omp for schedule(static)
-            for (int64_t o = 0; o < H; o++) x[o] = f32_to_bf16(bf(x1[o]) + rnd(dot_bf16(p[11] + o * I, gu, I)));
-        }
-#pragma omp single
-        rms_apply(x, norm_w, rms_inv(x, H, norm_eps), h, H);
-#pragma omp for schedule(static)
-        for (int64_t v = 0; v < V; v++) logits[v] = rnd(dot_bf16(Wlm + v * H, h, H));
-    }
-}
 #endif
 
 static inline float dot_f32(const float *w, const float *x, int64_t I) {
@@ -304,96 +211,155 @@ void fastvlm_gemv_f32(const float *W, const float *x, const float *b, float *y,
     }
 }
 
-/* fp32 counterparts of rms_inv / rms_apply: out = w * (x * r), as Qwen2RMSNorm in fp32 */
-static void rms_apply_f32(const float *x, const float *w, float eps, float *out, int64_t H) {
-    float s = 0.0f;
-    for (int64_t i = 0; i < H; i++) s += x[i] * x[i];
-    const float r = 1.0f / sqrtf(s / (float)H + eps);
-    for (int64_t i = 0; i < H; i++) out[i] = w[i] * (x[i] * r);
+/* ---- a whole Qwen2 decode step (batch 1, one new token) in one call, bf16 or fp32 ----
+ * The same arithmetic as the three bf16 calls above, for every layer in turn, inside one OpenMP
+ * region, plus what they leave to PyTorch: the KV cache write, single-query attention, the final
+ * RMSNorm and the LM head. Going through the Python layers cost about 6 ms of a 44 ms 0.5B step
+ * on the 2-core Xeon (~250 us per layer of small PyTorch ops, cache concatenation and calls).
+ * One body serves both dtypes (`b`: bf16): in bf16 every intermediate is rounded where
+ * transformers' bf16 modules round it (`rq`), in fp32 nothing is.
+ *
+ * P: 12 pointers per layer (input norm, Wq, bq, Wk, bk, Wv, bv, Wo, post-attention norm, Wg,
+ * Wu, Wd; a missing bias is NULL); eps: the two norms' epsilons per layer.
+ * kcache/vcache: [L][nkv][cap][D]; positions 0..n-1 hold the context, this step writes n.
+ * Attention rounds as PyTorch's CPU flash kernel does for bf16: q.k in fp32, scaled, softmax in
+ * fp32 with the exponentials rounded to bf16 for the product with V, the sum taken unrounded, the
+ * output divided once and rounded; in one block with expf, where that kernel takes blocks of keys
+ * with online rescaling and an approximate exp (so the two differ by bf16 rounding).
+ * logits[V]: the LM head's outputs (in bf16 rounded to bf16), as fp32.
+ * buf: scratch of 3H + (2nq + 2nkv)D + 2I elements of the dtype; fbuf: fp32 scratch of nq * cap. */
+static inline float getv(const void *p, int64_t i, int b) {
+    return b ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void setv(void *p, int64_t i, float v, int b) {
+    if (b) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+static inline float rq(float v, int b) { return b ? bf16_to_f32(f32_to_bf16(v)) : v; }
+static inline void *at(const void *p, int64_t i, int b) { return (char *)p + i * (b ? 2 : 4); }
+static inline float dot_any(const void *w, const void *x, int64_t I, int b) {
+#ifdef __AVX512BF16__
+    if (b) return dot_bf16((const uint16_t *)w, (const uint16_t *)x, I);
+#else
+    (void)b;  /* fastvlm_qwen2_step refuses bf16 on such a build */
+#endif
+    return dot_f32((const float *)w, (const float *)x, I);
 }
 
-/* The fp32 whole-model decode step: fastvlm_qwen2_step_bf16's structure and arguments (buffers of
- * floats), with nothing rounded, as transformers computes in fp32. For CPUs with AVX-512 but no
- * AVX512-BF16 (where the CLI's dtype="auto" picks fp32) and for users who choose fp32. */
-void fastvlm_qwen2_step_f32(const float *emb, const float *const *P, const float *eps, int64_t L,
-                            int64_t H, int64_t I, int64_t nq, int64_t nkv, int64_t D,
-                            const float *cosv, const float *sinv, float scaling,
-                            float *kcache, float *vcache, int64_t cap, int64_t n,
-                            const float *norm_w, float norm_eps, const float *Wlm, int64_t V,
-                            float *buf, float *fbuf, float *logits, int nthreads) {
-    float *x = buf, *h = x + H, *x1 = h + H, *qkv = x1 + H, *attn = qkv + (nq + 2 * nkv) * D;
-    float *gu = attn + nq * D;
+/* out = w * round(x * r), r = 1 / sqrt(mean(x^2) + eps) in fp32: Qwen2RMSNorm (in bf16 with the
+ * three calls' rms_inv, so that both bf16 paths sum in the same order) */
+static void rms_norm_any(const void *x, const void *w, float eps, void *out, int64_t H, int b) {
+    float r;
+#ifdef __AVX512BF16__
+    if (b) {
+        r = rms_inv((const uint16_t *)x, H, eps);
+    } else
+#endif
+    {
+        const float *xf = (const float *)x;
+        float s = 0.0f;
+        for (int64_t i = 0; i < H; i++) s += xf[i] * xf[i];
+        r = 1.0f / sqrtf(s / (float)H + eps);
+    }
+    for (int64_t i = 0; i < H; i++) setv(out, i, getv(w, i, b) * rq(getv(x, i, b) * r, b), b);
+}
+
+/* Returns 0, or -1 for bf16 on a build without AVX512-BF16 (nothing computed). */
+int fastvlm_qwen2_step(int b, const void *emb, const void *const *P, const float *eps, int64_t L,
+                       int64_t H, int64_t I, int64_t nq, int64_t nkv, int64_t D,
+                       const void *cosv, const void *sinv, float scaling,
+                       void *kcache, void *vcache, int64_t cap, int64_t n,
+                       const void *norm_w, float norm_eps, const void *Wlm, int64_t V,
+                       void *buf, float *fbuf, float *logits, int nthreads) {
+#ifndef __AVX512BF16__
+    if (b) return -1;
+#endif
+    void *x = buf, *h = at(x, H, b), *x1 = at(h, H, b), *qkv = at(x1, H, b);
+    void *attn = at(qkv, (nq + 2 * nkv) * D, b), *gu = at(attn, nq * D, b);
     const int64_t rows = (nq + 2 * nkv) * D, half = D / 2, G = nq / nkv, T = n + 1, A = nq * D;
-    const int64_t oq = nq * D, ok = nkv * D;
+    const int64_t O[3] = {nq * D, nkv * D, nkv * D};
+    const size_t es = b ? 2 : 4;
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp single
-        memcpy(x, emb, (size_t)H * sizeof(float));
+        memcpy(x, emb, (size_t)H * es);
         for (int64_t l = 0; l < L; l++) {
-            const float *const *p = P + 12 * l;
-            float *kc = kcache + l * nkv * cap * D, *vc = vcache + l * nkv * cap * D;
+            const void *const *p = P + 12 * l;
+            void *kc = at(kcache, l * nkv * cap * D, b), *vc = at(vcache, l * nkv * cap * D, b);
 #pragma omp single
-            rms_apply_f32(x, p[0], eps[2 * l], h, H);
+            rms_norm_any(x, p[0], eps[2 * l], h, H, b);
+            /* q, k and v: the three matrices' rows stacked, each plus its bias where there is one */
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
-                const int j = r < oq ? 0 : (r < oq + ok ? 1 : 2);
-                const int64_t rr = r - (j == 0 ? 0 : (j == 1 ? oq : oq + ok));
-                const float *Wj = p[1 + 2 * j], *Bj = p[2 + 2 * j];
-                const float s = dot_f32(Wj + rr * H, h, H);
-                qkv[r] = Bj ? s + Bj[rr] : s;
+                int64_t j = 0, rr = r;
+                while (rr >= O[j]) rr -= O[j++];
+                float s = dot_any(at(p[1 + 2 * j], rr * H, b), h, H, b);
+                if (p[2 + 2 * j]) s += getv(p[2 + 2 * j], rr, b);
+                setv(qkv, r, s, b);
             }
+            /* rotary on the q and k heads; the new k and v go to the cache at position n */
 #pragma omp for schedule(static)
             for (int64_t head = 0; head < nq + 2 * nkv; head++) {
-                float *v = qkv + head * D;
+                void *v = at(qkv, head * D, b);
                 if (head < nq + nkv) {
                     float tmp[512];
-                    for (int64_t j = 0; j < D; j++) {
-                        const float rot = j < half ? -v[j + half] : v[j - half];
-                        const float a = v[j] * cosv[j], b = rot * sinv[j];
-                        tmp[j] = a + b;
+                    for (int64_t j = 0; j < D; j++) {  /* q * cos + rotate_half(q) * sin */
+                        const float rot = j < half ? -getv(v, j + half, b) : getv(v, j - half, b);
+                        tmp[j] = rq(getv(v, j, b) * getv(cosv, j, b), b) + rq(rot * getv(sinv, j, b), b);
                     }
-                    memcpy(v, tmp, (size_t)D * sizeof(float));
-                    if (head >= nq) memcpy(kc + ((head - nq) * cap + n) * D, v, (size_t)D * sizeof(float));
+                    for (int64_t j = 0; j < D; j++) setv(v, j, tmp[j], b);
+                    if (head >= nq) memcpy(at(kc, ((head - nq) * cap + n) * D, b), v, (size_t)D * es);
                 } else {
-                    memcpy(vc + ((head - nq - nkv) * cap + n) * D, v, (size_t)D * sizeof(float));
+                    memcpy(at(vc, ((head - nq - nkv) * cap + n) * D, b), v, (size_t)D * es);
                 }
             }
+            /* single-query attention, query head hq on KV head hq / G */
 #pragma omp for schedule(static)
             for (int64_t hq = 0; hq < nq; hq++) {
-                const float *q = qkv + hq * D, *K = kc + (hq / G) * cap * D, *Vv = vc + (hq / G) * cap * D;
+                const void *q = at(qkv, hq * D, b), *K = at(kc, (hq / G) * cap * D, b);
+                const void *Vv = at(vc, (hq / G) * cap * D, b);
                 float *sc = fbuf + hq * cap, m = -INFINITY, sum = 0.0f, acc[512];
                 for (int64_t t = 0; t < T; t++) {
-                    sc[t] = dot_f32(K + t * D, q, D) * scaling;
+                    sc[t] = dot_any(at(K, t * D, b), q, D, b) * scaling;
                     if (sc[t] > m) m = sc[t];
                 }
                 for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
                 for (int64_t t = 0; t < T; t++) {
-                    const float e = expf(sc[t] - m);
-                    const float *vr = Vv + t * D;
+                    const float e = expf(sc[t] - m), pe = rq(e, b);
                     sum += e;
-                    for (int64_t d = 0; d < D; d++) acc[d] += e * vr[d];
+                    if (b) {
+                        const uint16_t *vr = (const uint16_t *)Vv + t * D;
+                        for (int64_t d = 0; d < D; d++) acc[d] += pe * bf16_to_f32(vr[d]);
+                    } else {
+                        const float *vr = (const float *)Vv + t * D;
+                        for (int64_t d = 0; d < D; d++) acc[d] += pe * vr[d];
+                    }
                 }
-                for (int64_t d = 0; d < D; d++) attn[hq * D + d] = acc[d] / sum;
+                for (int64_t d = 0; d < D; d++) setv(attn, hq * D + d, acc[d] / sum, b);
             }
 #pragma omp for schedule(static)
-            for (int64_t o = 0; o < H; o++) x1[o] = x[o] + dot_f32(p[7] + o * A, attn, A);
+            for (int64_t o = 0; o < H; o++)
+                setv(x1, o, getv(x, o, b) + rq(dot_any(at(p[7], o * A, b), attn, A, b), b), b);
 #pragma omp single
-            rms_apply_f32(x1, p[8], eps[2 * l + 1], h, H);
+            rms_norm_any(x1, p[8], eps[2 * l + 1], h, H, b);
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < 2 * I; r++) gu[r] = dot_f32((r < I ? p[9] + r * H : p[10] + (r - I) * H), h, H);
+            for (int64_t r = 0; r < 2 * I; r++)
+                setv(gu, r, dot_any(r < I ? at(p[9], r * H, b) : at(p[10], (r - I) * H, b), h, H, b), b);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < I; i++) {
-                const float g = gu[i];
-                gu[i] = (g / (1.0f + expf(-g))) * gu[I + i];
+                const float g = getv(gu, i, b);
+                setv(gu, i, rq(g / (1.0f + expf(-g)), b) * getv(gu, I + i, b), b);
             }
 #pragma omp for schedule(static)
-            for (int64_t o = 0; o < H; o++) x[o] = x1[o] + dot_f32(p[11] + o * I, gu, I);
+            for (int64_t o = 0; o < H; o++)
+                setv(x, o, getv(x1, o, b) + rq(dot_any(at(p[11], o * I, b), gu, I, b), b), b);
         }
 #pragma omp single
-        rms_apply_f32(x, norm_w, norm_eps, h, H);
+        rms_norm_any(x, norm_w, norm_eps, h, H, b);
 #pragma omp for schedule(static)
-        for (int64_t v = 0; v < V; v++) logits[v] = dot_f32(Wlm + v * H, h, H);
+        for (int64_t v = 0; v < V; v++) logits[v] = rq(dot_any(at(Wlm, v * H, b), h, H, b), b);
     }
+    return 0;
 }
 
 int fastvlm_has_bf16(void) {

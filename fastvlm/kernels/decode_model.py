@@ -5,8 +5,8 @@ leaves the rest to PyTorch and transformers: per layer the KV cache update (`Dyn
 concatenates a new key and value onto the old tensors every step), single-query attention, a
 dozen tensor allocations and transformers' model loop; per step the embedding, rotary tables, final
 norm and LM head (in fp32 every layer is transformers' module around the matrix-vector kernel).
-`NativeQwen2Decoder` runs all of it as `fastvlm_qwen2_step_bf16` or `_f32` (cpu_gemv.c): one OpenMP
-region per token, the KV cache in buffers allocated once for the whole generation ([layers, kv
+`NativeQwen2Decoder` runs all of it as `fastvlm_qwen2_step` (cpu_gemv.c, one body for both
+dtypes): one OpenMP region per token, the KV cache in buffers allocated once for the whole generation ([layers, kv
 heads, capacity, head dim] for keys and for values), the rotary tables computed once by the
 model's own rotary module, and the logits written as fp32.
 
@@ -94,7 +94,8 @@ class NativeQwen2Decoder:
         base = lm.model
         self._lib = load()
         self.dtype = dtype = base.embed_tokens.weight.dtype
-        self._step = self._lib.fastvlm_qwen2_step_bf16 if dtype == torch.bfloat16 else self._lib.fastvlm_qwen2_step_f32
+        self._step = self._lib.fastvlm_qwen2_step
+        self._bf16 = int(dtype == torch.bfloat16)
         self.L = len(shapes)
         self.H, self.I, self.nq, self.nkv, self.D, self.scaling = shapes[0][:6]
         self.capacity = int(capacity)
@@ -126,7 +127,14 @@ class NativeQwen2Decoder:
 
     @classmethod
     def for_model(cls, lm, capacity: int) -> Optional["NativeQwen2Decoder"]:
-        """A decoder for `lm` with room for `capacity` tokens, or None where the native step does not apply:
+        """A decoder for `lm` with room for `capacity` tokens, or None where the native step does not apply
+        (`plan`)."""
+        shapes = cls.plan(lm)
+        return None if shapes is None else cls(lm, capacity, shapes)
+
+    @staticmethod
+    def plan(lm) -> Optional[list]:
+        """Every layer's shape (`_layer_shape`) where the native step applies to `lm`, else None:
         no native kernels for its dtype (bf16 needs AVX512-BF16; fp32 AVX-512), weights in another dtype or
         not on the CPU, a layer the step does not implement (`_layer_shape`), layers of different shapes,
         a rotary scaling other than the default, or a bias on the LM head."""
@@ -151,7 +159,7 @@ class NativeQwen2Decoder:
         if (getattr(head, "bias", None) is not None or norm is None or not all(_ok(t, dtype) for t in tensors)
                 or not tensors[0].shape[1] == tensors[2].shape[1] == tensors[1].shape[0] == shapes[0][0]):
             return None
-        return cls(lm, capacity, shapes)
+        return shapes
 
     def load_cache(self, cache, length: int) -> None:
         """Copy the first `length` positions of a transformers cache (batch 1) into the buffers."""
@@ -172,11 +180,13 @@ class NativeQwen2Decoder:
         logits = torch.empty(1, self.V, dtype=torch.float32)
         emb = self.embed.data_ptr() + token * self.H * self.embed.element_size()
         pos = position * self.D * self.cos.element_size()
-        self._step(
-            emb, self._ptrs, self._eps, self.L, self.H, self.I, self.nq, self.nkv, self.D,
+        status = self._step(
+            self._bf16, emb, self._ptrs, self._eps, self.L, self.H, self.I, self.nq, self.nkv, self.D,
             self.cos.data_ptr() + pos, self.sin.data_ptr() + pos, self.scaling,
             self.keys.data_ptr(), self.values.data_ptr(), self.capacity, self.length,
             self.norm_w.data_ptr(), self.norm_eps, self.lm_head.data_ptr(), self.V,
             self._buf.data_ptr(), self._fbuf.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+        if status:
+            raise RuntimeError("the native kernels were built without AVX512-BF16: no bf16 decode step")
         self.length += 1
         return logits
