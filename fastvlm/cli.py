@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             p = sub.add_parser(name, help=help_text, description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _prog=name.replace(":", " "))
     return parser
 
 
@@ -73,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    command = getattr(args, "_prog", args.command)  # "data synth", as argparse names it in its own errors
     try:
         return int(args._run(args) or 0)
     except FastVLMError as e:
-        print(f"fastvlm {args.command}: error: {e}", file=sys.stderr)
+        print(f"fastvlm {command}: error: {e}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as e:
-        message = missing_package_message(args.command, e)
+        message = missing_package_message(command, e)
         if message is None:
             raise
         print(message, file=sys.stderr)

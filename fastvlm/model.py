@@ -112,9 +112,13 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     except RuntimeError as e:
         raise ConfigError(f"unknown device {device!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but PyTorch sees no CUDA GPU")
+        raise ConfigError(f"device {str(dev)!r} requested but PyTorch sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"device {str(dev)!r} requested but PyTorch sees {n} CUDA GPU{'s' if n != 1 else ''} "
+                          f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device 'mps' requested but this PyTorch has no MPS support")
+        raise ConfigError(f"device {str(dev)!r} requested but this PyTorch has no MPS support")
     return dev
 
 

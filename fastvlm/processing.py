@@ -92,6 +92,8 @@ def load_image(
             path = os.fsdecode(path)
         name = _short(path)
         if not os.path.exists(path):
+            if path.split("://", 1)[0].lower() in ("http", "https", "ftp", "s3", "gs", "file"):
+                raise ImageError(f"{name} is a URL; images are read from local files here: download it first")
             raise ImageError(f"image file not found: {name}")
         if os.path.isdir(path):
             raise ImageError(f"{name} is a directory, not an image file")

@@ -243,7 +243,9 @@ def test_data_tokenizer_refuses_bad_sources_and_outputs(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{bad")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "noconv.json").write_text('[{"bad": 1}]')
+    shutil.copy(IMAGE, tmp_path / "binary.txt")
     cases = [
+        ([str(tmp_path / "binary.txt"), "--out", str(tmp_path / "t")], "not UTF-8 text"),
         ([str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "afile")], "exists and is not a directory"),
         ([str(tmp_path / "obj.json"), "--out", str(tmp_path / "t")], "expected a list of LLaVA records"),
         ([str(tmp_path / "bad.json"), "--out", str(tmp_path / "t")], "not valid JSON"),
@@ -252,7 +254,7 @@ def test_data_tokenizer_refuses_bad_sources_and_outputs(tmp_path, capsys):
     ]
     for args, message in cases:
         assert main(["data", "tokenizer", *args, "--vocab-size", "300"]) == 1
-        assert message in capsys.readouterr().err
+        assert message in one_line_error(capsys, "data tokenizer")  # named as argparse names the command
     assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "t").exists()
     assert main(["data", "tokenizer", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "ok"),
                  "--vocab-size", "300"]) == 0
@@ -290,3 +292,117 @@ def test_missing_package_hint_covers_every_optional_extra_and_nothing_else():
     for extra in ("serve", "bench", "train", "lmms"):  # and every package of a command's extra has its hint
         assert names(extra) - {"filelock"} <= set(OPTIONAL_PACKAGES), (extra, names(extra) - set(OPTIONAL_PACKAGES))
     assert missing_package_message("x", ModuleNotFoundError("no", name="yaml")) is None  # a real defect stays one
+
+
+# --- a new user's walkthrough (session 21): each of these was a traceback, a silent overwrite or a late error ---
+
+
+def _no_model_load(monkeypatch, where):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(where, refuse)
+
+
+def test_serve_port_is_checked_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    for port in ("99999", "-1", "0", "http"):
+        assert "--port" in argparse_error(capsys, ["serve", "--port", port])
+    _no_model_load(monkeypatch, "fastvlm.commands.common.load_model")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--no-warmup"]) == 1
+        err = one_line_error(capsys, "serve")
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err, err
+    finally:
+        busy.close()
+
+
+def test_init_refuses_a_non_empty_output_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    (out / "preprocessor_config.json").write_text("{}")
+    assert main(["init", "--preset", "fastvlm-tiny", "--out", str(out)]) == 1
+    assert "is not empty" in one_line_error(capsys, "init") and (out / "model-00001-of-00002.safetensors").exists()
+    assert main(["init", "--preset", "fastvlm-tiny", "--out", str(out), "--overwrite"]) == 0
+    names = set(os.listdir(out))
+    assert "model-00001-of-00002.safetensors" not in names and "preprocessor_config.json" not in names
+    assert {"notes.txt", "model.safetensors", "config.json"} <= names and (out / "notes.txt").read_text() == "mine"
+
+
+def test_convert_in_place_leaves_no_file_of_the_old_layout(tmp_path, capsys):
+    from fastvlm.model import FastVLM
+
+    import torch
+
+    m = tmp_path / "m"
+    assert main(["init", "--preset", "fastvlm-tiny", "--out", str(m), "--dtype", "fp32"]) == 0
+    (m / "vocab.json").write_text("{}")  # a tokenizer file the writers do not make: other tools may read it
+    px = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def outputs():  # the encoder is stored fused in the apple and hf layouts, so compare what it computes
+        model = FastVLM.from_pretrained(str(m), image_size=64).eval()
+        with torch.no_grad():  # (the hf layout pads the vocabulary: compare the logits of the original one)
+            return model.get_image_features(px), model.language_model(torch.arange(1, 9)[None]).logits
+
+    before = outputs()
+    capsys.readouterr()
+    for layout, gone in (("apple", set()), ("hf", {"generation_config.json"}),
+                         ("fastvlm", {"generation_config.json", "preprocessor_config.json"})):
+        assert main(["convert", str(m), str(m), "--to", layout]) == 0
+        err = capsys.readouterr().err
+        names = set(os.listdir(m))
+        assert not names & gone, (layout, names)
+        assert "vocab.json" in names and not any(n.startswith(".convert-") for n in names), names
+        if layout == "hf":  # the Apple layout's (zero) MobileCLIP head has no place in transformers' layout
+            assert "note: the hf layout has no place for Apple's MobileCLIP head" in err, err
+        if layout == "fastvlm":
+            assert "removed the previous layout's preprocessor_config.json" in err, err
+    after = outputs()
+    torch.testing.assert_close(after[0], before[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after[1][..., :before[1].shape[-1]], before[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", ["0", "0MB", "-1GB", "nanGB"])
+def test_zero_or_negative_shard_size_is_refused(size, tmp_path, capsys):
+    assert main(["init", "--preset", "fastvlm-tiny", "--out", str(tmp_path / "m"), f"--max-shard-size={size}"]) == 1
+    assert "must be at least one byte" in one_line_error(capsys, "init")
+    assert not (tmp_path / "m").exists()
+
+
+def test_generate_checks_placeholders_and_urls_before_the_model_loads(monkeypatch, capsys):
+    _no_model_load(monkeypatch, "fastvlm.commands.generate.load_model")
+    assert main(["generate", "--image", IMAGE, "--prompt", "<image> and <image>: what differs?"]) == 1
+    assert "the prompt has 2 <image> placeholders but 1 --image was given" in one_line_error(capsys, "generate")
+    assert main(["generate", "--image", "https://example.com/a.png"]) == 1
+    assert "is a URL" in one_line_error(capsys, "generate")
+
+
+def test_device_errors_name_the_device_asked_for():
+    import torch
+
+    from fastvlm.errors import ConfigError
+    from fastvlm.model import resolve_device
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        with pytest.raises(ConfigError, match=f"'cuda:{n + 4}' requested but PyTorch sees {n} CUDA GPU"):
+            resolve_device(f"cuda:{n + 4}")
+    else:
+        with pytest.raises(ConfigError, match="'cuda:5' requested but PyTorch sees no CUDA GPU"):
+            resolve_device("cuda:5")
+
+
+def test_train_max_steps_and_data_folder(tmp_path, capsys):
+    assert "must be at least 1" in argparse_error(capsys, ["train", "x.yaml", "--max-steps", "0"])
+    from fastvlm.errors import FastVLMError
+    from fastvlm.train.data import _Source
+
+    with pytest.raises(FastVLMError, match="is a folder"):
+        _Source(str(tmp_path), None)

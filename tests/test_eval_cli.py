@@ -162,6 +162,40 @@ def test_missing_image_fails_before_loading(data_file, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_unreadable_image_names_its_record_and_keeps_the_predictions(tiny_dir, data_file, tmp_path, capsys):
+    records = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines()]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for r in records:
+        r["image"] = str(data_file.parent / r["image"])
+    records[4]["image"] = str(tmp_path / "broken.png")
+    bad = tmp_path / "test.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "run"
+    assert run_eval(tiny_dir, bad, out, "--batch-size", "3", "--ttft-samples", "0") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fastvlm eval: error: record 'q4': ") and "broken.png" in err, err
+    assert "predictions written so far are kept" in err
+    assert len(read_lines(out / "predictions.jsonl")) == 3  # the batch before the bad record's
+
+
+def test_data_folders(data_file, tmp_path):
+    from fastvlm.errors import FastVLMError
+
+    split = tmp_path / "synth"
+    split.mkdir()
+    records = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines()]
+    for r in records:
+        r["image"] = str(data_file.parent / r["image"])
+    (split / "test.json").write_text(json.dumps(records), encoding="utf-8")
+    # a `fastvlm data synth` folder means its test split
+    assert [x.id for x in TASKS["synth"].load(split)] == [x.id for x in TASKS["synth"].load(split / "test.json")]
+    with pytest.raises(FastVLMError, match="is a folder; this task reads one file"):
+        TASKS["llava"].load(split)
+    (split / "test.json").rename(split / "val.json")
+    with pytest.raises(FastVLMError, match="no test.json in this folder.*one of: val.json"):
+        TASKS["synth"].load(split)
+
+
 def test_help_lists_tasks_and_formats(capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--help"])

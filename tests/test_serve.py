@@ -138,6 +138,7 @@ def test_models_health_and_page(client, api):
     for asset in ("/static/app.js", "/static/style.css"):
         assert api.get(asset).status_code == 200
     assert_error(api.get("/v1/nothing"), 404)
+    assert "/v1/chat/completions" in api.get("/openapi.json").json()["paths"]  # the schema, served without a key
 
 
 def test_openai_client_image_request(client, model):
@@ -465,6 +466,9 @@ def test_api_key(model):
             assert_error(c.post("/v1/chat/completions", json=body, headers=headers), 401, code="invalid_api_key")
             assert_error(c.get("/v1/models", headers=headers), 401)
         assert c.get("/health").status_code == 200  # open, for load balancers
+        for path in ("/docs", "/openapi.json"):  # no API schema without the key (nor with it)
+            assert c.get(path).status_code == 404
+            assert c.get(path, headers={"Authorization": "Bearer s3cret-key"}).status_code == 404
         ok = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret-key"})
         assert ok.status_code == 200
         good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret-key", max_retries=0)

@@ -249,17 +249,24 @@ def read_config(path_or_dir: str) -> tuple[FastVLMConfig, str]:
     return config, layout.NAME
 
 
-def convert(src: str, dst: str, layout: str, *, dtype=None, max_shard_size: Optional[int] = None) -> None:
-    """Convert a checkpoint directory into `layout`, keeping its dtype unless one is given."""
+def convert(src: str, dst: str, layout: str, *, dtype=None, max_shard_size: Optional[int] = None) -> list[str]:
+    """Convert a checkpoint directory into `layout`, keeping its dtype unless one is given; returns notes on
+    what the target layout cannot hold (for the user to read)."""
     from ..model import FastVLM
 
     directory = resolve_path(src)
     probe = load_state_dict(directory, progress=False)
     float_dtypes = {t.dtype for t in probe.values() if t.is_floating_point()}
+    has_head = any(k.endswith("head.proj") and "vision_tower" in k for k in probe)
     del probe
     keep = dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32)
     model = FastVLM.from_pretrained(directory, device="cpu", dtype=keep)
     model.save_pretrained(dst, layout=layout, max_shard_size=max_shard_size)
+    notes = []
+    if layout == "hf" and has_head:
+        notes.append("the hf layout has no place for Apple's MobileCLIP head (vision_tower head.proj, unused by "
+                     "FastVLM; transformers' port deletes it too): it was dropped")
+    return notes
 
 
 __all__ = ["LAYOUTS", "LAYOUT_NAMES", "detect_layout", "resolve_path", "load_checkpoint", "save_checkpoint",

@@ -124,21 +124,45 @@ def load_model(args):
     return model
 
 
+def int_arg(minimum: int, maximum: int | None = None):
+    """An argparse `type` for whole numbers in [minimum, maximum]: out of range or not a number is a usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
 def parse_size(text: str | None) -> int | None:
     """'5GB', '500MB', '1024' -> bytes."""
     if text is None:
         return None
     t = text.strip().upper()
+    size = None
     for suffix, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
         if t.endswith(suffix):
             try:
-                return int(float(t[: -len(suffix)]) * mult)
+                size = float(t[: -len(suffix)]) * mult
             except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise ConfigError(f"cannot read size {text!r}; use e.g. 5GB or 500MB") from None
+                pass
+            break
+    if size is None:
+        try:
+            size = int(t)
+        except ValueError:
+            raise ConfigError(f"cannot read size {text!r}; use e.g. 5GB or 500MB") from None
+    if not size >= 1 or size == float("inf"):
+        raise ConfigError(f"size {text!r} must be at least one byte; use e.g. 5GB or 500MB")
+    return int(size)
 
 
 def prepare_output_dir(path: str) -> bool:

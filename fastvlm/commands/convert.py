@@ -3,8 +3,9 @@
   fastvlm convert llava-fastvithd_0.5b_stage3 out-hf --to hf
   fastvlm convert out-hf out-apple --to apple --max-shard-size 2GB
 The source layout is detected from its config.json. Weights keep their dtype unless --dtype is given.
-DST must be new or empty (or SRC itself: a checkpoint can be converted in place); --overwrite replaces the
-model files of an existing checkpoint in DST and leaves its other files alone.
+DST must be new or empty (or SRC itself: a checkpoint can be converted in place, which removes the old layout's
+weight and generation/processor config files that the new one lacks); --overwrite replaces the model files of an
+existing checkpoint in DST and leaves its other files alone.
 Converting to 'hf' adds an <image> token and pads the vocabulary to a multiple of 64 as transformers' port does.
 """
 
@@ -26,6 +27,13 @@ MODEL_FILE_NAMES = frozenset({
     "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
 })
 MODEL_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.tiktoken")
+# What one layout writes and another does not: an in-place conversion removes these when the new layout lacks
+# them. Tokenizer files stay (the same tokenizer in another form, which other tools may read).
+LAYOUT_FILE_NAMES = frozenset({
+    "generation_config.json", "generate_config.json", "preprocessor_config.json", "processor_config.json",
+    "image_processor_config.json", "video_preprocessor_config.json", "fastvlm_processor.json",
+})
+LAYOUT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 
 # --dtype names convert accepts (resolve_dtype's, less "auto": a conversion must not depend on the machine)
 _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
@@ -70,21 +78,28 @@ def remove_model_files(directory: str) -> list[str]:
     return removed
 
 
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """A non-empty output directory is refused unless --overwrite is given."""
+    from ..errors import ConfigError
+
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise ConfigError(f"output directory {path} is not empty; choose a new or empty directory, or pass "
+                          "--overwrite to replace the model files in it")
+
+
 def _same_directory(src: str, dst: str) -> bool:
     src = os.path.expanduser(src)
     return os.path.isdir(src) and os.path.isdir(dst) and os.path.samefile(src, dst)
 
 
 def run(args) -> int:
-    from ..errors import ConfigError
     from .common import parse_size, prepare_output_dir, remove_if_empty
 
     max_shard_size = parse_size(args.max_shard_size)
     # Check DST before any heavy work (a Hub download, loading the weights).
     in_place = _same_directory(args.src, args.dst)
-    if not in_place and os.path.isdir(args.dst) and os.listdir(args.dst) and not args.overwrite:
-        raise ConfigError(f"output directory {args.dst} is not empty; choose a new or empty directory, or pass "
-                          "--overwrite to replace the model files in it")
+    if not in_place:
+        check_output_dir(args.dst, args.overwrite)
     created = prepare_output_dir(args.dst)
     try:
         import torch
@@ -99,10 +114,40 @@ def run(args) -> int:
             if removed:
                 print(f"removed {len(removed)} model file(s) from {args.dst}: {', '.join(removed)}", file=sys.stderr)
         dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else None
-        convert(src, args.dst, args.to, dtype=dtype, max_shard_size=max_shard_size)
+        if in_place:
+            notes = _convert_in_place(src, args.dst, args.to, dtype=dtype, max_shard_size=max_shard_size)
+        else:
+            notes = convert(src, args.dst, args.to, dtype=dtype, max_shard_size=max_shard_size)
     except BaseException:
         if created:
             remove_if_empty(args.dst)
         raise
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.dst} ({args.to} layout)", file=sys.stderr)
     return 0
+
+
+def _convert_in_place(src: str, dst: str, layout: str, **kwargs) -> list[str]:
+    """Convert into a folder inside DST, then move the new files over the old ones and remove the old layout's
+    model files that the new one does not have (another layout's generation or processor config, say)."""
+    import shutil
+    import tempfile
+
+    from ..checkpoints import convert
+
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=dst)
+    try:
+        notes = convert(src, tmp, layout, **kwargs)
+        new = set(os.listdir(tmp))
+        stale = sorted(n for n in os.listdir(dst) if n not in new and os.path.isfile(os.path.join(dst, n))
+                       and (n in LAYOUT_FILE_NAMES or any(fnmatch.fnmatchcase(n, p) for p in LAYOUT_FILE_PATTERNS)))
+        for name in sorted(new):
+            os.replace(os.path.join(tmp, name), os.path.join(dst, name))
+        for name in stale:
+            os.remove(os.path.join(dst, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if stale:
+        notes.append(f"removed the previous layout's {', '.join(stale)}")
+    return notes

@@ -29,9 +29,16 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..processing import load_image
+    from ..errors import PromptError
+    from ..processing import count_placeholders, load_image
 
-    images = [load_image(path) for path in args.image]  # fail on a bad image before loading the model
+    # fail on a bad image or a placeholder miscount before loading the model
+    n_ph = count_placeholders([args.prompt])
+    if n_ph and n_ph != len(args.image):
+        raise PromptError(f"the prompt has {n_ph} <image> placeholder{'s' if n_ph != 1 else ''} but "
+                          f"{len(args.image)} --image {'was' if len(args.image) == 1 else 'were'} given (without "
+                          "placeholders, each --image goes before the prompt)")
+    images = [load_image(path) for path in args.image]
     model = load_model(args)
     kwargs = sampling_kwargs(args)
     if args.stream and not args.json:

@@ -21,6 +21,9 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--image-size", type=int, default=None, help="encoder resolution (default: the preset's)")
     p.add_argument("--max-shard-size", default=None, help="shard the weights (e.g. 2GB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a non-empty --out: first remove the model files in it (weights, configs, tokenizer "
+                        "and processor files of any layout) and leave any other files alone")
 
 
 def standin_tokenizer_for(config):
@@ -39,13 +42,19 @@ def run(args) -> int:
     from ..config import get_preset
     from ..model import FastVLM, resolve_dtype
     from .common import parse_size, prepare_output_dir, remove_if_empty
+    from .convert import check_output_dir, remove_model_files
 
     config = get_preset(args.preset)
     if args.image_size:
         config = config.with_image_size(args.image_size)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     max_shard_size = parse_size(args.max_shard_size)
+    check_output_dir(args.out, args.overwrite)
     created = prepare_output_dir(args.out)  # a bad --out fails now, not after building the model
+    if args.overwrite and not created:
+        removed = remove_model_files(args.out)
+        if removed:
+            print(f"removed {len(removed)} model file(s) from {args.out}: {', '.join(removed)}", file=sys.stderr)
     try:
         tokenizer = standin_tokenizer_for(config)
         print(f"building {args.preset} with random weights (seed {args.seed}) ...", file=sys.stderr)

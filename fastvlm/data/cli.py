@@ -37,26 +37,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..commands.common import int_arg
+
 DEFAULT_NUM_TRAIN = 2000
 DEFAULT_NUM_VAL = 200
 DEFAULT_NUM_TEST = 500
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be >= 1, got 0")
-    return value
+_non_negative_int = int_arg(0)
+_positive_int = int_arg(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

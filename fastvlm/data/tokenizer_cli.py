@@ -62,7 +62,11 @@ def run(args) -> int:
     from ..errors import FastVLMError
     from ..tokenization import train_bpe_tokenizer
 
-    lines = list(_texts(args.source))
+    try:
+        lines = list(_texts(args.source))
+    except UnicodeDecodeError as e:
+        raise FastVLMError(f"{args.source}: not UTF-8 text ({e}); give a text corpus, a LLaVA .json/.jsonl file or "
+                           "a folder with corpus.txt") from None
     if not any(line.strip() for line in lines):
         raise FastVLMError(f"{args.source}: no text to train a tokenizer on (an empty corpus, or records without "
                            "conversation turns)")

@@ -16,7 +16,9 @@ Tasks (--task) and the files --data takes:
 {tasks}
 Images are looked up under --image-root when given, else the owner's layout next to the
 file (named above), else the file's own folder. Image paths in records may be absolute.
-Every image is checked before the model is loaded.
+Every image file is checked to exist before the model is loaded; one that PIL cannot read stops the
+run at its batch with the record's id (the predictions written so far are kept: fix or remove the
+record and run the same command again to resume).
 
 Prompts follow LLaVA-1.5 / lmms-eval (the setting of FastVLM's published numbers):
 "<question>\\nAnswer the question using a single word or phrase." for short answers,
@@ -31,7 +33,7 @@ import os
 import sys
 import textwrap
 
-from ..commands.common import add_model_args
+from ..commands.common import add_model_args, int_arg
 from .tasks import TASKS
 
 _FORMATS = {
@@ -48,7 +50,8 @@ _FORMATS = {
     "llava": "JSON list or JSON lines: {id, image, conversations: [human, gpt, ...]} (last gpt turn = "
     "reference) or {id, image, question, answer|answers}",
     "jsonl": "same as llava",
-    "synth": "`fastvlm data synth` output (OUT/test.json): LLaVA records with question_type and text_size",
+    "synth": "`fastvlm data synth` output (OUT/test.json, or OUT itself for its test split): LLaVA records with "
+             "question_type and text_size",
 }
 
 
@@ -68,28 +71,8 @@ def _task_help() -> str:
 __doc__ = __doc__.format(tasks=_task_help())
 
 
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = int_arg(1)
+_non_negative_int = int_arg(0)
 
 
 def add_arguments(p) -> None:

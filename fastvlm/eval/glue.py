@@ -16,11 +16,13 @@ evaluation used.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from ..errors import ImageError
 from .tasks import Sample
 
 __all__ = [
@@ -128,6 +130,26 @@ def _request(sample: Sample) -> tuple[list[str], str]:
     return list(sample.images), sample.prompt
 
 
+@contextlib.contextmanager
+def _naming_bad_image_records(batch: Sequence[Sample]):
+    """An ImageError inside names the first record of `batch` whose images do not load, and how to go on."""
+    from ..processing import load_image
+
+    try:
+        yield
+    except ImageError as e:
+        record = ""
+        for s in batch:
+            try:
+                for path in s.images:
+                    load_image(path)
+            except ImageError:
+                record = f"record {s.id!r}: "
+                break
+        raise ImageError(f"{record}{e}; fix or remove that record and run the same command again (the "
+                         "predictions written so far are kept)") from None
+
+
 def make_predict_fn(
     model,
     *,
@@ -144,7 +166,8 @@ def make_predict_fn(
     kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": False, **sampling}
 
     def predict_fn(batch: list[Sample]) -> list[str]:
-        answers = model.chat_batch([_request(s) for s in batch], system_prompt=system_prompt, **kwargs)
+        with _naming_bad_image_records(batch):
+            answers = model.chat_batch([_request(s) for s in batch], system_prompt=system_prompt, **kwargs)
         if timing_log is not None:
             timing_log.add(model.last_timings, len(batch))
         return list(answers)
@@ -171,10 +194,12 @@ def measure_batch1_ttft(
     if not chosen:
         return None
     for _ in range(max(0, warmup)):
-        model.chat(*_request(chosen[0]), system_prompt=system_prompt, max_new_tokens=1, do_sample=False)
+        with _naming_bad_image_records(chosen[:1]):
+            model.chat(*_request(chosen[0]), system_prompt=system_prompt, max_new_tokens=1, do_sample=False)
     ttft, encode, prefill, tokens = [], [], [], []
     for s in chosen:
-        model.chat(*_request(s), system_prompt=system_prompt, max_new_tokens=1, do_sample=False)
+        with _naming_bad_image_records([s]):
+            model.chat(*_request(s), system_prompt=system_prompt, max_new_tokens=1, do_sample=False)
         t = model.last_timings
         ttft.append(t.ttft_s)
         encode.append(t.encode_s)

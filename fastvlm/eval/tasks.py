@@ -104,7 +104,13 @@ def _path(data: PathLike) -> Path:
     return p
 
 
+def _not_a_folder(path: Path) -> None:
+    if path.is_dir():
+        raise FastVLMError(f"{path} is a folder; this task reads one file (a JSON or JSON-lines benchmark file)")
+
+
 def _load_json(path: Path) -> Any:
+    _not_a_folder(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -116,6 +122,7 @@ def _load_json(path: Path) -> Any:
 
 def _load_json_or_lines(path: Path) -> Any:
     """A JSON document, or JSON lines (POPE's ``.json`` files are JSON lines)."""
+    _not_a_folder(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -625,6 +632,20 @@ def read_llava(data: PathLike, image_root: Optional[PathLike] = None) -> list[Sa
 # per-sample metrics and aggregation
 # ---------------------------------------------------------------------------
 
+def read_synth(data: PathLike, image_root: Optional[PathLike] = None) -> list[Sample]:
+    """`fastvlm data synth` output: a split file (``OUT/test.json``), or the folder itself, which means its
+    test split."""
+    path = _path(data)
+    if path.is_dir():
+        test = path / "test.json"
+        if not test.is_file():
+            splits = sorted(p.name for p in path.glob("*.json"))
+            raise FastVLMError(f"{path}: no test.json in this folder (a `fastvlm data synth` folder has one); "
+                               f"pass a split file{', one of: ' + ', '.join(splits) if splits else ''}")
+        path = test
+    return read_llava(path, image_root)
+
+
 # Edges (in pixels) of the text-size buckets of the synthetic set's breakdown.
 TEXT_SIZE_EDGES = (8, 12, 16, 24, 32, 48, 64)
 
@@ -848,7 +869,7 @@ TASKS: dict[str, Task] = {
         "LLaVA-format JSON/JSONL with references; normalised exact match and ANLS",
     ),
     "synth": Task(
-        "synth", read_llava, verbatim_prompt, _open_metric, mean_aggregate(_OPEN_GROUPS), "accuracy",
+        "synth", read_synth, verbatim_prompt, _open_metric, mean_aggregate(_OPEN_GROUPS), "accuracy",
         "the project's synthetic set; exact match and ANLS per question_type and text_size",
     ),
 }  # fmt: skip

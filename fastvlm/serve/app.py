@@ -131,7 +131,10 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
         finally:
             await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="fastvlm serve", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # With an API key nothing is served without it: no /docs page and no /openapi.json schema either.
+    docs = not settings.api_key
+    app = FastAPI(title="fastvlm serve", version="1", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  openapi_url="/openapi.json" if docs else None, redoc_url=None)
     app.state.engine = engine
     app.state.settings = settings
     app.state.model = model

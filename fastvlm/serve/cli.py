@@ -7,6 +7,7 @@ Endpoints:
   GET  /v1/models             the served model (its id is --served-model-name, default the directory name)
   GET  /health                200 {"status": "ok", ...} while the engine runs, else 503
   GET  /                      web page: pick or paste an image, ask, watch the answer stream
+  GET  /docs, /openapi.json   the API's schema (FastAPI); not served when an API key is set
 
 Images are image_url parts holding base64 data: URIs (data:image/png;base64,...). http(s)
 URLs are fetched only with --allow-remote-images (bounded in bytes, time and redirects; the
@@ -65,7 +66,7 @@ import ipaddress
 import os
 import sys
 
-from ..commands.common import add_model_args, parse_size
+from ..commands.common import add_model_args, int_arg, parse_size
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
@@ -80,11 +81,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def listening_socket(host: str, port: int):
+    """A socket bound to host:port, made before the model loads: a port in use or an address this machine does
+    not have fails at once, in one line, and the server then listens on exactly this socket."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise _config_error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise _config_error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def add_arguments(p):
     add_model_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--port", type=int_arg(1, 65535), default=8000, help="port, 1-65535 (default 8000)")
     g.add_argument("--served-model-name", default=None,
                    help="model id in the API (default: the model directory's name)")
     g.add_argument("--api-key", default=None,
@@ -197,12 +220,17 @@ def run(args) -> int:
         import httpx  # noqa: F401  (fetches remote images; missing, the CLI names the extra that installs it)
     from .app import create_app
 
-    model = load_model(args)
-    app = create_app(model, settings,
-                     warmup=None if args.no_warmup else (lambda: warmup(model, settings.max_batch_size)))
-    auth = "API key required" if settings.api_key else "no API key"
-    print(f"serving {name!r} on http://{args.host}:{args.port} ({auth}; batch <= {settings.max_batch_size}, "
-          f"queue <= {settings.max_queue})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.no_access_log,
-                timeout_graceful_shutdown=5)
+    sock = listening_socket(args.host, args.port)
+    try:
+        model = load_model(args)
+        app = create_app(model, settings,
+                         warmup=None if args.no_warmup else (lambda: warmup(model, settings.max_batch_size)))
+        auth = "API key required" if settings.api_key else "no API key"
+        print(f"serving {name!r} on http://{args.host}:{args.port} ({auth}; batch <= {settings.max_batch_size}, "
+              f"queue <= {settings.max_queue})", file=sys.stderr)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                access_log=not args.no_access_log, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

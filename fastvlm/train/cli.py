@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..commands.common import int_arg
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file, or the name of a bundled recipe")
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "PATH: a step_N checkpoint")
     parser.add_argument("--skip-bad", action="store_true",
                         help="log, count and skip malformed records instead of stopping at the first one")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps "
+    parser.add_argument("--max-steps", type=int_arg(1), default=None, help="stop after this many optimizer steps "
                         "(also sizes the learning-rate schedule)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-recipe", action="store_true", help="print the effective recipe and exit")

@@ -237,6 +237,8 @@ class _Source:
     def __init__(self, path: str, image_folder: Optional[str]) -> None:
         self.path = path
         self.image_folder = image_folder
+        if os.path.isdir(path):
+            raise DataError(f"data file {path} is a folder; give a LLaVA-format .json or .jsonl file in it")
         if not os.path.isfile(path):
             raise DataError(f"no such data file: {path}")
         self.buffer: Optional[bytearray] = None
