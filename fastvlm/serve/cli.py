@@ -230,7 +230,10 @@ def run(args) -> int:
               f"queue <= {settings.max_queue})", file=sys.stderr)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 access_log=not args.no_access_log, timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # Ctrl-C after a graceful shutdown (uvicorn re-raises the signal it caught): a normal exit
     finally:
         sock.close()
     return 0
