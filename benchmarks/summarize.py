@@ -159,6 +159,10 @@ def main() -> int:
          "fractions of the peak are not meaningful)", [main_table, accuracy_table]),
         ("bench-0.5b-cpu-bf16-paired-intel-native-2.json", "0.5B at 1024 px, CPU (Intel Xeon with AMX) bf16, "
          "paired decode, with the native decode loop (session 20, second run)", [main_table]),
+        ("bench-0.5b-cpu-intel-rerun.json", "0.5B architecture at 1024 px, CPU (Intel Xeon with AMX), the same "
+         "code rerun (session 21; its start-of-run bf16 roofline read 799 GFLOP/s, median, against 2,509 in "
+         "bench-0.5b-cpu-intel.json, so its fractions of the bf16 peak are not meaningful)",
+         [main_table, accuracy_table]),
     ]
     for name, title, fns in sections:
         r = load(d, name)
