@@ -217,6 +217,21 @@ def main() -> int:
         for v, row in r["variants"].items():
             print(f"| {v} | {row['decode_tokens_per_s_median']:.1f} | {100 * row['fraction_of_bound_paired']:.0f}% |")
         print()
+    for name in sorted(f for f in os.listdir(d) if f.startswith("prepack-ab") and f.endswith(".json")):
+        r = load(d, name)
+        m = r["machine"]
+        print(f"### LLM prefill with oneDNN-prepacked linear weights against plain ones, interleaved (`{name}`)\n")
+        print(f"{m.get('cpu', '')}, {m['threads']} threads, torch {m.get('torch')}; 0.5B, {r['tokens']} positions\n")
+        print("Command: `" + r["command"] + "`\n")
+        print("| dtype | plain ms | packed ms | packed / plain per round (median, range) | same logits | "
+              "extra memory |\n|---|---|---|---|---|---|")
+        for x in r["results"]:
+            q = x["packed_over_plain_per_round"]
+            print(f"| {x['dtype']} | {x['plain_ms']['median']:.1f} | {x['packed_ms']['median']:.1f} | "
+                  f"{q['median']:.3f} ({q['min']:.3f}-{q['max']:.3f}) | "
+                  f"{'yes' if x['same_logits'] else 'max diff %.1e' % x['max_abs_logit_difference']} | "
+                  f"+{x['extra_memory_mb']:.0f} MB on {x['llm_weights_mb']:.0f} MB |")
+        print()
     for name in ("profile-cpu.json", "profile-cpu-default-allocator.json", "profile-cpu-intel.json",
                  "profile-cpu-default-allocator-intel.json"):
         p = load(d, name)
