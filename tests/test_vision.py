@@ -481,6 +481,19 @@ def test_init_weights():
         meta = FastViTHD()  # no allocation: the path checkpoint loaders take
     assert next(meta.parameters()).is_meta
     assert build_encoder(config, dtype=torch.bfloat16).conv_exp.reparam_conv.weight.dtype == torch.bfloat16
+    # as the reference's cls_init_weights: std 0.02 for linears only, PyTorch's default for convolutions
+    # (kaiming-uniform, std 1/sqrt(3 fan_in)); std 0.02 on every conv left an untrained encoder's features ~1e-16
+    for m in train.modules():
+        if type(m) is torch.nn.Linear:
+            assert abs(float(m.weight.detach().std()) - 0.02) < 0.004 and (m.bias is None or torch.all(m.bias == 0))
+    big = max((m for m in train.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda m: m.weight.numel())
+    fan_in = big.weight[0].numel()
+    std = float(big.weight.detach().std())
+    assert abs(std * (3 * fan_in) ** 0.5 - 1) < 0.05, std
+    for encoder in (model, train):
+        with torch.no_grad():
+            features = encoder.eval()(torch.rand(1, 3, config.image_size, config.image_size))
+        assert float(features.std()) > 1e-3, float(features.std())
 
 
 # ---------------------------------------------------------------------------- input validation

@@ -320,8 +320,7 @@ class RepCPE(nn.Module):
     @torch.no_grad()
     def init_weights(self, layer_scale_init_value: float) -> None:
         conv = self.reparam_conv if self.inference_mode else self.pe
-        nn.init.trunc_normal_(conv.weight, std=0.02)
-        nn.init.zeros_(conv.bias)
+        conv.reset_parameters()  # PyTorch's default, as the reference leaves its convolutions
         if self.inference_mode:
             # Same function as a freshly initialised train form: pe(x) + x.
             conv.weight.add_(_identity_kernel(self.dim, self.dim, self.kernel_size, conv.weight).to(conv.weight.dtype))
