@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(error: BaseException) -> str:
+    """The error's own message; for one raised in a DataLoader worker, which PyTorch re-raises with the worker's
+    whole traceback as its message, the original message alone."""
+    message = str(error)
+    if "Original Traceback (most recent call last)" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        name = f"{type(error).__module__}.{type(error).__qualname__}: "
+        message = last[len(name):] if last.startswith(name) else last
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import FastVLMError
 
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except FastVLMError as e:
-        print(f"fastvlm {command}: error: {e}", file=sys.stderr)
+        print(f"fastvlm {command}: error: {error_message(e)}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as e:
         message = missing_package_message(command, e)

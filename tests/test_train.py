@@ -383,6 +383,30 @@ def test_broken_json_list_names_the_file_and_the_problem(tmp_path, img_dir, tok,
     assert "broken.json" in str(e.value)
 
 
+def test_jsonl_line_that_is_not_utf8_or_json_names_its_line(tmp_path, img_dir, tok):
+    # a Latin-1 byte was a UnicodeDecodeError traceback, which --skip-bad did not catch either
+    good = json.dumps(GOOD).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good + b"\n\n" + b'{"id": "h\xe9"}\n' + good + b"\n{bad\n")
+    with pytest.raises(DataError, match=r"d\.jsonl: record 1 \(line 3\) is not UTF-8 text"):
+        ds(str(path), str(img_dir), tok)
+    d = ds(str(path), str(img_dir), tok, skip_bad=True)
+    assert len(d) == 2
+    path.write_bytes(good + b"\n\n" + good + b"\n{bad\n")
+    with pytest.raises(DataError, match=r"record 2 \(line 4\) is not valid JSON"):
+        ds(str(path), str(img_dir), tok)
+
+
+def test_errors_raised_in_dataloader_workers_print_as_one_line():
+    from fastvlm.cli import error_message
+
+    inner = DataError("d.json: record 3 (id 'x'): image is corrupt")
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"worker.py\", line 1, in <module>\n    fetch()\n"
+                        f"fastvlm.train.data.DataError: {inner}\n")
+    assert error_message(wrapped) == str(inner) and error_message(inner) == str(inner)
+
+
 def test_image_that_fails_to_decode_at_load(tmp_path, img_dir, tok):
     rec = {"id": "tr", "image": "truncated.png", "conversations": conv("<image>\nWhat?", "red")}
     path = write_json(tmp_path / "d.json", [GOOD, rec])
@@ -921,12 +945,52 @@ def test_cli_names_the_recipe_key_of_a_missing_data_path(tmp_path, tok_dir, caps
     data = make_dataset(tmp_path / "data", 4)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(data, tok_dir, tmp_path / "out")))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.json").write_bytes(b'[{"id": "h\xe9llo"}]')
+    run_dir = tmp_path / "run"
+    (run_dir / "step_5").mkdir(parents=True)
+    (run_dir / "step_5" / "trainer_state.json").write_text("{}")
     for override, message in ((f"data.val={tmp_path / 'none.json'}", "data.val: no such data file"),
                               (f"data.image_folder={tmp_path / 'nodir'}", "data.image_folder: no such data folder"),
-                              (f"init.language_model={tmp_path / 'nolm'}", "init.language_model: no model directory")):
+                              (f"init.language_model={tmp_path / 'nolm'}", "init.language_model: no model directory"),
+                              # walkthrough of session 21: each of these was a traceback or a misleading message
+                              (f"init.vision_tower={data['train']}", "is not a readable safetensors file"),
+                              (f"output.dir={tmp_path / 'afile'}", "exists and is not a directory"),
+                              (f"output.resume={tmp_path / 'nockpt'}", "no such checkpoint"),
+                              (f"output.resume={run_dir}", "give one of its step folders (step_5 is the latest)"),
+                              (f"data.train={tmp_path}", "is a folder"),
+                              (f"data.train={tmp_path / 'latin1.json'}", "is not UTF-8 text")):
         assert main(["train", str(path), "--no-progress", "--set", override]) == 1
-        err = capsys.readouterr().err
+        err = capsys.readouterr().err.strip()
         assert message in err and str(tmp_path) in err, err
+        assert len(err.splitlines()) == 1 or "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("saved,expected", [
+    (5, "interrupted at step 7; the last checkpoint is {out}/step_5: the same command resumes from it (steps 6-7 "
+        "run again)"),
+    (None, "interrupted at step 7; no checkpoint was written yet: the same command starts again"),
+])
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, tok_dir, capsys, monkeypatch, saved, expected):
+    import yaml
+
+    from fastvlm.cli import main
+
+    class Interrupted:
+        def __init__(self, recipe, progress=True):
+            self.is_main, self.step, self.last_saved_step = True, None, None
+
+        def train(self):
+            self.step, self.last_saved_step = 7, saved
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("fastvlm.train.trainer.Trainer", Interrupted)
+    data = make_dataset(tmp_path / "data", 2)
+    path = tmp_path / "r.yaml"
+    out = tmp_path / "out"
+    path.write_text(yaml.safe_dump(tiny_recipe(data, tok_dir, out)))
+    assert main(["train", str(path), "--no-progress"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == expected.format(out=out)
 
 
 def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_path, tok_dir, monkeypatch):

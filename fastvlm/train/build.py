@@ -141,7 +141,12 @@ def _load_vision_weights(model, path: str) -> None:
     if os.path.isdir(path):
         state = load_state_dict(path, progress=False)
     elif os.path.isfile(path):
-        state = load_file(path)
+        from safetensors import SafetensorError
+
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"init.vision_tower: {path} is not a readable safetensors file ({e})") from None
     else:
         raise ConfigError(f"init.vision_tower: no such file or directory: {path}")
     state = encoder_weights(state)

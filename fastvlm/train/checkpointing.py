@@ -173,8 +173,13 @@ def write_json(path: str, obj: Any) -> None:
 
 def read_state(path: str) -> dict:
     state_path = os.path.join(path, STATE_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such checkpoint: {path}")
     if not os.path.isfile(state_path):
-        raise CheckpointError(f"{path} is not a complete training checkpoint (no {STATE_FILE})")
+        steps = list_checkpoints(path)
+        hint = (f"; it is a run's output directory: give one of its step folders ({os.path.basename(steps[-1][1])}"
+                " is the latest), or --resume auto with that --output-dir") if steps else ""
+        raise CheckpointError(f"{path} is not a complete training checkpoint (no {STATE_FILE}){hint}")
     with open(state_path) as f:
         return json.load(f)
 

@@ -77,7 +77,21 @@ def run(args: argparse.Namespace) -> int:
     # buffers in again (see kernels.tune_allocator; FASTVLM_NO_MALLOPT=1 turns it off)
     kernels.tune_allocator()
     trainer = Trainer(recipe, progress=not args.no_progress)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        if trainer.is_main:
+            step, saved = getattr(trainer, "step", None), getattr(trainer, "last_saved_step", None)
+            where = f" at step {step}" if step is not None else ""
+            if saved is not None:
+                how = "the same command resumes from it" if recipe.output.resume == "auto" else \
+                    "run the same command with --resume auto to continue from it"
+                last = (f"the last checkpoint is {recipe.output.dir}/step_{saved}: {how}"
+                        + (f" (steps {saved + 1}-{step} run again)" if step is not None and step > saved else ""))
+            else:
+                last = "no checkpoint was written yet: the same command starts again"
+            print(f"interrupted{where}; {last}", file=sys.stderr)
+        return 130
     if trainer.is_main:
         print(f"done: {summary['steps']} steps, {summary['samples']} samples, final loss "
               f"{summary['final_loss']}, val loss {summary['final_val_loss']}, skipped bad records "

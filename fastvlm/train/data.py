@@ -193,8 +193,11 @@ def _index_json_list(path: str) -> tuple[bytearray, np.ndarray]:
     Python objects: about the file's size in memory instead of several times it, and one object that forked
     DataLoader workers share without copying (a list of dicts is copied page by page as its reference counts
     change). Each record is parsed again when it is read."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e}); give a LLaVA-format .json or .jsonl file") from None
     decoder = json.JSONDecoder()
     i = _JSON_WS.match(text).end()
     if not text.startswith("[", i):
@@ -277,9 +280,23 @@ class _Source:
         line = self._fh.readline()
         try:
             return json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{self.path}: record {index} (line at byte {int(self.offsets[index])}) is not valid "
-                            f"JSON: {e}", "invalid_json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            what = "valid JSON" if isinstance(e, json.JSONDecodeError) else "UTF-8 text"
+            raise DataError(f"{self.path}: record {index} (line {_line_number(self.path, int(self.offsets[index]))}) "
+                            f"is not {what}: {e}", "invalid_json") from None
+
+
+def _line_number(path: str, offset: int) -> int:
+    """The 1-based line of `path` that starts at byte `offset` (for error messages)."""
+    count, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            chunk = f.read(min(1 << 20, offset - done))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            done += len(chunk)
+    return count
 
 
 class ConversationDataset:

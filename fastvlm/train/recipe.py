@@ -311,6 +311,8 @@ class Recipe:
         out = self.output
         if not out.dir:
             raise ConfigError("output.dir is required (or pass --output-dir)")
+        if os.path.exists(out.dir) and not os.path.isdir(out.dir):
+            raise ConfigError(f"output.dir {out.dir} exists and is not a directory")
         _non_negative("output.save_every", out.save_every)
         _positive("output.keep_last", out.keep_last)
         _positive("output.log_every", out.log_every)

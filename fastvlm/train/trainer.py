@@ -193,6 +193,8 @@ class Trainer:
                                  ("data.val_image_folder", [r.data.val_image_folder] if r.data.val_image_folder
                                   else [], "folder")):
             for path in paths:
+                if kind == "file" and os.path.isdir(path):
+                    raise DataError(f"{key}: {path} is a folder; give a LLaVA-format .json or .jsonl file in it")
                 if not (os.path.isfile(path) if kind == "file" else os.path.isdir(path)):
                     raise DataError(f"{key}: no such data {kind}: {path}")
         self.train_data = ConversationDataset(r.data.train, folders, **common)
@@ -681,7 +683,7 @@ class Trainer:
                     if n_skipped:
                         record["skipped"] = n_skipped
                     self._log(record)
-                    bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}",
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{max(lrs.values()):.2e}",  # the highest group's
                                     sps=f"{window_samples / dt:.1f}")
                     window_loss.zero_()
                     window_steps = window_samples = 0
