@@ -240,6 +240,10 @@ def get_preset(name: str) -> FastVLMConfig:
 
 def load_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
+        folder = os.path.dirname(path)
+        if os.path.isfile(os.path.join(folder, "trainer_state.json")):
+            raise CheckpointError(f"no config.json at {path}: {folder} is a training checkpoint (a step folder); "
+                                  "load its run's final/ folder, or continue the run with fastvlm train --resume")
         raise CheckpointError(f"no config.json at {path}")
     try:
         with open(path) as f:

@@ -344,6 +344,7 @@ def test_convert_in_place_leaves_no_file_of_the_old_layout(tmp_path, capsys):
     m = tmp_path / "m"
     assert main(["init", "--preset", "fastvlm-tiny", "--out", str(m), "--dtype", "fp32"]) == 0
     (m / "vocab.json").write_text("{}")  # a tokenizer file the writers do not make: other tools may read it
+    (m / "adapter.safetensors").write_bytes(b"not ours")  # nor a weight file of another name
     px = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
     def outputs():  # the encoder is stored fused in the apple and hf layouts, so compare what it computes
@@ -359,7 +360,7 @@ def test_convert_in_place_leaves_no_file_of_the_old_layout(tmp_path, capsys):
         err = capsys.readouterr().err
         names = set(os.listdir(m))
         assert not names & gone, (layout, names)
-        assert "vocab.json" in names and not any(n.startswith(".convert-") for n in names), names
+        assert {"vocab.json", "adapter.safetensors"} <= names and not any(n.startswith(".convert-") for n in names)
         if layout == "hf":  # the Apple layout's (zero) MobileCLIP head has no place in transformers' layout
             assert "note: the hf layout has no place for Apple's MobileCLIP head" in err, err
         if layout == "fastvlm":
@@ -406,3 +407,12 @@ def test_train_max_steps_and_data_folder(tmp_path, capsys):
 
     with pytest.raises(FastVLMError, match="is a folder"):
         _Source(str(tmp_path), None)
+
+
+def test_a_training_step_folder_given_as_a_model_says_what_it_is(tmp_path, capsys):
+    step = tmp_path / "run" / "step_25"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    assert main(["info", "--model", str(step)]) == 1
+    err = one_line_error(capsys, "info")
+    assert "is a training checkpoint (a step folder); load its run's final/ folder" in err, err

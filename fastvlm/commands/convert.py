@@ -33,7 +33,7 @@ LAYOUT_FILE_NAMES = frozenset({
     "generation_config.json", "generate_config.json", "preprocessor_config.json", "processor_config.json",
     "image_processor_config.json", "video_preprocessor_config.json", "fastvlm_processor.json",
 })
-LAYOUT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+LAYOUT_FILE_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
 
 # --dtype names convert accepts (resolve_dtype's, less "auto": a conversion must not depend on the machine)
 _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",

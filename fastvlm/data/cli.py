@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-test", type=_non_negative_int, default=DEFAULT_NUM_TEST, metavar="N",
                         help=f"test images (default {DEFAULT_NUM_TEST})")
     parser.add_argument("--image-size", type=int, default=512, metavar="PX",
-                        help="side of the square images in pixels (default 512; object and text sizes scale with it)")
+                        help="side of the square images in pixels, 128-4096 (default 512; object and text sizes "
+                             "scale with it)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     parser.add_argument("--level", choices=("standard", "basic"), default="standard",
                         help="scene difficulty: 'standard' (default: up to 6 shapes, 160 words, 2-4 digit numbers, "

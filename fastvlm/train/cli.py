@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if trainer.is_main:
         print(f"done: {summary['steps']} steps, {summary['samples']} samples, final loss "
-              f"{summary['final_loss']}, val loss {summary['final_val_loss']}, skipped bad records "
+              f"{summary['final_loss']}, val loss {'-' if summary['final_val_loss'] is None else summary['final_val_loss']}, "
+              f"skipped bad records "
               f"{summary['skipped_bad_records']}, {summary['wall_time_s']:.1f} s", file=sys.stderr)
         print(f"model: {summary['final_dir']}", file=sys.stderr)
     return 0
