@@ -174,8 +174,15 @@ def test_unreadable_image_names_its_record_and_keeps_the_predictions(tiny_dir, d
     assert run_eval(tiny_dir, bad, out, "--batch-size", "3", "--ttft-samples", "0") == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fastvlm eval: error: record 'q4': ") and "broken.png" in err, err
-    assert "predictions written so far are kept" in err
+    assert "or pass --skip-bad" in err and "predictions written so far are kept" in err
     assert len(read_lines(out / "predictions.jsonl")) == 3  # the batch before the bad record's
+    # --skip-bad: the record is named and left out, the rest resumes and is scored
+    assert run_eval(tiny_dir, bad, out, "--batch-size", "3", "--ttft-samples", "1", "--skip-bad") == 0
+    assert "skipping record 'q4': " in capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n"] == N_SAMPLES - 1 and s["n_resumed"] == 3 and s["n_predicted_this_run"] == N_SAMPLES - 4
+    assert s["skipped_bad_records"]["count"] == 1 and s["skipped_bad_records"]["examples"][0]["id"] == "q4"
+    assert "q4" not in {r["id"] for r in read_lines(out / "scores.jsonl")}
 
 
 def test_data_folders(data_file, tmp_path):

@@ -18,7 +18,8 @@ Images are looked up under --image-root when given, else the owner's layout next
 file (named above), else the file's own folder. Image paths in records may be absolute.
 Every image file is checked to exist before the model is loaded; one that PIL cannot read stops the
 run at its batch with the record's id (the predictions written so far are kept: fix or remove the
-record and run the same command again to resume).
+record and run the same command again to resume). With --skip-bad every image is decoded before the
+model loads and the records with unreadable images are left out, named, and counted in the summary.
 
 Prompts follow LLaVA-1.5 / lmms-eval (the setting of FastVLM's published numbers):
 "<question>\\nAnswer the question using a single word or phrase." for short answers,
@@ -95,6 +96,10 @@ def add_arguments(p) -> None:
                    help="system prompt (default: the checkpoint's, 'You are a helpful assistant.')")
     g.add_argument("--ttft-samples", type=_non_negative_int, default=5,
                    help="measure batch-1 TTFT on this many samples before the run (default 5; 0: skip)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="decode every image before the model loads and leave out the records whose images cannot "
+                        "be read (named on stderr and in summary.json's skipped_bad_records) instead of stopping "
+                        "at the first")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -118,6 +123,25 @@ def _ms(stat) -> str:
     return f"median {stat['median'] * 1000:.1f} ms, mean {stat['mean'] * 1000:.1f} ms (n={stat['n']})"
 
 
+def readable_samples(samples: list, progress: bool = True) -> tuple[list, list[dict]]:
+    """(the samples whose images all decode, [{"id", "error"} for the others])."""
+    from tqdm.auto import tqdm
+
+    from ..errors import ImageError
+    from ..processing import load_image
+
+    good, bad = [], []
+    for s in tqdm(samples, desc="checking images", unit="sample", disable=not progress):
+        try:
+            for path in s.images:
+                load_image(path).close()
+        except ImageError as e:
+            bad.append({"id": s.id, "error": str(e)})
+        else:
+            good.append(s)
+    return good, bad
+
+
 def print_summary(summary: dict, out_dir: str, file=None) -> None:
     """The scores (x100, as papers print them), sample counts and TTFT of a summary."""
     file = file or sys.stdout
@@ -133,6 +157,10 @@ def print_summary(summary: dict, out_dir: str, file=None) -> None:
             print(f"  {k:<{width}}  {v:7d}{mark}", file=file)  # a count (POPE's tp/fp/tn/fn/n), not a score
         else:
             print(f"  {k:<{width}}  {100 * v:7.2f}{mark}", file=file)
+    skipped = summary.get("skipped_bad_records")
+    if skipped and skipped.get("count"):
+        print(f"  left out: {skipped['count']} record(s) with unreadable images (--skip-bad; see summary.json)",
+              file=file)
     t1 = summary.get("ttft_batch1")
     if t1:
         print(f"  TTFT batch 1: {_ms(t1['ttft_s'])}", file=file)
@@ -164,6 +192,14 @@ def run(args) -> int:
         raise FastVLMError(f"{args.data}: no samples to evaluate for task {task.name}")
     print(f"{task.name}: {len(samples)} samples from {args.data}", file=sys.stderr)
     check_run_file(args.out, task)  # another task's folder is refused before the (slow) model load
+    skipped = None
+    if args.skip_bad:
+        samples, bad = readable_samples(samples, progress=not args.no_progress)
+        skipped = {"count": len(bad), "examples": bad[:20]}
+        for b in bad:
+            print(f"skipping record {b['id']!r}: {b['error']}", file=sys.stderr)
+        if not samples:
+            raise FastVLMError(f"{args.data}: every sample has an unreadable image; nothing to evaluate")
 
     model = load_model(args)
     max_new_tokens = args.max_new_tokens or default_max_new_tokens(task.name)
@@ -180,6 +216,7 @@ def run(args) -> int:
         "system_prompt": args.system,
         "fastvlm_version": __version__,
         "torch_version": torch.__version__,
+        "skipped_bad_records": skipped,
     }
 
     # what the predictions depend on: a resume into args.out with other settings is refused, here, before the

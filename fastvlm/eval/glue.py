@@ -146,8 +146,8 @@ def _naming_bad_image_records(batch: Sequence[Sample]):
             except ImageError:
                 record = f"record {s.id!r}: "
                 break
-        raise ImageError(f"{record}{e}; fix or remove that record and run the same command again (the "
-                         "predictions written so far are kept)") from None
+        raise ImageError(f"{record}{e}; fix or remove that record, or pass --skip-bad, and run the same command "
+                         "again (the predictions written so far are kept)") from None
 
 
 def make_predict_fn(
