@@ -993,7 +993,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, tok_dir, 
     assert capsys.readouterr().err.strip().splitlines()[-1] == expected.format(out=out)
 
 
-def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_path, tok_dir, monkeypatch):
+def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_path, tok_dir, monkeypatch, caplog):
     from fastvlm.errors import CheckpointError
     from fastvlm.train.trainer import train
 
@@ -1017,6 +1017,13 @@ def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_p
     frozen["output"] = {**base["output"], "dir": str(tmp_path / "o3"), "resume": step}
     with pytest.raises(CheckpointError, match="optimizer state does not fit this run"):
         train(recipe_from_dict(frozen), progress=False)
+    # a checkpoint already past this run's steps: said so, then exported as it is
+    past = tiny_recipe(data, tok_dir, tmp_path / "o5", **base)
+    past["train"] = {**base["train"], "max_steps": 1}
+    past["output"] = {**base["output"], "dir": str(tmp_path / "o5"), "resume": step}
+    with caplog.at_level("WARNING", logger="fastvlm"):
+        assert train(recipe_from_dict(past), progress=False)["steps"] == 2
+    assert "is at step 2, at or past this run's 1 steps: nothing is trained" in caplog.text
     # an accelerate config that asks for FSDP, which accelerate drops on CPUs: refused, not run as DDP
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="asks for FSDP"):

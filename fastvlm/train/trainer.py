@@ -598,6 +598,10 @@ class Trainer:
             self._truncate_metrics(self.step)
             if self.is_main:
                 logger.info("resuming from %s (step %d, epoch %d)", resume_from, self.step, self.epoch)
+                if self.step >= self.total_steps:
+                    logger.warning("%s is at step %d, at or past this run's %d steps: nothing is trained, the "
+                                   "checkpoint is exported as the final model", resume_from, self.step,
+                                   self.total_steps)
 
         self.tb = self._open_tensorboard()
         self.t_start = time.time()
