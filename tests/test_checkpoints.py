@@ -302,6 +302,12 @@ def test_cli_init_generate_info(tmp_path, capsys):
     assert abs((info["parameters"]["vision_tower"] + 35712) / 1e6 - 125.11) < 0.005
     assert info["visual_tokens_by_resolution"]["1024"] == 256
     assert info["visual_tokens_by_resolution"]["256"] == 16
+    # the text form shows the unused head as part of the encoder's count, not as a part of its own
+    assert cli(["info", "--preset", "fastvlm-0.5b"]) == 0
+    rows = {line.strip().rsplit(None, 2)[0]: float(line.split()[-2])
+            for line in capsys.readouterr().out.splitlines() if line.rstrip().endswith(" M")}
+    assert "of which unused head" in rows and "vision_tower_head_unused" not in rows
+    assert abs(rows["vision_tower"] + rows["mm_projector"] + rows["language_model"] - rows["total"]) < 0.02
     # a bad image fails before the model loads, with a one-line error
     (tmp_path / "bad.png").write_bytes(b"garbage")
     assert cli(["generate", "--model", str(out), "--image", str(tmp_path / "bad.png")]) == 1

@@ -75,6 +75,7 @@ def run(args) -> int:
           f"heads {lm['num_attention_heads']}/{lm['num_key_value_heads']} vocab {lm['vocab_size']}")
     print("  parameters")
     for k, v in params.items():
-        print(f"    {k:26s} {v / 1e6:10.2f} M")
+        label = "  of which unused head" if k == "vision_tower_head_unused" else k  # part of vision_tower's count
+        print(f"    {label:26s} {v / 1e6:10.2f} M")
     print("  visual tokens  " + ", ".join(f"{r}px: {t}" for r, t in tokens.items()))
     return 0
