@@ -86,16 +86,11 @@ def listening_socket(host: str, port: int):
     not have fails at once, in one line, and the server then listens on exactly this socket."""
     import socket
 
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        raise _config_error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock = socket.socket(family, kind, proto)
+    # as uvicorn binds when it makes the socket itself: IPv6 for an address with a colon, else IPv4
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(addr)
+        sock.bind((host, port))
     except OSError as e:
         sock.close()
         raise _config_error(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
