@@ -123,25 +123,6 @@ def _ms(stat) -> str:
     return f"median {stat['median'] * 1000:.1f} ms, mean {stat['mean'] * 1000:.1f} ms (n={stat['n']})"
 
 
-def readable_samples(samples: list, progress: bool = True) -> tuple[list, list[dict]]:
-    """(the samples whose images all decode, [{"id", "error"} for the others])."""
-    from tqdm.auto import tqdm
-
-    from ..errors import ImageError
-    from ..processing import load_image
-
-    good, bad = [], []
-    for s in tqdm(samples, desc="checking images", unit="sample", disable=not progress):
-        try:
-            for path in s.images:
-                load_image(path).close()
-        except ImageError as e:
-            bad.append({"id": s.id, "error": str(e)})
-        else:
-            good.append(s)
-    return good, bad
-
-
 def print_summary(summary: dict, out_dir: str, file=None) -> None:
     """The scores (x100, as papers print them), sample counts and TTFT of a summary."""
     file = file or sys.stdout
@@ -176,7 +157,7 @@ def run(args) -> int:
     from .. import __version__
     from ..commands.common import load_model, model_path
     from ..errors import ConfigError, FastVLMError
-    from .glue import TimingLog, default_max_new_tokens, make_predict_fn, measure_batch1_ttft
+    from .glue import TimingLog, default_max_new_tokens, make_predict_fn, measure_batch1_ttft, readable_samples
     from .runner import SUMMARY_FILE, check_run_file, evaluate
     from .tasks import get_task
 

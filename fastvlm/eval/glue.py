@@ -130,22 +130,32 @@ def _request(sample: Sample) -> tuple[list[str], str]:
     return list(sample.images), sample.prompt
 
 
+def readable_samples(samples: Sequence[Sample], progress: bool = False) -> tuple[list[Sample], list[dict]]:
+    """(the samples whose images all decode, [{"id", "error"} for the others])."""
+    from tqdm.auto import tqdm
+
+    from ..processing import load_image
+
+    good, bad = [], []
+    for s in tqdm(samples, desc="checking images", unit="sample", disable=not progress):
+        try:
+            for path in s.images:
+                load_image(path).close()
+        except ImageError as e:
+            bad.append({"id": s.id, "error": str(e)})
+        else:
+            good.append(s)
+    return good, bad
+
+
 @contextlib.contextmanager
 def _naming_bad_image_records(batch: Sequence[Sample]):
     """An ImageError inside names the first record of `batch` whose images do not load, and how to go on."""
-    from ..processing import load_image
-
     try:
         yield
     except ImageError as e:
-        record = ""
-        for s in batch:
-            try:
-                for path in s.images:
-                    load_image(path)
-            except ImageError:
-                record = f"record {s.id!r}: "
-                break
+        bad = readable_samples(batch)[1]
+        record = f"record {bad[0]['id']!r}: " if bad else ""
         raise ImageError(f"{record}{e}; fix or remove that record, or pass --skip-bad, and run the same command "
                          "again (the predictions written so far are kept)") from None
 
