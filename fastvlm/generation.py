@@ -257,6 +257,15 @@ def generate_steps(
             f"prompt ({input_ids.shape[1]} tokens, images included) plus max_new_tokens "
             f"({params.max_new_tokens}) exceeds the model's context of {max_pos} tokens"
         )
+    trained = getattr(getattr(model, "config", None), "max_length", None)
+    if trained and input_ids.shape[1] > trained:
+        # The reference cuts every sequence to tokenizer_model_max_length, which can drop the question and the
+        # generation prompt; we answer from the whole prompt and say so.
+        warnings.warn(
+            f"the prompt is {input_ids.shape[1]} tokens long (images included), longer than the {trained} the "
+            f"model was trained with (its max_length / tokenizer_model_max_length); the reference implementation "
+            f"would cut it to {trained} tokens, this answers from all of it", stacklevel=3,
+        )
     eos = torch.tensor(eos_token_ids(model, eos_token_id) or [-1], device=device)
     pad = pad_token_id_for(model, pad_token_id)
     gen = None

@@ -119,6 +119,18 @@ def test_apple_layout_loads_strictly_every_key(apple_dir):
     assert model.language_model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
 
 
+@pytest.mark.parametrize("value, expected", [("pad", "pad"), ("square", "crop"), (None, "crop"), ("missing", "crop")])
+def test_apple_image_aspect_ratio_as_process_images(value, expected):
+    """The reference pads only for "pad"; "square", null and a missing key take the processor's centre crop."""
+    from fastvlm.checkpoints.apple import to_config
+
+    cfg = {"mm_vision_tower": "mobileclip_l_1024", "mm_hidden_size": 3072, "hidden_size": 896,
+           "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "vocab_size": 151936}
+    if value != "missing":
+        cfg["image_aspect_ratio"] = value
+    assert to_config(cfg).image_aspect_ratio == expected
+
+
 def test_apple_and_transformers_layouts_give_the_same_logits(apple_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     import timm.layers

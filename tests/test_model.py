@@ -1,6 +1,7 @@
 """The model against transformers' FastVlmForConditionalGeneration, and generation behaviour."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -153,6 +154,20 @@ def test_bad_sampling_params():
         SamplingParams(max_new_tokens=0)
 
 
+def test_prompt_past_trained_length_warns(tiny_model, monkeypatch):
+    inputs = tiny_model.processor(text=tiny_model.processor.apply_chat_template(
+        [{"role": "user", "content": "Hello"}]))
+    n = inputs["input_ids"].shape[1]
+    monkeypatch.setattr(tiny_model.config, "max_length", n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_model.generate(**inputs, max_new_tokens=2)  # exactly max_length: no warning
+    monkeypatch.setattr(tiny_model.config, "max_length", n - 1)
+    with pytest.warns(UserWarning, match=f"prompt is {n} tokens long .* longer than the {n - 1} the model was trained"):
+        out = tiny_model.generate(**inputs, max_new_tokens=2)
+    assert out.shape == (1, 2)  # answered from the whole prompt, not cut
+
+
 def test_placeholder_and_image_mismatch_errors(tiny_model):
     from PIL import Image
 
@@ -188,3 +203,22 @@ def test_chat_names_bad_image_sources_and_empty_batches(tiny_model):
             tiny_model.chat(images, "hi", max_new_tokens=1)
     with pytest.raises(PromptError, match="at least one"):
         tiny_model.chat_batch([])
+
+
+@pytest.mark.parametrize("name, hidden, layers, heads, kv_heads, head_dim, intermediate, vocab", [
+    ("fastvlm-0.5b", 896, 24, 14, 2, 64, 4864, 151936),
+    ("fastvlm-1.5b", 1536, 28, 12, 2, 128, 8960, 151936),
+    ("fastvlm-7b", 3584, 28, 28, 4, 128, 18944, 152064),
+])
+def test_presets_match_the_released_architectures(name, hidden, layers, heads, kv_heads, head_dim, intermediate, vocab):
+    """The reference's table of the three LLMs (§6), and what every released checkpoint shares."""
+    config = get_preset(name)
+    t = config.text
+    assert (t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"], t["num_key_value_heads"],
+            t["intermediate_size"], t["vocab_size"]) == (hidden, layers, heads, kv_heads, intermediate, vocab)
+    assert t["hidden_size"] // t["num_attention_heads"] == head_dim
+    assert (t["rms_norm_eps"], t["rope_theta"], t["max_position_embeddings"]) == (1e-6, 1e6, 32768)
+    assert (t["bos_token_id"], t["eos_token_id"], t["pad_token_id"]) == (151643, 151645, 151643)
+    assert t["tie_word_embeddings"] is False and t["use_sliding_window"] is False and t["hidden_act"] == "silu"
+    assert config.vision.image_size == 1024 and config.num_image_tokens == 256 and config.vision.out_channels == 3072
+    assert (config.projector_type, config.image_aspect_ratio, config.max_length) == ("mlp2x_gelu", "pad", 8192)

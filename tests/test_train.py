@@ -506,7 +506,7 @@ def test_eval_batches_even_across_ranks():
 # ---------------------------------------------------------------------------------------
 
 
-def test_bundled_recipes_load_with_paper_values():
+def test_bundled_recipes_load_with_llava_values():
     names = bundled_recipes()
     assert {"stage1", "stage1_5", "stage2", "lora", "synth_stage1", "synth_stage2"} <= set(names)
     for name in names:

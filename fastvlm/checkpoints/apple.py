@@ -53,7 +53,9 @@ def to_config(cfg: dict[str, Any]) -> FastVLMConfig:
         raise CheckpointError("Apple/LLaVA config.json has no mm_vision_tower")
     if cfg.get("mm_use_im_start_end"):
         raise CheckpointError("mm_use_im_start_end=true is not supported (the released FastVLM models do not use it)")
-    aspect = cfg.get("image_aspect_ratio", "pad")
+    # The reference's process_images pads only for "pad"; any other value, a null or a missing key (its getattr
+    # default is None) takes the processor's shortest-edge resize and centre crop.
+    aspect = cfg.get("image_aspect_ratio")
     if aspect not in ("pad", "square", None) and "anyres" in str(aspect):
         raise CheckpointError(f"image_aspect_ratio={aspect!r} (tiling) is not supported; released models use 'pad'")
     if EXTRA_VISION_KEY in cfg:
@@ -72,7 +74,7 @@ def to_config(cfg: dict[str, Any]) -> FastVLMConfig:
         vision=vision,
         text=text_fields(cfg),
         projector_type=cfg.get("mm_projector_type", "mlp2x_gelu"),
-        image_aspect_ratio="pad" if aspect in ("pad", None) else "crop",
+        image_aspect_ratio="pad" if aspect == "pad" else "crop",
         max_length=int(cfg.get("tokenizer_model_max_length") or 8192),
     )
 

@@ -355,6 +355,15 @@ class ConvFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.conv(x))))
 
+    @torch.no_grad()
+    def init_weights(self, layer_scale_init_value: float) -> None:
+        # The reference's ConvFFN initialises its own convolutions (depthwise and both 1x1): truncated normal of
+        # std 0.02, zero bias. Every other convolution of the encoder keeps PyTorch's default.
+        for conv in (self.conv.conv, self.fc1, self.fc2):
+            nn.init.trunc_normal_(conv.weight, std=0.02)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+
 
 class LayerNormChannel(nn.Module):
     """LayerNorm over the channel dim of [B, C, H, W].

@@ -249,8 +249,9 @@ class FastViTHD(nn.Module):
         ls = self.config.layer_scale_init_value
         for m in self.modules():
             # As the reference (Apple's FastViT/MCi `cls_init_weights`): truncated normal (std 0.02) for linear
-            # layers only; convolutions keep PyTorch's default initialisation. (std 0.02 on every conv, as before
-            # session 21, shrinks each conv's output by 20-200x, so an untrained encoder's features were ~0.)
+            # layers; convolutions keep PyTorch's default initialisation, except ConvFFN's, which that block's
+            # own rule below gives the same normal (as the reference's ConvFFN does). (std 0.02 on every conv, as
+            # before session 21, shrinks each conv's output by 20-200x, so an untrained encoder's features were ~0.)
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
