@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -92,6 +93,17 @@ class VisionConfig:
         return side * side
 
 
+def mlp_depth(projector_type: str) -> int:
+    """Linear layers of an ``mlp<N>x_gelu`` projector; 0 for the reference's other types, 'linear' and 'identity'."""
+    if projector_type in ("linear", "identity"):
+        return 0
+    m = re.fullmatch(r"mlp(\d+)x_gelu", str(projector_type))
+    if not m or int(m.group(1)) < 1:
+        raise ConfigError(f"unknown projector_type {projector_type!r}: the reference's are 'linear', 'identity' and "
+                          f"'mlp<N>x_gelu' (N >= 1; released FastVLM checkpoints use 'mlp2x_gelu')")
+    return int(m.group(1))
+
+
 @dataclass
 class FastVLMConfig:
     """A whole FastVLM: encoder, projector and the Hugging Face causal LM's config."""
@@ -117,9 +129,7 @@ class FastVLMConfig:
                                "vocab_size") if k not in self.text]
         if missing:
             raise ConfigError(f"text (the language model's config) lacks {', '.join(missing)}")
-        if self.projector_type != "mlp2x_gelu" and not self.projector_type.startswith("mlp"):
-            if self.projector_type not in ("linear", "identity"):
-                raise ConfigError(f"unknown projector_type {self.projector_type!r}")
+        mlp_depth(self.projector_type)  # raises ConfigError for a type the reference's builder does not know
         if self.image_aspect_ratio not in ("pad", "crop"):
             raise ConfigError(f"image_aspect_ratio must be 'pad' or 'crop', got {self.image_aspect_ratio!r}")
         self.text = dict(self.text)

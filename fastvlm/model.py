@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, FastVLMConfig, get_preset
+from .config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, FastVLMConfig, get_preset, mlp_depth
 from .errors import CheckpointError, ConfigError, PromptError
 from .vision import FastViTHD
 
@@ -29,13 +29,10 @@ def build_projector(config: FastVLMConfig) -> nn.Module:
         if in_dim != out_dim:
             raise ConfigError(f"identity projector needs equal widths, got {in_dim} and {out_dim}")
         return nn.Identity()
-    if kind.startswith("mlp") and kind.endswith("x_gelu"):
-        depth = int(kind[3:-6])
-        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
-        for _ in range(depth - 1):
-            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
-        return nn.Sequential(*layers)
-    raise ConfigError(f"unknown projector_type {kind!r}")
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(mlp_depth(kind) - 1):  # mlp_depth raises ConfigError for an unknown type
+        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*layers)
 
 
 def text_config_object(config: FastVLMConfig):

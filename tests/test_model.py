@@ -1,12 +1,12 @@
 """The model against transformers' FastVlmForConditionalGeneration, and generation behaviour."""
 
-import os
+import dataclasses
 import warnings
 
 import pytest
 import torch
 
-from fastvlm import FastVLM, FastVLMConfig, PromptError, VisionConfig, get_preset
+from fastvlm import ConfigError, FastVLM, FastVLMConfig, PromptError, VisionConfig, get_preset
 from fastvlm.config import IMAGE_TOKEN_INDEX
 from fastvlm.generation import SamplingParams, apply_repetition_penalty, sample_next
 from helpers import perturb_
@@ -222,3 +222,19 @@ def test_presets_match_the_released_architectures(name, hidden, layers, heads, k
     assert t["tie_word_embeddings"] is False and t["use_sliding_window"] is False and t["hidden_act"] == "silu"
     assert config.vision.image_size == 1024 and config.num_image_tokens == 256 and config.vision.out_channels == 3072
     assert (config.projector_type, config.image_aspect_ratio, config.max_length) == ("mlp2x_gelu", "pad", 8192)
+
+
+def test_projector_types_as_the_reference_builds_them():
+    from fastvlm.model import build_projector
+
+    base = get_preset("fastvlm-tiny")
+    width, hidden = base.vision.out_channels, base.hidden_size
+    three = build_projector(dataclasses.replace(base, projector_type="mlp3x_gelu"))
+    assert [type(m).__name__ for m in three] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    assert (three[0].in_features, three[4].out_features) == (width, hidden)
+    assert list(dict(three.named_parameters())) == [f"{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")]
+    linear = build_projector(dataclasses.replace(base, projector_type="linear"))
+    assert isinstance(linear, torch.nn.Linear) and (linear.in_features, linear.out_features) == (width, hidden)
+    for bad in ("mlp0x_gelu", "mlpx_gelu", "mlp2x_relu"):
+        with pytest.raises(ConfigError, match=f"unknown projector_type '{bad}'.*mlp<N>x_gelu"):
+            dataclasses.replace(base, projector_type=bad)
