@@ -35,11 +35,11 @@ __all__ = [
 ]
 
 # Greedy answers are short for every supported task; these bound a rambling model.
-# lmms-eval's own generation_kwargs: DocVQA 32, ChartQA/GQA/ScienceQA-IMG 16 (TextVQA
-# sets none; POPE sets 128 but the label is read from the first words).
+# lmms-eval's own generation_kwargs: DocVQA 128 (its default template), ChartQA/GQA/ScienceQA-IMG 16
+# (TextVQA sets none; POPE sets 128 but the label is read from the first words).
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
     "textvqa": 16,
-    "docvqa": 32,
+    "docvqa": 128,
     "chartqa": 16,
     "pope": 16,
     "gqa": 16,

@@ -390,8 +390,8 @@ def normalize_exact(s: str) -> str:
     lmms-eval's GQA metric is ``exact_match`` with ``ignore_case`` and
     ``ignore_punctuation`` (lower-case; delete ``string.punctuation``). LLaVA's GQA
     conversion does ``rstrip('.').lower()`` before GQA's exact comparison, which this
-    subsumes. Stripping and collapsing whitespace is added here so that "yes " or
-    "t - shirt" vs "t-shirt" do not depend on spacing left by deleted marks.
+    subsumes. Stripping and collapsing whitespace is added here, so "yes " and "yes"
+    compare equal (lmms-eval's would not); "t - shirt" and "t-shirt" still differ there and here.
     """
     return " ".join(s.lower().translate(_PUNCT_TABLE).split())
 
