@@ -71,8 +71,8 @@ class SamplingParams:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.temperature == 0:
             self.do_sample = False  # temperature 0 means greedy, as in the reference's predict.py
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:
+            raise ConfigError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
@@ -196,8 +196,10 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: Optional[tor
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        # drop a token when the mass before it already reaches top_p; the top token always stays (top_p 0, which
+        # OpenAI's API allows, keeps only it)
         drop = (probs.cumsum(-1) - probs) >= p.top_p
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = logits.softmax(-1)

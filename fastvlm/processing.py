@@ -358,8 +358,6 @@ def _check_messages(messages: Any) -> list[tuple[str, Any]]:
         role = m.get("role")
         if role not in _ROLES:
             raise PromptError(f"message {i} has unknown role {role!r} (expected 'system', 'user' or 'assistant')")
-        if role == "system" and i != 0:
-            raise PromptError(f"message {i}: a system message is only allowed as the first message")
         if "content" not in m:
             raise PromptError(f"message {i} ({role}) has no 'content'")
         out.append((role, m["content"]))
@@ -383,7 +381,8 @@ def build_prompt(
     (``"image"``, ``"image_url"``, ``"input_image"``, with or without a payload) renders
     ``<image>\\n``, in the order given. A leading system message replaces
     ``system_prompt``; ``system_prompt=None`` with no system message omits the system
-    turn. Each turn is ``<|im_start|>{role}\\n{text}<|im_end|>\\n``; with
+    turn. A system message further on is a system turn in its place (as Qwen2's own chat
+    template renders it). Each turn is ``<|im_start|>{role}\\n{text}<|im_end|>\\n``; with
     ``add_generation_prompt`` an open ``<|im_start|>assistant\\n`` follows.
     """
     checked = _check_messages(messages)

@@ -73,8 +73,8 @@ def test_init_unusable_output_path_is_one_line_error(tmp_path, capsys, monkeypat
 @pytest.mark.parametrize("flag, value, message", [
     ("--temperature", "-1", "temperature must be >= 0"),
     ("--temperature", "nan", "must be a finite number"),
-    ("--top-p", "0", "top_p must be in (0, 1]"),
-    ("--top-p", "1.5", "top_p must be in (0, 1]"),
+    ("--top-p", "-0.5", "top_p must be in [0, 1]"),
+    ("--top-p", "1.5", "top_p must be in [0, 1]"),
     ("--top-k", "-1", "top_k must be >= 0"),
     ("--repetition-penalty", "0", "repetition_penalty must be > 0"),
     ("--max-new-tokens", "0", "max_new_tokens must be at least 1"),

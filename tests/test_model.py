@@ -143,13 +143,16 @@ def test_sample_next_top_p_and_penalty():
     g = torch.Generator().manual_seed(0)
     # softmax mass of token 0 is 0.61 >= 0.5, so nucleus sampling can only return token 0
     assert all(int(sample_next(logits, p, g)) == 0 for _ in range(20))
+    # top_p 0 (OpenAI's API allows it) keeps only the most likely token instead of dropping every one
+    zero = SamplingParams(do_sample=True, top_p=0.0, temperature=5.0)
+    assert all(int(sample_next(logits[:, [3, 1, 0, 2]], zero, g)) == 2 for _ in range(20))
     pen = apply_repetition_penalty(logits.clone(), torch.tensor([[0, 3]]), 2.0)
     assert pen.tolist() == [[1.0, 1.0, 0.5, -2.0]]  # positive divided, negative multiplied
 
 
 def test_bad_sampling_params():
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match=r"top_p must be in \[0, 1\]"):
+        SamplingParams(top_p=-0.1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
 

@@ -391,6 +391,11 @@ def test_prompt_multi_turn_and_system_override():
         "<|im_start|>system\nCustom.<|im_end|>\n")
     assert build_prompt([{"role": "user", "content": "hi"}], system_prompt=None) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    # a system message further on is a system turn in its place, as Qwen2's chat template renders it
+    assert build_prompt([{"role": "user", "content": "hi"}, {"role": "system", "content": "Now in French."},
+                         {"role": "user", "content": "bye"}]) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>system\nNow in French.<|im_end|>\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_prompt_without_image():
@@ -413,7 +418,6 @@ def test_prompt_without_image():
         ([{"role": "user"}], "no 'content'"),
         ([{"role": "user", "content": None}], "no content"),
         (["not a dict"], "message 0 must be a dict"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "message 1: a system message"),
         ([{"role": "assistant", "content": [{"type": "image"}]}], "only allowed in user messages"),
     ],
 )

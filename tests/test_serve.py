@@ -178,6 +178,7 @@ def test_openai_client_streaming(client):
     assert "ttft_s" in finals[0].model_extra["timings"]
     usage_chunk = chunks[-1]
     assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert all(c.usage is None for c in chunks[:-1])  # only the last chunk counts tokens (OpenAI's rule)
     assert usage_chunk.usage.completion_tokens == full.usage.completion_tokens
     assert usage_chunk.usage.prompt_tokens == full.usage.prompt_tokens
 
@@ -188,11 +189,33 @@ def test_raw_sse_format_without_include_usage(api):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert chunks[-1]["choices"][0]["delta"] == {}
-    # usage and timings come with the last chunk of every stream; without stream_options.include_usage there is
-    # no usage-only chunk and no usage field on the others
-    assert [c for c in chunks if "usage" in c] == [chunks[-1]]
-    assert chunks[-1]["usage"] == full["usage"] and "ttft_s" in chunks[-1]["timings"]
+    # timings come with the last chunk of every stream; usage, as OpenAI's, only with stream_options.include_usage
+    assert not [c for c in chunks if "usage" in c]
+    assert "ttft_s" in chunks[-1]["timings"] and full["usage"]["completion_tokens"] >= 1
     assert len({c["id"] for c in chunks}) == 1
+
+
+def test_openai_values_other_servers_refuse_are_accepted(api, model):
+    """What OpenAI's API takes: null for stream and include_usage, top_p 0, system and developer messages after the
+    first, an assistant refusal part; each is answered (and top_p 0 as greedy decoding)."""
+    greedy = chat(api, messages=text_message(), max_tokens=6).json()["choices"][0]["message"]["content"]
+    r = chat(api, messages=text_message(), max_tokens=6, stream=None, top_p=0, temperature=1.5)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == greedy  # top_p 0 keeps only the most likely token
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+                {"role": "developer", "content": "Answer anyway."}, {"role": "user", "content": "Why not?"}]
+    r = chat(api, messages=messages, max_tokens=4, stream_options={"include_usage": None}, stream=True)
+    assert r.status_code == 200, r.text
+    r = chat(api, messages=messages, max_tokens=4)
+    assert r.status_code == 200, r.text
+    from fastvlm.processing import build_prompt
+
+    as_text = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+    as_text[2] = {"role": "assistant", "content": "I cannot."}
+    prompt = build_prompt(as_text)
+    assert "<|im_end|>\n<|im_start|>system\nAnswer anyway.<|im_end|>\n<|im_start|>user\nWhy not?" in prompt
+    assert r.json()["usage"]["prompt_tokens"] == model.processor(text=prompt)["input_ids"].shape[1]
 
 
 def test_sampling_seed_stop_and_ignore_eos(api):
@@ -308,6 +331,10 @@ BAD_BODIES = {
     "tools": ({"messages": text_message(), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
               "unsupported_parameter"),
     "logprobs": ({"messages": text_message(), "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    "audio_modality": ({"messages": text_message(), "modalities": ["text", "audio"]}, 400, "modalities",
+                       "unsupported_parameter"),
+    "audio": ({"messages": text_message(), "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio",
+              "unsupported_parameter"),
     "too_many_stops": ({"messages": text_message(), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     "unknown_model": ({"model": "gpt-4o", "messages": text_message()}, 404, "model", "model_not_found"),
     "invalid_base64": ({"messages": image_message(url="data:image/png;base64,@@not*base64@@")}, 400,
@@ -327,13 +354,11 @@ BAD_BODIES = {
     "image_in_system_message": ({"messages": [
         {"role": "system", "content": [{"type": "image_url", "image_url": {"url": IMG}}]},
         {"role": "user", "content": "hi"}]}, 400, "messages[0].content[0]", None),
-    "system_not_first": ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}]}, 400,
-                         "messages[1].role", None),
     "too_many_images": ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": IMG}}] * 3 + [{"type": "text", "text": "?"}]}]}, 400, "messages",
         "too_many_images"),
     "too_many_pixels": ({"messages": image_message(url=HUGE_PIXELS)}, 400, None, "invalid_image"),
-    "image_too_many_bytes": ({"messages": image_message(url=TOO_MANY_BYTES)}, 413, None, "image_too_large"),
+    "image_too_many_bytes": ({"messages": image_message(url=TOO_MANY_BYTES)}, 400, None, "image_too_large"),
     "request_too_large": ({"messages": text_message("x" * 2_100_000)}, 413, None, "request_too_large"),
     "prompt_too_long": ({"messages": text_message("word " * 700)}, 400, "messages", "context_length_exceeded"),
     "reserved_image_string": ({"messages": text_message("look: <image> here")}, 400, "messages", None),
@@ -548,7 +573,7 @@ def test_remote_images_when_enabled(model, image_host):
         r = chat(c, messages=image_message(url=image_host + "/img.png"), max_tokens=3)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["prompt_tokens"] > model.num_image_tokens
-        assert_error(chat(c, messages=image_message(url=image_host + "/big"), max_tokens=3), 413,
+        assert_error(chat(c, messages=image_message(url=image_host + "/big"), max_tokens=3), 400,
                      code="image_too_large")
         assert_error(chat(c, messages=image_message(url=image_host + "/missing"), max_tokens=3), 400,
                      code="image_fetch_failed")
@@ -646,3 +671,12 @@ def test_text_state_holds_incomplete_characters_and_stop_prefixes():
     assert "".join(pieces) == "a <b> " and st.stopped
     pieces, st = _run_text_state("tail <", ["<END>"])  # a held-back prefix comes out at the end
     assert "".join(pieces) == "tail <" and not st.stopped
+    # a stop string in the answer's leading whitespace stops it (OpenAI's and vLLM's stop see the raw text)
+    pieces, st = _run_text_state("\n Hello world", ["\n"])
+    assert "".join(pieces) == "" and st.stopped
+    pieces, st = _run_text_state("\nHello world", ["\nHello"])
+    assert pieces == [""] * len(pieces) and st.stopped  # "Hel..." was held back, never sent
+    pieces, st = _run_text_state(" \n Hi\nthere", ["\n"])
+    assert "".join(pieces) == "" and st.stopped
+    pieces, st = _run_text_state("  Hi\nthere", ["\n"])
+    assert "".join(pieces) == "Hi" and st.stopped

@@ -65,7 +65,7 @@ def _checked(parse, ok, message: str):
 # value is refused at once, before any model loads.
 _max_new_tokens_arg = _checked(_int_arg, lambda v: v >= 1, "max_new_tokens must be at least 1")
 _temperature_arg = _checked(_float_arg, lambda v: v >= 0, "temperature must be >= 0")
-_top_p_arg = _checked(_float_arg, lambda v: 0 < v <= 1, "top_p must be in (0, 1]")
+_top_p_arg = _checked(_float_arg, lambda v: 0 <= v <= 1, "top_p must be in [0, 1]")
 _top_k_arg = _checked(_int_arg, lambda v: v >= 0, "top_k must be >= 0")
 _repetition_penalty_arg = _checked(_float_arg, lambda v: v > 0, "repetition_penalty must be > 0")
 
@@ -77,7 +77,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=_temperature_arg, default=0.0,
                    help="0 (default) decodes greedily; > 0 samples with this temperature")
     g.add_argument("--top-p", type=_top_p_arg, default=1.0,
-                   help="nucleus sampling mass, in (0, 1] (default 1.0: off)")
+                   help="nucleus sampling mass, in [0, 1]; 0 keeps only the most likely token (default 1.0: off)")
     g.add_argument("--top-k", type=_top_k_arg, default=0,
                    help="sample among the k most likely tokens, >= 0 (default 0: off)")
     g.add_argument("--repetition-penalty", type=_repetition_penalty_arg, default=1.0,

@@ -233,15 +233,12 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
         urls: list[tuple[str, str]] = []
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role
-            if role == "system" and i != 0:
-                raise bad_request("a system (or developer) message is only allowed first",
-                                  param=f"messages[{i}].role")
             if isinstance(m.content, str):
                 messages.append({"role": role, "content": m.content})
                 continue
             parts = []
             for j, part in enumerate(m.content):
-                if part.type == "text":
+                if part.type in ("text", "refusal"):
                     parts.append({"type": "text", "text": part.text})
                 else:
                     if role != "user":
@@ -415,10 +412,10 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
                     yield sse(make(delta={"content": event[1]}))
                 elif event[0] == "done":
                     _, reason, usage, timings = event
-                    # usage and timings come with the last choice chunk in every stream (documented in
-                    # `fastvlm serve --help`); stream_options.include_usage adds OpenAI's usage-only chunk
-                    yield sse(chunk(id=cid, model=name, created=created_at, delta={}, finish_reason=reason,
-                                    usage=usage, timings=timings, include_usage=True))
+                    # timings come with the last choice chunk in every stream (documented in `fastvlm serve
+                    # --help`); usage, as OpenAI sends it, only in the usage-only chunk that
+                    # stream_options.include_usage adds (null on every other chunk then, absent otherwise)
+                    yield sse(make(delta={}, finish_reason=reason, timings=timings))
                     if include_usage:
                         yield sse(make(no_choices=True, usage=usage, timings=timings))
                     break

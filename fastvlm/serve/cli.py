@@ -16,14 +16,15 @@ Local file paths are never read.
 
 Every response carries `usage` (prompt_tokens counts image tokens) and a `timings` object
 (ttft_s from request received to first token, queue_s, encode_s, prefill_s, decode_s,
-decode_tokens_per_s, total_s, batch_size); when streaming, they come with the last choice
-chunk, and stream_options.include_usage adds OpenAI's usage-only chunk after it.
+decode_tokens_per_s, total_s, batch_size). A stream carries timings on its last choice chunk
+and, as OpenAI's, usage only with stream_options.include_usage, in a usage-only chunk after it.
 
 Parameters: max_tokens / max_completion_tokens, temperature (default 0 = greedy, unlike
 OpenAI's 1; see --default-temperature), top_p, seed, stop (up to 4 strings), stream,
 stream_options.include_usage; extensions: top_k, repetition_penalty, ignore_eos. Refused
 with 400: n > 1, tools/functions, logprobs, logit_bias, presence/frequency penalties,
-response_format other than text. Unknown fields are ignored. Bad input of any kind gets a
+response_format other than text, audio output. System and developer messages may come
+anywhere (each renders as a system turn in place); top_p 0 keeps only the top token. Unknown fields are ignored. Bad input of any kind gets a
 4xx with {"error": {"message", "type", "param", "code"}}; a full queue gets 429.
 
 Concurrency: one engine thread owns the model. Requests arriving within --batch-window-ms

@@ -99,6 +99,16 @@ class _TextState:
     def text(self) -> str:
         return self.raw.lstrip()
 
+    def _unsent(self) -> tuple[int, int]:
+        """(lead, start): leading whitespace in `raw`, and where in `raw` the unsent characters begin.
+
+        Stop strings are matched in `raw`, so one inside the leading whitespace (a newline stop string when
+        the answer starts with a newline) still stops the answer, as OpenAI's and vLLM's stop do; only the
+        output drops that whitespace.
+        """
+        lead = len(self.raw) - len(self.text)
+        return lead, (lead + self.sent if self.sent else 0)
+
     def add(self, token: int) -> None:
         self.ids.append(token)
         prefix_text = self._decode(self.ids[self._prefix:self._read])
@@ -108,12 +118,12 @@ class _TextState:
             self._prefix = self._read
             self._read = len(self.ids)
         if self.stop:
-            text = self.text
-            # a stop string can only newly appear in the tail just added
+            _, start = self._unsent()
+            # a stop string can only newly appear in the unsent tail
             for s in self.stop:
-                i = text.find(s, max(0, self.sent - len(s)))
+                i = self.raw.find(s, max(0, start - len(s)))
                 if i != -1:
-                    self.raw = self.raw[: len(self.raw) - len(text) + i]
+                    self.raw = self.raw[:i]
                     self.stopped = True
                     break
 
@@ -128,18 +138,18 @@ class _TextState:
 
     def take(self, final: bool) -> str:
         """The text not yet emitted, minus what must still be held back (unless final)."""
-        text = self.text
-        end = len(text)
+        lead, start = self._unsent()
+        end = len(self.raw)
         if not final and self.stop:
             hold = 0
             for s in self.stop:
-                for k in range(min(len(s) - 1, end - self.sent), 0, -1):
-                    if s.startswith(text[end - k:]):
+                for k in range(min(len(s) - 1, end - start), 0, -1):
+                    if s.startswith(self.raw[end - k:]):
                         hold = max(hold, k)
                         break
             end -= hold
-        piece = text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
+        piece = self.raw[lead + self.sent:end] if end > lead + self.sent else ""
+        self.sent += len(piece)
         return piece
 
 

@@ -31,8 +31,9 @@ class ImageLimits:
 
 
 def _too_large(n: int, limit: int, param: str) -> APIError:
-    return APIError(413, f"image is {n} bytes, more than the limit of {limit} bytes", param=param,
-                    code="image_too_large")
+    # 400, as for an image over the pixel limit: the request body was within its own limit (413 is for that)
+    return APIError(400, f"image is {n} bytes, more than the limit of {limit} bytes (the server's --max-image-bytes)",
+                    param=param, code="image_too_large")
 
 
 def decode_data_uri(url: str, limits: ImageLimits, param: str) -> bytes:

@@ -111,8 +111,19 @@ class ImagePart(_Model):
         return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
-ContentPart = Union[TextPart, ImagePart]
-_PART_MODELS = {"text": TextPart, "image_url": ImagePart}
+class RefusalPart(_Model):
+    """An earlier assistant turn's refusal (OpenAI's assistant content part); rendered as its text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+    @property
+    def text(self) -> str:
+        return self.refusal
+
+
+ContentPart = Union[TextPart, ImagePart, RefusalPart]
+_PART_MODELS = {"text": TextPart, "image_url": ImagePart, "refusal": RefusalPart}
 
 
 def _parse_content(value: Any) -> Union[str, list[ContentPart]]:
@@ -128,7 +139,7 @@ def _parse_content(value: Any) -> Union[str, list[ContentPart]]:
         raise PydanticCustomError("content_empty", "content must not be an empty list")
     parts: list[ContentPart] = []
     for j, part in enumerate(value):
-        if isinstance(part, (TextPart, ImagePart)):
+        if isinstance(part, (TextPart, ImagePart, RefusalPart)):
             parts.append(part)
             continue
         if not isinstance(part, dict):
@@ -137,7 +148,7 @@ def _parse_content(value: Any) -> Union[str, list[ContentPart]]:
         model = _PART_MODELS.get(part.get("type"))
         if model is None:
             raise PydanticCustomError(
-                "part_kind", "part {j} has unsupported type {kind} (supported: 'text', 'image_url')",
+                "part_kind", "part {j} has unsupported type {kind} (supported: 'text', 'image_url', 'refusal')",
                 {"j": j, "kind": repr(part.get("type"))})
         try:
             parts.append(model.model_validate(part))
@@ -165,7 +176,7 @@ class Message(_Model):
 
 
 class StreamOptions(_Model):
-    include_usage: bool = Field(False, strict=True)
+    include_usage: Optional[bool] = Field(None, strict=True)
 
 
 class ChatCompletionRequest(_Model):
@@ -175,11 +186,11 @@ class ChatCompletionRequest(_Model):
     max_tokens: Optional[int] = Field(None, ge=1, strict=True)
     max_completion_tokens: Optional[int] = Field(None, ge=1, strict=True)
     temperature: Optional[float] = Field(None, ge=0, le=2, strict=True, allow_inf_nan=False)
-    top_p: Optional[float] = Field(None, gt=0, le=1, strict=True, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, ge=0, le=1, strict=True, allow_inf_nan=False)
     # the range torch.Generator.manual_seed takes
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, strict=True)
     stop: Union[str, list[str], None] = None
-    stream: bool = Field(False, strict=True)
+    stream: Optional[bool] = Field(None, strict=True)  # null means false, as in OpenAI's API
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(None, ge=1, strict=True)
     user: Optional[str] = None
@@ -189,6 +200,8 @@ class ChatCompletionRequest(_Model):
     logprobs: Optional[bool] = Field(None, strict=True)
     top_logprobs: Optional[int] = Field(None, strict=True)
     logit_bias: Optional[dict[str, Any]] = None
+    modalities: Optional[list[str]] = None
+    audio: Optional[Any] = None
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
@@ -211,6 +224,11 @@ class ChatCompletionRequest(_Model):
                                   param=name, code="unsupported_parameter")
         if self.logprobs or self.top_logprobs:
             raise bad_request("logprobs are not supported", param="logprobs", code="unsupported_parameter")
+        if self.modalities is not None and any(m != "text" for m in self.modalities):
+            raise bad_request(f"only text output is supported, got modalities {self.modalities}", param="modalities",
+                              code="unsupported_parameter")
+        if self.audio is not None:
+            raise bad_request("audio output is not supported", param="audio", code="unsupported_parameter")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_parameter")
         if (self.tools or self.functions or self.tool_choice not in (None, "none")
