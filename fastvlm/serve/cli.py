@@ -24,8 +24,9 @@ OpenAI's 1; see --default-temperature), top_p, seed, stop (up to 4 strings), str
 stream_options.include_usage; extensions: top_k, repetition_penalty, ignore_eos. Refused
 with 400: n > 1, tools/functions, logprobs, logit_bias, presence/frequency penalties,
 response_format other than text, audio output. System and developer messages may come
-anywhere (each renders as a system turn in place); top_p 0 keeps only the top token. Unknown fields are ignored. Bad input of any kind gets a
-4xx with {"error": {"message", "type", "param", "code"}}; a full queue gets 429.
+anywhere (each renders as a system turn in place); top_p 0 keeps only the top token.
+Unknown fields are ignored. Bad input of any kind gets a 4xx with {"error": {"message",
+"type", "param", "code"}}; a full queue gets 429.
 
 Concurrency: one engine thread owns the model. Requests arriving within --batch-window-ms
 of each other (up to --max-batch-size, same sampling settings) are encoded and decoded as
