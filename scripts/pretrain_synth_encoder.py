@@ -341,6 +341,18 @@ def fit_steps(args, encoder: nn.Module, head: nn.Module, objective: Objective, X
     return steps
 
 
+@torch.no_grad()
+def small_conv_init_(encoder: nn.Module) -> nn.Module:
+    """Every convolution a std-0.02 truncated normal with zero bias: FastViTHD.init_weights before session 21,
+    which the shipped encoder was pretrained from (`--conv-init small`)."""
+    for m in encoder.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return encoder
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a `fastvlm data synth` directory (train.json, val.json, images/)")
@@ -376,6 +388,11 @@ def main() -> int:
     p.add_argument("--head-steps", type=int, default=0,
                    help="train only the new head for the first N steps: when init.vision_tower gives a pretrained "
                         "encoder, so a random head's gradients do not disturb its features (default 0)")
+    p.add_argument("--conv-init", default="small", choices=("small", "reference"),
+                   help="a new encoder's convolutions: small (default; std-0.02 truncated normal, zero bias, on every "
+                        "conv: the init the shipped encoder was pretrained from, and in a 120-step A/B the faster "
+                        "to train, benchmarks/results/bundled/init-ab/) or reference (FastViTHD's own init, as "
+                        "Apple's: PyTorch's default except ConvFFN's). Ignored with init.vision_tower")
     p.add_argument("--bf16", action="store_true",
                    help="run the forward passes under bf16 autocast (fp32 weights and optimizer; default fp32)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe overrides")
@@ -406,6 +423,8 @@ def main() -> int:
     recipe = load_recipe(args.recipe, [f"tokenizer={os.path.join(args.data, 'tokenizer')}",
                                        f"data.image_size={args.image_size}", *args.set], validate=False)
     encoder = build_model(recipe).vision_tower.train()
+    if args.conv_init == "small" and not recipe.init.vision_tower:
+        small_conv_init_(encoder)
     grid = args.image_size // encoder.patch_size  # 64 for FastViTHD's five stages, 128 with a sixth
     where = args.where or ("cell" if args.objective == "reading" else "none")
     labels = label_space(LEVELS[args.level].words, where=where, grid=grid, counts=args.counts)

@@ -36,9 +36,12 @@ for R in 128 256; do
   #    take about 2.3 hours; on the 2-core Intel Xeon 4.7-5.0 s with the allocator tuning the script now applies
   #    (benchmarks/results/train-allocator-ab-cpu-intel.json), about 75 minutes. A GPU is faster still
   #    (--device auto picks it).
+  #    --conv-init small: every conv starts as a std-0.02 normal, the rule the shipped encoder was pretrained from
+  #    (FastViTHD's own init follows Apple's since session 21, and started this recipe slower in a 120-step A/B:
+  #    benchmarks/results/bundled/init-ab/).
   python scripts/pretrain_synth_encoder.py --data "$D" --image-size $R --objective reading --reading-images 20000 \
     --batch-size 128 --steps 914 --seed 1 --lr 5e-3 --workers 2 --set init.vision.layer_scale_init_value=0.01 \
-    --out "$OUT/encoder-$R.safetensors"
+    --conv-init small --out "$OUT/encoder-$R.safetensors"
 
   #    what the frozen encoder knows, per label group, by the same linear probe as for the earlier encoders
   #    (256 px: word F1 0.81, digit 0.60, shape 0.96; the encoder shipped before: 0.08 / 0.13 / 0.97)

@@ -170,6 +170,22 @@ def test_parallel_loading_matches_serial(pse, tmp_path):
     assert torch.equal(x1, x2) and s1 == s2
 
 
+def test_small_conv_init_is_the_pre_session_21_rule(pse):
+    import dataclasses
+
+    from fastvlm.config import get_preset
+    from fastvlm.vision import FastViTHD
+
+    torch.manual_seed(0)
+    encoder = FastViTHD(dataclasses.replace(get_preset("fastvlm-tiny").vision, inference_mode=False))
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    big = [m for m in convs if m.weight.numel() >= 2000]
+    assert any(abs(float(m.weight.detach().std()) - 0.02) > 0.01 for m in big)  # the reference init: mostly PyTorch's default
+    pse.small_conv_init_(encoder)
+    assert all(abs(float(m.weight.detach().std()) - 0.02) < 0.004 for m in big)
+    assert all(m.bias is None or not m.bias.any() for m in convs)
+
+
 @pytest.mark.parametrize("extra", [[], ["--bf16"]], ids=["fp32", "bf16-autocast"])
 def test_max_seconds_shortens_the_run(tmp_path, extra):
     import json
