@@ -2,7 +2,8 @@
 # The CPU benchmark behind benchmarks/results/README.md (run from the repository root).
 #   bash benchmarks/run_cpu.sh            # everything below, one step after the other
 #   bash benchmarks/run_cpu.sh main       # one step: profile | grouped | onednn | main | fresh | paired | decode |
-#                                         #   prefetch | prefetch-fine | plan | native | prepack | train-alloc | sweep | 1.5b | 7b
+#                                         #   prefetch | prefetch-fine | plan | native | prepack | hugepages | train-alloc |
+#                                         #   sweep | 1.5b | 7b
 # On a shared machine every timed run first waits (up to QUIET_WAIT s) for the CPUs to go idle;
 # the waits and the load average are recorded in each JSON. SUFFIX names another machine's files:
 #   SUFFIX=-intel bash benchmarks/run_cpu.sh main     # writes bench-0.5b-cpu-intel.json (the AMX Xeon's runs)
@@ -13,7 +14,7 @@ S=${SUFFIX:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 step() { [ "${1}" = "${WHICH}" ] || [ "${WHICH}" = all ]; }
 WHICH=${1:-all}
-STEPS="profile grouped onednn main fresh paired decode prefetch prefetch-fine plan native prepack train-alloc sweep 1.5b 7b"
+STEPS="profile grouped onednn main fresh paired decode prefetch prefetch-fine plan native prepack hugepages train-alloc sweep 1.5b 7b"
 case " all $STEPS " in
   *" $WHICH "*) ;;
   *) echo "run_cpu.sh: unknown step '$WHICH'; steps: $STEPS (or none for all)" >&2; exit 2 ;;
@@ -81,6 +82,8 @@ step native && python benchmarks/decode_step.py --dtype fp32 --rounds 15 --out "
 
 # the LLM prefill with oneDNN-prepacked linear weights against the plain ones (session 21; not taken: see README)
 step prepack && python benchmarks/prepack_ab.py --rounds 20 --out "$OUT/prepack-ab-cpu$S.json"
+# decode weights in transparent huge pages against 4 KB pages (session 22; not taken: see README)
+step hugepages && python benchmarks/hugepage_ab.py --rounds 20 --model-steps 200 --out "$OUT/hugepage-ab-cpu$S.json"
 
 # CPU training with and without glibc allocator tuning, alternated (needs the bundled model's data:
 # scripts/train_bundled_model.sh step 1, or DATA=folder)

@@ -232,6 +232,25 @@ def main() -> int:
                   f"{'yes' if x['same_logits'] else 'max diff %.1e' % x['max_abs_logit_difference']} | "
                   f"+{x['extra_memory_mb']:.0f} MB on {x['llm_weights_mb']:.0f} MB |")
         print()
+    for name in sorted(f for f in os.listdir(d) if f.startswith("hugepage-ab") and f.endswith(".json")):
+        r = load(d, name)
+        m = r["machine"]
+        print(f"### Decode weights in transparent huge pages against 4 KB pages, interleaved (`{name}`)\n")
+        print(f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}; {r['preset']} {r['dtype']}, "
+              f"{r['weight_mb']:.0f} MB of weights; THP setting: {r['thp_setting']}\n")
+        print("Command: `" + r["command"] + "`\n")
+        print("| what | 4 KB pages | huge pages | huge / 4 KB per pair (median) |\n|---|---|---|---|")
+        s, g = r["step_s"], r["gemv_read_gbps"]
+        print(f"| every matrix through the kernel, ms ({r['rounds']} rounds) | {1e3 * s['4k']['median']:.1f} "
+              f"({g['4k']:.1f} GB/s) | {1e3 * s['thp']['median']:.1f} ({g['thp']:.1f} GB/s) | "
+              f"{r['thp_over_4k_step_time_median_of_pairs']:.3f} |")
+        print(f"| sum() of 1 GB, GB/s | {r['sum_read_gbps']['4k']:.1f} | {r['sum_read_gbps']['thp']:.1f} | |")
+        if "model" in r:
+            x = r["model"]
+            print(f"| native whole-model decode step, ms ({x['steps']} steps; same tokens: "
+                  f"{'yes' if x['same_tokens'] else 'no'}) | {x['step_ms_median']['4k']:.1f} | "
+                  f"{x['step_ms_median']['thp']:.1f} | {x['thp_over_4k_median_of_pairs']:.3f} |")
+        print()
     for name in ("profile-cpu.json", "profile-cpu-default-allocator.json", "profile-cpu-intel.json",
                  "profile-cpu-default-allocator-intel.json"):
         p = load(d, name)
