@@ -79,12 +79,16 @@ def write_apple_checkpoint(directory, *, seed=0, dtype=torch.bfloat16, drop=(), 
         weight_map.update({k: name for k in part})
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
-    cfg = {**text, "rope_theta": 1000000.0, **APPLE_LLAVA_FIELDS}
+    tokenizer = small_tokenizer()
+    vocab = tokenizer.get_vocab()  # a real checkpoint's special ids are its tokenizer's, as Qwen2's 151643/151645
+    specials = {"eos_token_id": vocab["<|im_end|>"], "bos_token_id": vocab["<|endoftext|>"],
+                "pad_token_id": vocab["<|endoftext|>"]}
+    cfg = {**text, **specials, "rope_theta": 1000000.0, **APPLE_LLAVA_FIELDS}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(cfg, f)
     with open(os.path.join(directory, "generation_config.json"), "w") as f:
         json.dump({"do_sample": True, "temperature": None, "top_p": None}, f)
-    small_tokenizer().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return state
 
 
@@ -324,3 +328,83 @@ def test_cli_init_generate_info(tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"garbage")
     assert cli(["generate", "--model", str(out), "--image", str(tmp_path / "bad.png")]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_tokenizer_files_that_cannot_be_the_models_are_refused(tmp_path, tiny_model):
+    d = tmp_path / "tok"
+    tiny_model.save_pretrained(str(d), layout="apple")
+    FastVLM.from_pretrained(str(d), device="cpu", dtype=torch.float32)  # as saved: fine
+    cfg = json.loads((d / "config.json").read_text())
+    # the config's eos is not the tokenizer's <|im_end|>: said, and the tokenizer's is the one generation uses
+    (d / "config.json").write_text(json.dumps({**cfg, "eos_token_id": 7}))
+    with pytest.warns(UserWarning, match=r"<\|im_end\|> is id (\d+) but the model's config says eos_token_id 7"):
+        m = FastVLM.from_pretrained(str(d), device="cpu", dtype=torch.float32)
+    assert m.processor.tokenizer.convert_tokens_to_ids("<|im_end|>") in m.processor.eos_token_ids
+    # a vocabulary too small for the config's own special ids: one line naming config.json, not an AssertionError
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": 16}))
+    with pytest.raises(CheckpointError, match="config.json: cannot build a model from this config"):
+        FastVLM.from_pretrained(str(d), device="cpu", dtype=torch.float32)
+    # more tokens than the model's vocabulary (an IndexError in the embedding before)
+    from fastvlm.checkpoints import check_tokenizer
+
+    small = get_preset("fastvlm-tiny")
+    small.text["vocab_size"] = 16
+    with pytest.raises(CheckpointError, match="has .* tokens but the model's vocabulary is 16"):
+        check_tokenizer(tiny_model.processor.tokenizer, small, "DIR")
+    # only tokenizer_config.json left (transformers then loads a tokenizer of its few added tokens)
+    (d / "config.json").write_text(json.dumps(cfg))
+    for f in os.listdir(d):
+        if f in ("tokenizer.json", "vocab.json", "merges.txt"):
+            os.remove(d / f)
+    with pytest.raises(CheckpointError, match="has tokenizer_config.json but no vocabulary"):
+        FastVLM.from_pretrained(str(d), device="cpu", dtype=torch.float32)
+    (d / "tokenizer_config.json").unlink()  # none at all: loads, and says chat needs one
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        assert FastVLM.from_pretrained(str(d), device="cpu", dtype=torch.float32).processor is None
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    ({}, "weight_map must be a non-empty mapping"),
+    ([], "weight_map must be a non-empty mapping"),
+    ({"a": 1}, "shard names must be file names in its folder"),
+    ({"a": "/etc/hostname"}, "shard names must be file names in its folder, got /etc/hostname"),
+    ({"a": "../x.safetensors"}, "shard names must be file names"),
+])
+def test_malformed_shard_index_is_named(tmp_path, weight_map, message):
+    d = tmp_path / "idx"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**TINY_TEXT, **APPLE_LLAVA_FIELDS}))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=message):
+        FastVLM.from_pretrained(str(d))
+
+
+def test_mlx_and_coreml_exports_are_named(tmp_path, tiny_model):
+    d = tmp_path / "llava-fastvithd_0.5b_stage3_llm.fp16"
+    d.mkdir()
+    cfg = {**TINY_TEXT, **APPLE_LLAVA_FIELDS, "quantization": {"group_size": 64, "bits": 4}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    save_file({"language_model.model.embed_tokens.weight": torch.zeros(4, 4)}, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="MLX/CoreML export of FastVLM for Apple's app"):
+        FastVLM.from_pretrained(str(d))
+    del cfg["quantization"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "fastvithd.mlpackage").mkdir()
+    with pytest.raises(CheckpointError, match=r"export of FastVLM for Apple's app \(fastvithd.mlpackage\)"):
+        FastVLM.from_pretrained(str(d))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"mm_vision_tower": "mobileclip_l_0"}, "names a 0 px encoder; FastViTHD needs a positive multiple of 64"),
+    ({"mm_hidden_size": 1024}, "mm_hidden_size=1024 but the FastViTHD encoder gives 3072 channels"),
+    ({"mm_use_im_start_end": True}, "mm_use_im_start_end=true is not supported"),
+])
+def test_apple_config_errors_name_the_file(tmp_path, change, message):
+    from fastvlm.checkpoints import read_config
+
+    d = tmp_path / "cfg"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**TINY_TEXT, **APPLE_LLAVA_FIELDS, **change}))
+    with pytest.raises(CheckpointError) as e:
+        read_config(str(d))
+    assert message in str(e.value) and str(d / "config.json") in str(e.value), str(e.value)

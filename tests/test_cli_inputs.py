@@ -416,3 +416,16 @@ def test_a_training_step_folder_given_as_a_model_says_what_it_is(tmp_path, capsy
     assert main(["info", "--model", str(step)]) == 1
     err = one_line_error(capsys, "info")
     assert "is a training checkpoint (a step folder); load its run's final/ folder" in err, err
+
+
+def test_output_to_a_closed_pipe_ends_quietly():
+    """`fastvlm info | head -1`: a reader that goes away ends the command without a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "fastvlm.cli", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # nobody reads: the first write fails with EPIPE
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()[-2000:]
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()[-2000:]

@@ -9,6 +9,7 @@ all named in one error.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import warnings
@@ -100,6 +101,10 @@ def resolve_path(path_or_repo: str, *, revision: Optional[str] = None) -> str:
 def load_tokenizer(directory: str):
     if not any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES):
         return None
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES if f != "tokenizer_config.json"):
+        # transformers would build a tokenizer of the few added tokens listed there, renumbered from 0
+        raise CheckpointError(f"{directory} has tokenizer_config.json but no vocabulary (tokenizer.json, or vocab.json "
+                              f"and merges.txt, or tokenizer.model); copy the tokenizer's files next to it")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -112,6 +117,44 @@ def load_tokenizer(directory: str):
         raise CheckpointError(f"cannot load the tokenizer in {directory}: {type(e).__name__}: {e}") from None
     finally:
         hf_logging.set_verbosity(level)
+
+
+def _refuse_apple_app_export(directory: str) -> None:
+    """Apple's MLX/CoreML exports (for its iOS/macOS app) share config.json's LLaVA keys but not the weights."""
+    names = os.listdir(directory)
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            quantized = "quantization" in json.load(f)
+    except (OSError, ValueError):
+        quantized = False
+    if any(n.endswith(".mlpackage") for n in names) or quantized:
+        what = ", ".join(n for n in names if n.endswith(".mlpackage")) or "an MLX-quantized config.json"
+        raise CheckpointError(
+            f"{directory} is an MLX/CoreML export of FastVLM for Apple's app ({what}), not a PyTorch checkpoint; "
+            f"load the PyTorch weights instead: Apple's llava-fastvithd_*_stage3 folders or the Hugging Face "
+            f"repositories apple/FastVLM-0.5B, -1.5B, -7B (without -fp16/-int8/-int4)")
+
+
+def check_tokenizer(tokenizer, config, directory: str) -> None:
+    """Refuse a tokenizer that cannot be this model's: more tokens than its vocabulary or no chat-frame tokens;
+    warn when its <|im_end|> is not the config's eos (generation stops at the tokenizer's, the reference at the
+    config's)."""
+    n, vocab = len(tokenizer), int(config.text["vocab_size"])
+    if n > vocab:
+        raise CheckpointError(f"{directory}: the tokenizer has {n} tokens but the model's vocabulary is {vocab}; "
+                              f"the tokenizer files belong to another model")
+    ids = tokenizer.get_vocab()
+    missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in ids]
+    if missing:
+        raise CheckpointError(f"{directory}: the tokenizer has no {' or '.join(missing)} token, which FastVLM's "
+                              f"chat frame needs; are its files complete (vocab.json and merges.txt, or "
+                              f"tokenizer.json)?")
+    eos = config.text.get("eos_token_id")
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    if eos_ids and ids["<|im_end|>"] not in eos_ids:
+        warnings.warn(f"{directory}: the tokenizer's <|im_end|> is id {ids['<|im_end|>']} but the model's config "
+                      f"says eos_token_id {eos}; generation stops at the tokenizer's (the reference would stop at "
+                      f"the config's). Are the tokenizer files this model's?", stacklevel=3)
 
 
 def load_checkpoint(cls, path_or_repo, *, device=None, dtype=None, revision=None, progress=True, image_size=None):
@@ -130,16 +173,23 @@ def load_checkpoint(cls, path_or_repo, *, device=None, dtype=None, revision=None
 
     try:
         model = cls(config, init_weights=False)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as e:
         raise CheckpointError(f"{cfg_path}: cannot build a model from this config "
                               f"({type(e).__name__}: {e})") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(expected, state, source=f"{directory} ({layout.NAME} layout)")
+    try:
+        check_keys(expected, state, source=f"{directory} ({layout.NAME} layout)")
+    except CheckpointError:
+        _refuse_apple_app_export(directory)
+        raise
     model.load_state_dict(state, strict=True, assign=True)
     model._restore_nonpersistent_buffers()
     model._tie_if_needed()
     tokenizer = load_tokenizer(directory)
     if tokenizer is not None:
+        check_tokenizer(tokenizer, config, directory)
         model.set_tokenizer(tokenizer)
     else:
         warnings.warn(f"{directory} has no tokenizer files; model.chat needs one (model.set_tokenizer)")
@@ -232,8 +282,10 @@ def _read_config(cfg_path: str):
     layout = detect_layout(cfg, cfg_path)
     try:
         return layout.to_config(cfg), layout
-    except CheckpointError:
-        raise
+    except CheckpointError as e:
+        if cfg_path in str(e):
+            raise
+        raise CheckpointError(f"{cfg_path}: {e}") from None
     except ConfigError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError) as e:

@@ -66,7 +66,11 @@ def to_config(cfg: dict[str, Any]) -> FastVLMConfig:
             raise CheckpointError(
                 f"unsupported vision tower {tower!r}: FastVLM checkpoints use 'mobileclip_l_<resolution>' (FastViTHD)"
             )
-        vision = VisionConfig(image_size=int(m.group(1)))
+        size = int(m.group(1))
+        if size < 64 or size % 64:
+            raise CheckpointError(f"mm_vision_tower {tower!r} names a {size} px encoder; FastViTHD needs a positive "
+                                  f"multiple of 64")
+        vision = VisionConfig(image_size=size)
     mm_hidden = cfg.get("mm_hidden_size")
     if mm_hidden is not None and int(mm_hidden) != vision.out_channels:
         raise CheckpointError(f"mm_hidden_size={mm_hidden} but the FastViTHD encoder gives {vision.out_channels} channels")

@@ -2,8 +2,8 @@
 
 The encoder is timm's `fastvit_mci3` under `model.vision_tower.timm_model.`, the
 projector is `model.multi_modal_projector.linear_{1,2}`, the LLM sits under
-`model.language_model.`; the tokenizer has an `<image>` token and the vocabulary is
-padded to a multiple of 64.
+`model.language_model.`; the tokenizer has an `<image>` token, and the vocabulary grows to a
+multiple of 64 only when that token does not fit or it is not one (`padded_vocab`).
 """
 
 from __future__ import annotations

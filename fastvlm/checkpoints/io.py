@@ -27,8 +27,15 @@ def safetensors_files(directory: str) -> list[str]:
             with open(index_path) as f:
                 index = json.load(f)
             weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path} is not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: weight_map must be a non-empty mapping of tensor names to shard "
+                                  f"files, got {type(weight_map).__name__} {str(weight_map)[:60]}")
+        bad = sorted({str(f) for f in weight_map.values()
+                      if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")})
+        if bad:
+            raise CheckpointError(f"{index_path}: shard names must be file names in its folder, got {', '.join(bad[:3])}")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
         if missing:

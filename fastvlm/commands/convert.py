@@ -6,7 +6,9 @@ The source layout is detected from its config.json. Weights keep their dtype unl
 DST must be new or empty (or SRC itself: a checkpoint can be converted in place, which removes the old layout's
 weight and generation/processor config files that the new one lacks); --overwrite replaces the model files of an
 existing checkpoint in DST and leaves its other files alone.
-Converting to 'hf' adds an <image> token and pads the vocabulary to a multiple of 64 as transformers' port does.
+Converting to 'hf' adds an <image> token; the vocabulary grows (to a multiple of 64) only when that token does not
+fit or it is not a multiple of 64, so Qwen2's 151,936 rows stay (transformers' own conversion script always grows
+them, to 152,000).
 """
 
 from __future__ import annotations
