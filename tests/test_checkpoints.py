@@ -408,3 +408,30 @@ def test_apple_config_errors_name_the_file(tmp_path, change, message):
     with pytest.raises(CheckpointError) as e:
         read_config(str(d))
     assert message in str(e.value) and str(d / "config.json") in str(e.value), str(e.value)
+
+
+def test_apple_layout_writes_the_reference_tokenizer_files(tmp_path, tiny_model):
+    """Apple's folders hold Qwen2's vocab.json/merges.txt and a Qwen2Tokenizer config (the reference reads them
+    with transformers 4.x, use_fast=False); from those files alone the tokenizer gives the same ids."""
+    from transformers import AutoTokenizer
+
+    from helpers import CORPUS
+
+    d = tmp_path / "apple"
+    tiny_model.save_pretrained(str(d), layout="apple")
+    for name in ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"):
+        assert (d / name).is_file(), name
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "Qwen2Tokenizer" and "extra_special_tokens" not in cfg
+    assert {v["content"] for v in cfg["added_tokens_decoder"].values()} >= {"<|im_start|>", "<|im_end|>"}
+    assert (d / "merges.txt").read_text().startswith("#version: 0.2\n")
+    (d / "tokenizer.json").unlink()  # only the files Apple's folders have
+    ours = tiny_model.processor.tokenizer
+    theirs = AutoTokenizer.from_pretrained(str(d))
+    texts = [*CORPUS, "Ünïcödé café, naïve 12 345 - ok?\n\n  two  spaces",
+             tiny_model.processor.apply_chat_template([{"role": "user", "content": "How many circles?"}])]
+    for text in texts:
+        assert theirs(text)["input_ids"] == ours(text)["input_ids"], text
+    assert theirs.convert_tokens_to_ids("<|im_end|>") == ours.convert_tokens_to_ids("<|im_end|>")
+    model = FastVLM.from_pretrained(str(d), device="cpu", dtype=torch.float32)  # and our loader takes them
+    assert model.processor.tokenizer("What is in the image?")["input_ids"] == ours("What is in the image?")["input_ids"]

@@ -272,6 +272,8 @@ def save_checkpoint(model, directory: str, *, layout: str = "fastvlm", max_shard
             atomic_write_json(os.path.join(directory, "preprocessor_config.json"), pre)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+        if layout == "apple":
+            apple.write_reference_tokenizer_files(tokenizer, directory, config.text.get("max_position_embeddings", 32768))
 
 
 def _read_config(cfg_path: str):

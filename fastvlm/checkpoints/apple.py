@@ -151,3 +151,60 @@ def from_config(config: FastVLMConfig, text_config_dict: dict[str, Any], dtype: 
         cfg[EXTRA_VISION_KEY] = {k: list(v) if isinstance(v, tuple) else v
                                  for k, v in dataclasses.asdict(config.vision).items()}
     return cfg
+
+
+def write_reference_tokenizer_files(tokenizer, directory: str, max_length: int) -> bool:
+    """Also write the tokenizer as Apple's folders hold it: Qwen2's vocab.json, merges.txt, added_tokens.json,
+    special_tokens_map.json and a `Qwen2Tokenizer` tokenizer_config.json, which the reference (transformers 4.x,
+    `use_fast=False`) can read; transformers 5 writes only tokenizer.json and a config 4.x cannot parse.
+
+    Only for byte-level BPE tokenizers (Qwen2's pipeline, which this project's trained tokenizers share); returns
+    whether the files were written.
+    """
+    import json
+    import os
+
+    from .io import atomic_write_json
+
+    try:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    except AttributeError:
+        return False
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        return False
+    added = sorted(spec.get("added_tokens", []), key=lambda t: t["id"])
+    added_ids = {t["id"] for t in added}
+    vocab = {tok: i for tok, i in model["vocab"].items() if i not in added_ids}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    atomic_write_json(os.path.join(directory, "vocab.json"), vocab)
+    tmp = os.path.join(directory, "merges.txt.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    os.replace(tmp, os.path.join(directory, "merges.txt"))
+    atomic_write_json(os.path.join(directory, "added_tokens.json"), {t["content"]: t["id"] for t in added})
+    specials = [t["content"] for t in added if t.get("special")]
+    extra = [s for s in specials if s not in (tokenizer.eos_token, tokenizer.pad_token, "<|endoftext|>")]
+    special_map = {"additional_special_tokens": extra, "eos_token": tokenizer.eos_token,
+                   "pad_token": tokenizer.pad_token}
+    atomic_write_json(os.path.join(directory, "special_tokens_map.json"), special_map)
+    config = {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(t["id"]): {"content": t["content"], "lstrip": bool(t.get("lstrip")),
+                                                "normalized": bool(t.get("normalized")),
+                                                "rstrip": bool(t.get("rstrip")),
+                                                "single_word": bool(t.get("single_word")),
+                                                "special": bool(t.get("special"))} for t in added},
+        **special_map,
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        "model_max_length": int(max_length),
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    if getattr(tokenizer, "chat_template", None):
+        config["chat_template"] = tokenizer.chat_template
+    atomic_write_json(os.path.join(directory, "tokenizer_config.json"), config)
+    return True
