@@ -77,6 +77,22 @@ def error_message(error: BaseException) -> str:
     return message
 
 
+def _one_line_warnings(command: str) -> None:
+    """Our own warnings as one line ("fastvlm generate: warning: ..."), not Python's file:line + source format;
+    other packages' warnings keep theirs (their location is what a bug report needs)."""
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    default = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(package + os.sep):
+            return f"fastvlm {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import FastVLMError
 
@@ -86,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     command = getattr(args, "_prog", args.command)  # "data synth", as argparse names it in its own errors
+    _one_line_warnings(command)
     try:
         return int(args._run(args) or 0)
     except FastVLMError as e:

@@ -429,3 +429,20 @@ def test_output_to_a_closed_pipe_ends_quietly():
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141, err.decode()[-2000:]
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()[-2000:]
+
+
+def test_our_warnings_print_as_one_line(monkeypatch):
+    """What Python's showwarning prints goes through warnings.formatwarning, which the CLI sets."""
+    import os
+    import warnings
+
+    import fastvlm
+    from fastvlm.cli import _one_line_warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    _one_line_warnings("generate")
+    inside = os.path.join(os.path.dirname(fastvlm.__file__), "checkpoints", "__init__.py")
+    assert warnings.formatwarning("the tokenizer is odd", UserWarning, inside, 1) == \
+        "fastvlm generate: warning: the tokenizer is odd\n"
+    other = warnings.formatwarning("library deprecation", FutureWarning, "/elsewhere/lib.py", 7, "")
+    assert other.startswith("/elsewhere/lib.py:7: FutureWarning: library deprecation")  # others keep Python's
