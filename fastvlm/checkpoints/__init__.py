@@ -165,6 +165,9 @@ def load_checkpoint(cls, path_or_repo, *, device=None, dtype=None, revision=None
     config, layout = _read_config(cfg_path)
     if image_size is not None:
         config = config.with_image_size(int(image_size))
+    tokenizer = load_tokenizer(directory)  # checked before the weights are read: they can be many GB
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, config, directory)
     state = layout.to_internal(load_state_dict(directory, progress=progress))
     tied = LM_HEAD_KEY not in state
     config.text["tie_word_embeddings"] = tied
@@ -187,9 +190,7 @@ def load_checkpoint(cls, path_or_repo, *, device=None, dtype=None, revision=None
     model.load_state_dict(state, strict=True, assign=True)
     model._restore_nonpersistent_buffers()
     model._tie_if_needed()
-    tokenizer = load_tokenizer(directory)
     if tokenizer is not None:
-        check_tokenizer(tokenizer, config, directory)
         model.set_tokenizer(tokenizer)
     else:
         warnings.warn(f"{directory} has no tokenizer files; model.chat needs one (model.set_tokenizer)")
