@@ -20,6 +20,10 @@ def __getattr__(name):
         from .vision import FastViTHD
 
         return FastViTHD
+    if name == "load_image":
+        from .processing import load_image
+
+        return load_image
     raise AttributeError(f"module 'fastvlm' has no attribute {name!r}")
 
 
@@ -27,6 +31,7 @@ __all__ = [
     "FastVLM",
     "FastVLMProcessor",
     "FastViTHD",
+    "load_image",
     "FastVLMConfig",
     "VisionConfig",
     "PRESETS",

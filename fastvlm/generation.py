@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
@@ -242,6 +243,10 @@ def generate_steps(
     """Yield (next_tokens [B], finished [B], timings) after each step; timings are filled in as they happen."""
     from transformers import DynamicCache
 
+    unknown = sorted(set(sampling) - {f.name for f in dataclasses.fields(SamplingParams)})
+    if unknown:
+        raise ConfigError(f"unknown generation argument(s) {', '.join(unknown)}; the sampling arguments are "
+                          f"{', '.join(f.name for f in dataclasses.fields(SamplingParams))}")
     params = SamplingParams(**sampling)
     device = model.device
     if input_ids.dim() == 1:
@@ -409,6 +414,18 @@ def _messages_from(images, prompt, system_prompt=None):
         messages = [{"role": "user", "content": content}]
     elif isinstance(prompt, (list, tuple)):
         messages = list(prompt)
+        from .processing import message_images
+
+        payloads = message_images(messages)  # the images carried in the parts ({"type": "image", "image": ...})
+        if any(p is not None for p in payloads):
+            if images:
+                raise PromptError("images were given both inside the messages' image parts and as `images`; "
+                                  "give them one way")
+            if any(p is None for p in payloads):
+                raise PromptError(f"{sum(p is None for p in payloads)} of the messages' {len(payloads)} image parts "
+                                  f"carry no image while others do; give every image part its image, or none "
+                                  f"and pass them as `images`")
+            images = payloads
     else:
         raise PromptError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
     if system_prompt is not None and not (messages and messages[0].get("role") == "system"):

@@ -251,6 +251,9 @@ class FastVLM(nn.Module):
         """Write config, safetensors weights and tokenizer in `layout` ('fastvlm', 'apple' or 'hf')."""
         from .checkpoints import save_checkpoint
 
+        if self.inference_settings.get("quantize"):
+            raise CheckpointError(f"this model's language model is {self.inference_settings['quantize']}-quantized "
+                                  f"for inference, which cannot be saved; reload the checkpoint and save that")
         save_checkpoint(self, directory, layout=layout, max_shard_size=max_shard_size)
 
     # ------------------------------------------------------------------ properties

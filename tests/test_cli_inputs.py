@@ -259,6 +259,14 @@ def test_data_tokenizer_refuses_bad_sources_and_outputs(tmp_path, capsys):
     assert main(["data", "tokenizer", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "ok"),
                  "--vocab-size", "300"]) == 0
     assert (tmp_path / "ok" / "tokenizer.json").is_file()
+    first = (tmp_path / "ok" / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    again = ["data", "tokenizer", str(tmp_path / "obj.json"), "--out", str(tmp_path / "ok"), "--vocab-size", "300"]
+    (tmp_path / "obj.json").write_text('[{"conversations": [{"from": "human", "value": "another corpus"}]}]')
+    assert main(again) == 1  # a tokenizer already there is not replaced silently
+    assert "is not empty (a tokenizer trained before?)" in one_line_error(capsys, "data tokenizer")
+    assert (tmp_path / "ok" / "tokenizer.json").read_bytes() == first
+    assert main([*again, "--overwrite"]) == 0 and (tmp_path / "ok" / "tokenizer.json").read_bytes() != first
 
 
 @pytest.mark.parametrize("blocked,argv,extra", [

@@ -241,3 +241,33 @@ def test_projector_types_as_the_reference_builds_them():
     for bad in ("mlp0x_gelu", "mlpx_gelu", "mlp2x_relu"):
         with pytest.raises(ConfigError, match=f"unknown projector_type '{bad}'.*mlp<N>x_gelu"):
             dataclasses.replace(base, projector_type=bad)
+
+
+def test_chat_takes_images_inside_message_parts(tiny_model):
+    from PIL import Image
+
+    a, b = Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (30, 40), (30, 30, 200))
+    parts = [{"type": "image", "image": a}, {"type": "text", "text": "Which colour?"}]
+    inline = tiny_model.chat(None, [{"role": "user", "content": parts}], max_new_tokens=4)
+    assert inline == tiny_model.chat([a], [{"role": "user", "content": [{"type": "image"}, parts[1]]}],
+                                     max_new_tokens=4)
+    with pytest.raises(PromptError, match="both inside the messages' image parts and as `images`"):
+        tiny_model.chat([b], [{"role": "user", "content": parts}], max_new_tokens=4)
+    mixed = [{"type": "image", "image": a}, {"type": "image"}, {"type": "text", "text": "?"}]
+    with pytest.raises(PromptError, match="1 of the messages' 2 image parts carry no image"):
+        tiny_model.chat(None, [{"role": "user", "content": mixed}], max_new_tokens=4)
+    with pytest.raises(ConfigError, match="unknown generation argument.*max_tokens.*max_new_tokens"):
+        tiny_model.chat([a], "Which colour?", max_tokens=4)
+
+
+def test_int8_model_cannot_be_saved_and_says_why(tmp_path):
+    from fastvlm import CheckpointError
+
+    model = FastVLM.from_preset("fastvlm-tiny", device="cpu", dtype=torch.float32)
+    model.optimize_for_inference("fast", quantize="int8")
+    with pytest.raises(CheckpointError, match="int8-quantized for inference, which cannot be saved; reload"):
+        model.save_pretrained(str(tmp_path / "q"))
+    assert not (tmp_path / "q").exists()
+    import fastvlm
+
+    assert fastvlm.load_image is fastvlm.processing.load_image

@@ -262,8 +262,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                             suite.remove(hf_dir)
                         log("transformers FastVlmForConditionalGeneration loaded on the same weights")
                     except Exception as e:  # noqa: BLE001 - a missing port must not stop our own numbers
-                        report["notes"].append(f"transformers baseline unavailable: {e}")
-                        log(f"transformers baseline unavailable: {e}")
+                        note = f"transformers baseline unavailable: {e}"
+                        if note not in report["notes"]:  # the same reason for every dtype: said once
+                            report["notes"].append(note)
+                            log(note)
                 elif want_hf:
                     report["notes"].append(f"{name} {dname}: transformers baseline skipped (not enough memory for a second copy)")
                 modes = list(cfg.modes)

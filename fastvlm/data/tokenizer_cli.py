@@ -19,6 +19,7 @@ def add_arguments(p):
     p.add_argument("source", help="corpus .txt, LLaVA .json/.jsonl, or a directory with corpus.txt")
     p.add_argument("--out", "-o", required=True, help="output directory for the tokenizer files")
     p.add_argument("--vocab-size", type=int, default=1024, help="learnt vocabulary size incl. 256 bytes (default 1024)")
+    p.add_argument("--overwrite", action="store_true", help="replace the tokenizer files in a non-empty --out")
 
 
 def _texts(source: str):
@@ -70,6 +71,9 @@ def run(args) -> int:
     if not any(line.strip() for line in lines):
         raise FastVLMError(f"{args.source}: no text to train a tokenizer on (an empty corpus, or records without "
                            "conversation turns)")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise FastVLMError(f"output directory {args.out} is not empty (a tokenizer trained before?); choose a new "
+                           f"or empty directory, or pass --overwrite to replace the tokenizer files in it")
     prepare_output_dir(args.out)  # an existing file, or a path that cannot be made, fails before training
     n_corpus = len(lines)
     # the chat frame's own words, so prompts tokenize compactly
