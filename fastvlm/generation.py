@@ -7,9 +7,9 @@ logits only for the last position, and text can be streamed as it is produced.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
