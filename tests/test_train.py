@@ -335,6 +335,27 @@ def test_llava_prepends_image_placeholder_only_for_one_image(tmp_path, img_dir, 
     assert ids.index(IMAGE_TOKEN_INDEX) > ids.index(tok.convert_tokens_to_ids("<|im_end|>"))
 
 
+def test_one_image_placeholder_moves_to_the_front_of_its_turn_as_the_reference(tmp_path, img_dir, tok):
+    """preprocess_multimodal: value.replace('<image>', '').strip(), then '<image>\\n' + value."""
+    from fastvlm.train.data import parse_record
+
+    for question, trained in [("What color is this?\n<image>", "<image>\nWhat color is this?"),
+                              ("What <image> color?", "<image>\nWhat  color?"),
+                              ("<image>\nWhat color?", "<image>\nWhat color?"),
+                              ("  <image> What color? ", "<image>\nWhat color?")]:
+        rec = {"id": "m", "image": "a.png", "conversations": conv("Hi", "hello", question, "red")}
+        turns = parse_record(rec, path="d.json", index=0, image_folder=str(img_dir)).turns
+        assert turns == [("user", "Hi"), ("assistant", "hello"), ("user", trained), ("assistant", "red")], question
+    # several images: every placeholder stays where the record put it
+    rec = {"id": "two", "image": ["a.png", "b.png"], "conversations": conv("First <image> then <image>.", "ok")}
+    assert parse_record(rec, path="d.json", index=0, image_folder=str(img_dir)).turns[0][1] == \
+        "First <image> then <image>."
+    d = ds(write_json(tmp_path / "m.json", [{"id": "e", "image": "a.png",
+                                             "conversations": conv("What color?\n<image>", "red")}]), str(img_dir), tok)
+    want = tokenize_conversation([("user", "<image>\nWhat color?"), ("assistant", "red")], tok, N_IMG, SYSTEM)
+    assert d[0]["input_ids"] == want.input_ids and d[0]["labels"] == want.labels
+
+
 def test_jsonl_is_read_lazily(tmp_path, img_dir, tok):
     path = tmp_path / "d.jsonl"
     lines = [json.dumps(dict(GOOD, id=f"g{i}")) for i in range(5)]

@@ -15,9 +15,10 @@ order of the record's image list.
 **Placeholder rule.** With ``add_missing_placeholder`` (recipe key ``data.add_missing_placeholder``, off by
 default), when a record has exactly one image and no ``<image>`` anywhere in its conversation,
 ``<image>\\n`` is prepended to the first human turn (such records are counted in ``placeholders_added`` and
-logged); off, that record is refused like any other mismatch. In every other case the placeholders must match the images one to one: nothing is
-moved (the reference also moves a lone ``<image>`` to the front of its turn; records with
-it elsewhere keep it where it is here) and nothing is guessed for multi-image records.
+logged); off, that record is refused like any other mismatch. In every other case the placeholders must match the
+images one to one, and nothing is guessed for multi-image records. A record with one image trains with its
+``<image>`` at the front of its turn (``"<image>\\n"`` + the rest of the turn, stripped), as the reference's
+``preprocess_multimodal`` moves it; in multi-image records every placeholder stays where it is.
 
 **Validation.** Every record is checked once when the dataset is built, before training
 starts: structure, roles and alternation, placeholder count against images, that each
@@ -156,6 +157,11 @@ def parse_record(record: Any, *, path: str, index: int, image_folder: Optional[s
         hint = (" (data.add_missing_placeholder: true puts one before the first question)"
                 if len(images) == 1 and n_ph == 0 else "")
         raise bad(f"{n_ph} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s){hint}", "placeholder_mismatch")
+    if len(images) == 1:
+        # As the reference's preprocess_multimodal: the turn's one <image> goes to its front, "<image>\n" + the
+        # rest stripped ("Describe it. <image>" trains as "<image>\nDescribe it.", as inference prompts it)
+        turns = [(role, IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in text else text)
+                 for role, text in turns]
 
     resolved = [p if os.path.isabs(p) or image_folder is None else os.path.join(image_folder, p) for p in images]
     return Conversation(id=record.get("id", index), images=resolved, turns=turns, system=system,
