@@ -241,3 +241,18 @@ def test_printed_summary_shows_counts_as_counts(capsys):
                    "scores": {"f1": 0.8, "tp": 2, "fp": 1, "n": 3, "yes_ratio": 1.0}}, "out")
     lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:-1]}
     assert lines == {"f1": "80.00", "tp": "2", "fp": "1", "n": "3", "yes_ratio": "100.00"}  # scores x100, counts not
+
+
+def test_a_synth_folder_and_its_test_json_are_the_same_run(tiny_dir, data_file, tmp_path, capsys):
+    split = tmp_path / "synth"
+    split.mkdir()
+    records = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines()]
+    for r in records:
+        r["image"] = str(data_file.parent / r["image"])
+    (split / "test.json").write_text(json.dumps(records), encoding="utf-8")
+    out = tmp_path / "out"
+    assert run_eval(tiny_dir, split, out, "--limit", "2") == 0
+    capsys.readouterr()
+    assert run_eval(tiny_dir, split / "test.json", out) == 0, capsys.readouterr().err  # resumed, not refused
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_resumed"] == 2 and summary["data"] == str(split / "test.json")

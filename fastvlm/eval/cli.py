@@ -151,6 +151,15 @@ def print_summary(summary: dict, out_dir: str, file=None) -> None:
     print(f"  summary: {os.path.join(out_dir, 'summary.json')}", file=file)
 
 
+def _data_file(task: str, data: str) -> str:
+    """The data as run.json records it: a `data synth` folder is its test.json, so naming the folder or the file
+    resumes the same run."""
+    path = os.path.abspath(data)
+    if task == "synth" and os.path.isfile(os.path.join(path, "test.json")):
+        path = os.path.join(path, "test.json")
+    return path
+
+
 def run(args) -> int:
     import torch
 
@@ -191,7 +200,7 @@ def run(args) -> int:
         "device": str(model.device),
         "dtype": str(model.dtype).replace("torch.", ""),
         "attention": "eager" if getattr(args, "exact", False) else "sdpa",
-        "data": os.path.abspath(args.data),
+        "data": _data_file(task.name, args.data),
         "image_root": os.path.abspath(args.image_root) if args.image_root else None,
         "decoding": {"greedy": True, "max_new_tokens": max_new_tokens},
         "system_prompt": args.system,
