@@ -680,3 +680,25 @@ def test_text_state_holds_incomplete_characters_and_stop_prefixes():
     assert "".join(pieces) == "" and st.stopped
     pieces, st = _run_text_state("  Hi\nthere", ["\n"])
     assert "".join(pieces) == "Hi" and st.stopped
+
+
+def test_cors_only_for_the_origins_given(model):
+    page = "http://localhost:3000"
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    with serve_in_thread(model, model_name=MODEL_NAME, api_key="k", allowed_origins=(page,)) as s:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            r = c.options("/v1/chat/completions", headers=preflight)  # no key: browsers send none on preflight
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+            assert "authorization" in r.headers["access-control-allow-headers"].lower()
+            r = c.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": text_message(), "max_tokens": 2},
+                       headers={"Origin": page, "Authorization": "Bearer k"})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+            r = c.get("/v1/models", headers={"Origin": "http://evil.example"})
+            assert r.status_code == 401 and "access-control-allow-origin" not in r.headers
+    with serve_in_thread(model, model_name=MODEL_NAME) as s:  # by default no origin is allowed
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            r = c.options("/v1/chat/completions", headers=preflight)
+            assert "access-control-allow-origin" not in r.headers
+            r = c.get("/v1/models", headers={"Origin": page})
+            assert r.status_code == 200 and "access-control-allow-origin" not in r.headers

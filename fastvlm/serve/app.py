@@ -67,6 +67,8 @@ class ServeSettings:
     allow_remote_images: bool = False
     remote_image_timeout_s: float = 10.0
     remote_image_max_redirects: int = 3
+    # Browser pages on these origins may call the API (CORS); empty: only same-origin pages (the bundled one).
+    allowed_origins: tuple[str, ...] = ()
 
 
 def _static_dir() -> str:
@@ -138,6 +140,13 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
     app.state.engine = engine
     app.state.settings = settings
     app.state.model = model
+    if settings.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        # answers preflight (OPTIONS) requests itself, before the API key is asked for, as browsers send none there
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                           max_age=600)
 
     # ------------------------------------------------------------------ errors
     def error_response(e: APIError) -> JSONResponse:

@@ -109,6 +109,9 @@ def add_arguments(p):
                    help="model id in the API (default: the model directory's name)")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: env FASTVLM_API_KEY)")
+    g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let browser pages on ORIGIN (e.g. http://localhost:3000, or * for any) call the API "
+                        "(CORS; repeatable; default none: only the server's own page)")
     g.add_argument("--allow-unauthenticated-remote", action="store_true",
                    help="allow listening on a non-loopback address without an API key")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -164,6 +167,7 @@ def settings_from_args(args, model_name: str):
         batch_window_ms=args.batch_window_ms,
         allow_remote_images=args.allow_remote_images,
         remote_image_timeout_s=args.remote_image_timeout,
+        allowed_origins=tuple(args.allow_origin),
     )
 
 
