@@ -77,20 +77,39 @@ def error_message(error: BaseException) -> str:
     return message
 
 
+_warning_command = {"name": None}  # the running command, for the one-line warning format (installed once)
+
+
 def _one_line_warnings(command: str) -> None:
     """Our own warnings as one line ("fastvlm generate: warning: ..."), not Python's file:line + source format;
     other packages' warnings keep theirs (their location is what a bug report needs)."""
     import warnings
 
+    first = _warning_command["name"] is None
+    _warning_command["name"] = command
+    if not first:
+        return
     package = os.path.dirname(os.path.abspath(__file__))
     default = warnings.formatwarning
 
     def fmt(message, category, filename, lineno, line=None):
         if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(package + os.sep):
-            return f"fastvlm {command}: warning: {message}\n"
+            return f"fastvlm {_warning_command['name']}: warning: {message}\n"
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = fmt
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone away (poll reports an error on it)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     command = getattr(args, "_prog", args.command)  # "data synth", as argparse names it in its own errors
     _one_line_warnings(command)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # here, not at exit, so that a reader that went away is handled below
+        return code
     except FastVLMError as e:
         print(f"fastvlm {command}: error: {error_message(e)}", file=sys.stderr)
         return 1
@@ -117,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # the reader went away (`fastvlm info | head -3`): stop quietly, and keep Python's exit-time flush of
-        # stdout from raising again
+    except BrokenPipeError as e:
+        if not _stdout_gone():  # another pipe (a worker's, a socket's): an error like any other
+            print(f"fastvlm {command}: error: {e}", file=sys.stderr)
+            return 1
+        # stdout's reader went away (`fastvlm info | head -3`): stop quietly, and keep Python's exit-time flush
+        # of stdout from raising again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
 

@@ -9,6 +9,8 @@ tag (see :func:`load_image`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import os
@@ -53,8 +55,8 @@ def load_image(
 ) -> Image.Image:
     """Load an image as an RGB ``PIL.Image.Image``.
 
-    ``source`` may be a path (str or PathLike), encoded bytes, a binary file object, a PIL
-    image, or a uint8 numpy array (H×W, or H×W×C with C in 1, 3, 4).
+    ``source`` may be a path (str or PathLike), a base64 ``data:`` URI, encoded bytes, a binary
+    file object, a PIL image, or a uint8 numpy array (H×W, or H×W×C with C in 1, 3, 4).
 
     Steps: open with PIL, decode the pixels, apply the EXIF orientation tag
     (``ImageOps.exif_transpose``), then ``.convert("RGB")``. The conversion is exactly the
@@ -91,6 +93,18 @@ def load_image(
         if not isinstance(path, str):
             path = os.fsdecode(path)
         name = _short(path)
+        if path[:5].lower() == "data:":  # an inline image, as OpenAI-style image_url parts carry them
+            head, comma, payload = path.partition(",")
+            if not comma or not head.lower().endswith(";base64"):
+                raise ImageError(f"{_short(path, 60)}: a data: URI image must be base64 (data:image/png;base64,...)")
+            try:
+                data = base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise ImageError(f"{_short(path, 60)}: the data: URI's base64 payload does not decode") from None
+            if not data:
+                raise ImageError("the data: URI holds no image data")
+            return _open_bytes(data, "data: URI image", max_pixels, fixes,
+                               what=f"the data: URI's {len(data)} bytes are not an image format PIL can read")
         if not os.path.exists(path):
             if path.split("://", 1)[0].lower() in ("http", "https", "ftp", "s3", "gs", "file"):
                 raise ImageError(f"{name} is a URL; images are read from local files here: download it first")

@@ -424,6 +424,9 @@ def main() -> int:
                                        f"data.image_size={args.image_size}", *args.set], validate=False)
     encoder = build_model(recipe).vision_tower.train()
     if args.conv_init == "small" and not recipe.init.vision_tower:
+        if encoder.config.inference_mode:
+            p.error("--conv-init small re-initialises a train-form encoder (it would overwrite a fused encoder's "
+                    "identity-start RepMixers); with init.vision.inference_mode=true use --conv-init reference")
         small_conv_init_(encoder)
     grid = args.image_size // encoder.patch_size  # 64 for FastViTHD's five stages, 128 with a sixth
     where = args.where or ("cell" if args.objective == "reading" else "none")

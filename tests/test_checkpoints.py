@@ -437,3 +437,19 @@ def test_apple_layout_writes_the_reference_tokenizer_files(tmp_path, tiny_model)
     assert theirs.convert_tokens_to_ids("<|im_end|>") == ours.convert_tokens_to_ids("<|im_end|>")
     model = FastVLM.from_pretrained(str(d), device="cpu", dtype=torch.float32)  # and our loader takes them
     assert model.processor.tokenizer("What is in the image?")["input_ids"] == ours("What is in the image?")["input_ids"]
+
+
+def test_reference_tokenizer_files_only_for_qwen2s_pipeline(tmp_path, tiny_model):
+    """The files name Qwen2Tokenizer, which applies Qwen2's normalizer and split regex: another byte-level BPE
+    (GPT-2's regex, no NFC) would tokenize differently from them, so none are written for it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastvlm.checkpoints.apple import write_reference_tokenizer_files
+
+    gpt2 = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert not write_reference_tokenizer_files(PreTrainedTokenizerFast(tokenizer_object=gpt2), str(tmp_path), 8192)
+    assert not list(tmp_path.iterdir())
+    assert write_reference_tokenizer_files(tiny_model.processor.tokenizer, str(tmp_path), 8192)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == 8192

@@ -426,17 +426,34 @@ def test_a_training_step_folder_given_as_a_model_says_what_it_is(tmp_path, capsy
     assert "is a training checkpoint (a step folder); load its run's final/ folder" in err, err
 
 
-def test_output_to_a_closed_pipe_ends_quietly():
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+def test_output_to_a_closed_pipe_ends_quietly(unbuffered):
     """`fastvlm info | head -1`: a reader that goes away ends the command without a BrokenPipeError traceback."""
+    import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as usually
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "fastvlm.cli", "info"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env=env)
     proc.stdout.close()  # nobody reads: the first write fails with EPIPE
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141, err.decode()[-2000:]
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()[-2000:]
+
+
+def test_a_broken_pipe_other_than_stdout_is_an_error(monkeypatch, capsys):
+    """A worker's or a socket's broken pipe is reported, not taken for a reader of stdout that went away."""
+    import fastvlm.commands.info as info
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe (a worker's)")
+
+    monkeypatch.setattr(info, "run", broken)
+    assert main(["info"]) == 1
+    assert "fastvlm info: error: [Errno 32] Broken pipe (a worker's)" in capsys.readouterr().err
 
 
 def test_our_warnings_print_as_one_line(monkeypatch):

@@ -256,3 +256,9 @@ def test_a_synth_folder_and_its_test_json_are_the_same_run(tiny_dir, data_file, 
     assert run_eval(tiny_dir, split / "test.json", out) == 0, capsys.readouterr().err  # resumed, not refused
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_resumed"] == 2 and summary["data"] == str(split / "test.json")
+    # a run recorded by an older version under the folder's name resumes too
+    run = json.loads((out / "run.json").read_text())
+    run["settings"]["data"] = str(split)
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert run_eval(tiny_dir, split, out) == 0, capsys.readouterr().err

@@ -233,7 +233,10 @@ def test_load_image_sources(tmp_path):
     img.save(path)
     data = path.read_bytes()
     expected = np.asarray(img)
-    for src in (str(path), path, data, bytearray(data), io.BytesIO(data), img, np.asarray(img)):
+    import base64
+
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    for src in (str(path), path, data, bytearray(data), io.BytesIO(data), img, np.asarray(img), uri):
         out = load_image(src)
         assert out.mode == "RGB" and np.array_equal(np.asarray(out), expected), type(src)
     with open(path, "rb") as f:
@@ -245,6 +248,17 @@ def test_load_image_sources(tmp_path):
     assert torch.equal(preprocess_image(str(path), S), preprocess_image(img, S))
     batch = preprocess_images([img, img.transpose(Image.Transpose.ROTATE_90)], S)
     assert batch.shape == (2, 3, S, S) and torch.equal(batch[0], preprocess_image(img, S))
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("data:image/png,notbase64", "must be base64"),
+    ("data:image/png;base64,@@@", "base64 payload does not decode"),
+    ("data:image/png;base64,", "holds no image data"),
+    ("data:image/png;base64,aGVsbG8=", "5 bytes are not an image format"),
+])
+def test_bad_data_uris_are_named(uri, message):
+    with pytest.raises(ImageError, match=message):
+        load_image(uri)
 
 
 def test_animated_gif_uses_first_frame(tmp_path):

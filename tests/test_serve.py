@@ -684,13 +684,13 @@ def test_text_state_holds_incomplete_characters_and_stop_prefixes():
 
 def test_cors_only_for_the_origins_given(model):
     page = "http://localhost:3000"
-    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type"}
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",  # as OpenAI's browser SDK asks
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os, x-stainless-arch"}
     with serve_in_thread(model, model_name=MODEL_NAME, api_key="k", allowed_origins=(page,)) as s:
         with httpx.Client(base_url=s.url, timeout=60) as c:
             r = c.options("/v1/chat/completions", headers=preflight)  # no key: browsers send none on preflight
             assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
-            assert "authorization" in r.headers["access-control-allow-headers"].lower()
+            assert {"authorization", "x-stainless-os"} <= set(r.headers["access-control-allow-headers"].lower().split(", "))
             r = c.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": text_message(), "max_tokens": 2},
                        headers={"Origin": page, "Authorization": "Bearer k"})
             assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page

@@ -336,13 +336,14 @@ def test_llava_prepends_image_placeholder_only_for_one_image(tmp_path, img_dir, 
 
 
 def test_one_image_placeholder_moves_to_the_front_of_its_turn_as_the_reference(tmp_path, img_dir, tok):
-    """preprocess_multimodal: value.replace('<image>', '').strip(), then '<image>\\n' + value."""
+    """preprocess_multimodal: value.replace('<image>', '').strip(), then ('<image>\\n' + value).strip()."""
     from fastvlm.train.data import parse_record
 
     for question, trained in [("What color is this?\n<image>", "<image>\nWhat color is this?"),
                               ("What <image> color?", "<image>\nWhat  color?"),
                               ("<image>\nWhat color?", "<image>\nWhat color?"),
-                              ("  <image> What color? ", "<image>\nWhat color?")]:
+                              ("  <image> What color? ", "<image>\nWhat color?"),
+                              (" <image> ", "<image>")]:
         rec = {"id": "m", "image": "a.png", "conversations": conv("Hi", "hello", question, "red")}
         turns = parse_record(rec, path="d.json", index=0, image_folder=str(img_dir)).turns
         assert turns == [("user", "Hi"), ("assistant", "hello"), ("user", trained), ("assistant", "red")], question

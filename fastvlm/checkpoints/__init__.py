@@ -274,7 +274,7 @@ def save_checkpoint(model, directory: str, *, layout: str = "fastvlm", max_shard
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
         if layout == "apple":
-            apple.write_reference_tokenizer_files(tokenizer, directory, config.text.get("max_position_embeddings", 32768))
+            apple.write_reference_tokenizer_files(tokenizer, directory, config.max_length)
 
 
 def _read_config(cfg_path: str):

@@ -158,12 +158,14 @@ def write_reference_tokenizer_files(tokenizer, directory: str, max_length: int) 
     special_tokens_map.json and a `Qwen2Tokenizer` tokenizer_config.json, which the reference (transformers 4.x,
     `use_fast=False`) can read; transformers 5 writes only tokenizer.json and a config 4.x cannot parse.
 
-    Only for byte-level BPE tokenizers (Qwen2's pipeline, which this project's trained tokenizers share); returns
-    whether the files were written.
+    Only for Qwen2's pipeline (NFC, Qwen2's split regex, byte-level BPE), which this project's trained tokenizers
+    share: the files name `Qwen2Tokenizer`, which applies exactly that, so another byte-level BPE would tokenize
+    differently from them. Returns whether the files were written.
     """
     import json
     import os
 
+    from ..tokenization import QWEN2_SPLIT_REGEX
     from .io import atomic_write_json
 
     try:
@@ -171,7 +173,12 @@ def write_reference_tokenizer_files(tokenizer, directory: str, max_length: int) 
     except AttributeError:
         return False
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    split = [s for s in steps if s.get("type") == "Split"]
+    if (model.get("type") != "BPE" or (spec.get("normalizer") or {}).get("type") != "NFC"
+            or [s.get("type") for s in steps] != ["Split", "ByteLevel"]
+            or split[0].get("pattern", {}).get("Regex") != QWEN2_SPLIT_REGEX):
         return False
     added = sorted(spec.get("added_tokens", []), key=lambda t: t["id"])
     added_ids = {t["id"] for t in added}

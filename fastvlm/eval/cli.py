@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import textwrap
+from typing import Optional
 
 from ..commands.common import add_model_args, int_arg
 from .tasks import TASKS
@@ -160,6 +161,18 @@ def _data_file(task: str, data: str) -> str:
     return path
 
 
+def _recorded_data(out) -> Optional[str]:
+    """The data path a previous run in `out` recorded, if any."""
+    from .runner import RUN_FILE
+
+    try:
+        with open(os.path.join(out, RUN_FILE), encoding="utf-8") as f:
+            data = (json.load(f).get("settings") or {}).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return data if isinstance(data, str) else None
+
+
 def run(args) -> int:
     import torch
 
@@ -215,6 +228,9 @@ def run(args) -> int:
                                         "image_root", "decoding", "system_prompt")}
     if os.path.isdir(settings["model"]):
         settings["model"] = os.path.abspath(settings["model"])
+    recorded = _recorded_data(args.out)
+    if recorded and recorded != settings["data"] and _data_file(task.name, recorded) == settings["data"]:
+        settings["data"] = details["data"] = recorded  # a run recorded (before session 22) under its folder's name
     check_run_file(args.out, task, settings)
 
     ttft_batch1 = None

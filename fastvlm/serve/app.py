@@ -143,10 +143,10 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
     if settings.allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        # answers preflight (OPTIONS) requests itself, before the API key is asked for, as browsers send none there
+        # answers preflight (OPTIONS) requests itself, before the API key is asked for, as browsers send none there;
+        # any request header (OpenAI's browser SDK sends x-stainless-* ones); no cookies: the key is a bearer token
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
-                           max_age=600)
+                           allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600)
 
     # ------------------------------------------------------------------ errors
     def error_response(e: APIError) -> JSONResponse:

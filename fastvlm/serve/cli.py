@@ -14,7 +14,7 @@ URLs are fetched only with --allow-remote-images (bounded in bytes, time and red
 server then fetches any address a client names, so enable it for trusted clients only).
 Local file paths are never read.
 
-Every response carries `usage` (prompt_tokens counts image tokens) and a `timings` object
+Every non-streamed response carries `usage` (prompt_tokens counts image tokens) and a `timings` object
 (ttft_s from request received to first token, queue_s, encode_s, prefill_s, decode_s,
 decode_tokens_per_s, total_s, batch_size). A stream carries timings on its last choice chunk
 and, as OpenAI's, usage only with stream_options.include_usage, in a usage-only chunk after it.

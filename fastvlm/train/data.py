@@ -159,9 +159,10 @@ def parse_record(record: Any, *, path: str, index: int, image_folder: Optional[s
         raise bad(f"{n_ph} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s){hint}", "placeholder_mismatch")
     if len(images) == 1:
         # As the reference's preprocess_multimodal: the turn's one <image> goes to its front, "<image>\n" + the
-        # rest stripped ("Describe it. <image>" trains as "<image>\nDescribe it.", as inference prompts it)
-        turns = [(role, IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in text else text)
-                 for role, text in turns]
+        # rest stripped, stripped again ("Describe it. <image>" trains as "<image>\nDescribe it.", as inference
+        # prompts it; a turn of "<image>" alone stays "<image>")
+        turns = [(role, (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
+                  if IMAGE_TOKEN in text else text) for role, text in turns]
 
     resolved = [p if os.path.isabs(p) or image_folder is None else os.path.join(image_folder, p) for p in images]
     return Conversation(id=record.get("id", index), images=resolved, turns=turns, system=system,
