@@ -702,3 +702,17 @@ def test_cors_only_for_the_origins_given(model):
             assert "access-control-allow-origin" not in r.headers
             r = c.get("/v1/models", headers={"Origin": page})
             assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+@pytest.mark.parametrize("origin, ok", [("http://localhost:3000", True), ("*", True), ("https://app.example", True),
+                                        ("localhost:3000", False), ("http://localhost:3000/", False),
+                                        ("http://a.example/path", False)])
+def test_allow_origin_takes_origins_as_browsers_send_them(origin, ok, capsys):
+    from fastvlm.cli import build_parser
+
+    if ok:
+        assert build_parser().parse_args(["serve", "--allow-origin", origin]).allow_origin == [origin]
+    else:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--allow-origin", origin])
+        assert "is not an origin: give scheme://host[:port]" in capsys.readouterr().err

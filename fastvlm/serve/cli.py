@@ -100,6 +100,18 @@ def listening_socket(host: str, port: int):
     return sock
 
 
+def _origin(text: str) -> str:
+    """An origin as browsers send it (scheme://host[:port], no path or trailing slash), or *."""
+    import argparse
+    import re
+
+    if text == "*" or re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?", text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not an origin: give scheme://host[:port] as the browser sends it, e.g. http://localhost:3000 "
+        f"(no path, no trailing slash), or *")
+
+
 def add_arguments(p):
     add_model_args(p)
     g = p.add_argument_group("server")
@@ -109,7 +121,7 @@ def add_arguments(p):
                    help="model id in the API (default: the model directory's name)")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: env FASTVLM_API_KEY)")
-    g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+    g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN", type=_origin,
                    help="let browser pages on ORIGIN (e.g. http://localhost:3000, or * for any) call the API "
                         "(CORS; repeatable; default none: only the server's own page)")
     g.add_argument("--allow-unauthenticated-remote", action="store_true",
