@@ -85,6 +85,10 @@ class SamplingParams:
                           UserWarning, stacklevel=4)
 
 
+# the keyword arguments generate/chat take for sampling (anything else is refused, naming these)
+SAMPLING_ARGUMENTS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
 def cache_argument(language_model) -> str:
     """transformers renamed `past_key_values` to `cache` (5.x); use whichever this version takes."""
     import inspect
@@ -243,10 +247,10 @@ def generate_steps(
     """Yield (next_tokens [B], finished [B], timings) after each step; timings are filled in as they happen."""
     from transformers import DynamicCache
 
-    unknown = sorted(set(sampling) - {f.name for f in dataclasses.fields(SamplingParams)})
+    unknown = sorted(set(sampling) - set(SAMPLING_ARGUMENTS))
     if unknown:
         raise ConfigError(f"unknown generation argument(s) {', '.join(unknown)}; the sampling arguments are "
-                          f"{', '.join(f.name for f in dataclasses.fields(SamplingParams))}")
+                          f"{', '.join(SAMPLING_ARGUMENTS)}")
     params = SamplingParams(**sampling)
     device = model.device
     if input_ids.dim() == 1:

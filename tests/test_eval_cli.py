@@ -185,15 +185,21 @@ def test_unreadable_image_names_its_record_and_keeps_the_predictions(tiny_dir, d
     assert "q4" not in {r["id"] for r in read_lines(out / "scores.jsonl")}
 
 
-def test_data_folders(data_file, tmp_path):
-    from fastvlm.errors import FastVLMError
-
+def synth_folder(data_file, tmp_path):
+    """A `fastvlm data synth`-style folder whose test.json holds data_file's records (absolute image paths)."""
     split = tmp_path / "synth"
     split.mkdir()
     records = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines()]
     for r in records:
         r["image"] = str(data_file.parent / r["image"])
     (split / "test.json").write_text(json.dumps(records), encoding="utf-8")
+    return split
+
+
+def test_data_folders(data_file, tmp_path):
+    from fastvlm.errors import FastVLMError
+
+    split = synth_folder(data_file, tmp_path)
     # a `fastvlm data synth` folder means its test split
     assert [x.id for x in TASKS["synth"].load(split)] == [x.id for x in TASKS["synth"].load(split / "test.json")]
     with pytest.raises(FastVLMError, match="is a folder; this task reads one file"):
@@ -244,12 +250,7 @@ def test_printed_summary_shows_counts_as_counts(capsys):
 
 
 def test_a_synth_folder_and_its_test_json_are_the_same_run(tiny_dir, data_file, tmp_path, capsys):
-    split = tmp_path / "synth"
-    split.mkdir()
-    records = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines()]
-    for r in records:
-        r["image"] = str(data_file.parent / r["image"])
-    (split / "test.json").write_text(json.dumps(records), encoding="utf-8")
+    split = synth_folder(data_file, tmp_path)
     out = tmp_path / "out"
     assert run_eval(tiny_dir, split, out, "--limit", "2") == 0
     capsys.readouterr()

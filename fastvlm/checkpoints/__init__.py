@@ -20,7 +20,7 @@ import torch
 from ..config import FastVLMConfig, load_config_file
 from ..errors import CheckpointError, ConfigError
 from . import apple, hf
-from .io import atomic_write_json, check_keys, load_state_dict, save_state_dict
+from .io import atomic_write_json, check_keys, float_dtype, load_state_dict, save_state_dict, tensor_dtypes
 
 LAYOUT_NAMES = ("fastvlm", "apple", "hf")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
@@ -310,10 +310,9 @@ def convert(src: str, dst: str, layout: str, *, dtype=None, max_shard_size: Opti
     from ..model import FastVLM
 
     directory = resolve_path(src)
-    probe = load_state_dict(directory, progress=False)
-    float_dtypes = {t.dtype for t in probe.values() if t.is_floating_point()}
-    has_head = any(k.endswith("head.proj") and "vision_tower" in k for k in probe)
-    del probe
+    dtypes = tensor_dtypes(directory)  # from the headers: the weights are read once, by from_pretrained
+    float_dtypes = {float_dtype(d) for d in dtypes.values()} - {None}
+    has_head = any(k.endswith("head.proj") and "vision_tower" in k for k in dtypes)
     keep = dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32)
     model = FastVLM.from_pretrained(directory, device="cpu", dtype=keep)
     model.save_pretrained(dst, layout=layout, max_shard_size=max_shard_size)

@@ -166,7 +166,7 @@ def write_reference_tokenizer_files(tokenizer, directory: str, max_length: int) 
     import os
 
     from ..tokenization import QWEN2_SPLIT_REGEX
-    from .io import atomic_write_json
+    from .io import atomic_write_json, atomic_write_text
 
     try:
         spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -185,10 +185,7 @@ def write_reference_tokenizer_files(tokenizer, directory: str, max_length: int) 
     vocab = {tok: i for tok, i in model["vocab"].items() if i not in added_ids}
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     atomic_write_json(os.path.join(directory, "vocab.json"), vocab)
-    tmp = os.path.join(directory, "merges.txt.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
-    os.replace(tmp, os.path.join(directory, "merges.txt"))
+    atomic_write_text(os.path.join(directory, "merges.txt"), "#version: 0.2\n" + "".join(m + "\n" for m in merges))
     atomic_write_json(os.path.join(directory, "added_tokens.json"), {t["content"]: t["id"] for t in added})
     specials = [t["content"] for t in added if t.get("special")]
     extra = [s for s in specials if s not in (tokenizer.eos_token, tokenizer.pad_token, "<|endoftext|>")]

@@ -90,6 +90,29 @@ def load_state_dict(directory: str, *, device: str | torch.device = "cpu", progr
     return state
 
 
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def tensor_dtypes(directory: str) -> dict[str, str]:
+    """Each tensor's safetensors dtype ("BF16", "F32", "I64", ...) from the files' headers, reading no weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    out: dict[str, str] = {}
+    for path in safetensors_files(directory):
+        try:
+            with safe_open(path, framework="pt") as f:
+                out.update({key: f.get_slice(key).get_dtype() for key in f.keys()})
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    return out
+
+
+def float_dtype(name: str) -> Optional[torch.dtype]:
+    """The torch dtype of a safetensors floating-point dtype name, else None."""
+    return _FLOAT_DTYPES.get(name)
+
+
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share storage; store a contiguous copy of each."""
     seen: dict[tuple, str] = {}
@@ -162,12 +185,16 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_json(path: str, obj) -> None:
+def atomic_write_text(path: str, text: str) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written file under `path`."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def check_keys(
