@@ -453,3 +453,15 @@ def test_reference_tokenizer_files_only_for_qwen2s_pipeline(tmp_path, tiny_model
     assert not list(tmp_path.iterdir())
     assert write_reference_tokenizer_files(tiny_model.processor.tokenizer, str(tmp_path), 8192)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == 8192
+
+
+def test_apple_layout_says_when_it_cannot_write_the_reference_tokenizer_files(tmp_path, tiny_model, monkeypatch):
+    """A tokenizer outside Qwen2's pipeline gets only tokenizer.json in the apple layout, and the save says so."""
+    import copy
+
+    tok = copy.deepcopy(tiny_model.processor.tokenizer)
+    tok.backend_tokenizer.normalizer = None  # no NFC: not Qwen2's pipeline
+    monkeypatch.setattr(tiny_model.processor, "tokenizer", tok)
+    with pytest.warns(UserWarning, match="not Qwen2's pipeline.*transformers 4.x"):
+        tiny_model.save_pretrained(str(tmp_path / "apple"), layout="apple")
+    assert (tmp_path / "apple" / "tokenizer.json").is_file() and not (tmp_path / "apple" / "vocab.json").exists()

@@ -273,8 +273,10 @@ def save_checkpoint(model, directory: str, *, layout: str = "fastvlm", max_shard
             atomic_write_json(os.path.join(directory, "preprocessor_config.json"), pre)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-        if layout == "apple":
-            apple.write_reference_tokenizer_files(tokenizer, directory, config.max_length)
+        if layout == "apple" and not apple.write_reference_tokenizer_files(tokenizer, directory, config.max_length):
+            warnings.warn(f"{directory}: the tokenizer is not Qwen2's pipeline (NFC, Qwen2's split regex, byte-level "
+                          "BPE), so only tokenizer.json was written, not the vocab.json/merges.txt files Apple's "
+                          "folders have: transformers 4.x (the reference's runtime) may not load it", stacklevel=2)
 
 
 def _read_config(cfg_path: str):
