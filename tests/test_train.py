@@ -1081,3 +1081,18 @@ def test_deepspeed_configs_are_checked_against_the_recipe(name):
         deepspeed_config_problem(ds, recipe(32))
     assert "set output.save_every: 0" in deepspeed_config_problem(ds, recipe(micro, save_every=100))
     assert "not 'auto'" in deepspeed_config_problem(dict(ds, train_micro_batch_size_per_gpu="auto"), recipe(micro))
+    assert "gradient_clipping is 0.5, but the recipe's optim.max_grad_norm is 1.0" in \
+        deepspeed_config_problem(dict(ds, gradient_clipping=0.5), recipe(micro))
+
+
+def test_deepspeed_asked_for_but_not_installed_is_one_error(monkeypatch):
+    import importlib.util
+
+    from fastvlm.train.trainer import Trainer
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real(n, *a))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    r = recipe_from_dict({"stage": "stage2", "model": "m", "data": {"train": "x"}, "output": {"dir": "o"}})
+    with pytest.raises(ConfigError, match="asks for DeepSpeed, which is not installed: pip install deepspeed"):
+        Trainer(r)._setup_accelerator()

@@ -27,6 +27,7 @@ merged and the encoder fused, with its tokenizer), ``final_apple/`` if configure
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -59,6 +60,11 @@ class TrainStep(nn.Module):
         super().__init__()
         self.vlm = vlm
         self.touch_vision = False
+
+    @property
+    def config(self):
+        """The LLM's config: accelerate sizes a DeepSpeed config's `auto` buckets from its hidden_size."""
+        return self.vlm.language_model.config
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, num_items: float = 1.0,
                 image_features=None):
@@ -100,6 +106,25 @@ def _to(batch: dict, device) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _whole_parameters():
+    """Build the model with whole parameters under DeepSpeed ZeRO-3 too. accelerate registers the config with
+    transformers, whose `from_config` would then create the LLM partitioned (zero.Init), which fails on its
+    rotary buffers and would leave our weight loading only a rank's shard; DeepSpeed partitions the whole model
+    when accelerate prepares it instead (each process holds it whole until then)."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+
+
 def deepspeed_config_problem(ds_config: dict, recipe) -> Optional[str]:
     """Why a DeepSpeed config cannot run `recipe`, or None. The trainer builds its own data loader (accelerate
     cannot fill in `auto` micro-batches from it), and its checkpoints do not cover DeepSpeed's partitioned state."""
@@ -114,6 +139,12 @@ def deepspeed_config_problem(ds_config: dict, recipe) -> Optional[str]:
     if int(micro) != recipe.train.per_device_batch_size:
         return (f"the DeepSpeed config's train_micro_batch_size_per_gpu is {micro}, but the recipe's "
                 f"train.per_device_batch_size is {recipe.train.per_device_batch_size}: set them equal")
+    clip = ds_config.get("gradient_clipping")
+    want = recipe.optim.max_grad_norm or 0.0
+    if clip not in (None, "auto") and float(clip) != float(want):
+        # DeepSpeed clips with its own value and ignores the recipe's
+        return (f"the DeepSpeed config's gradient_clipping is {clip}, but the recipe's optim.max_grad_norm is "
+                f"{recipe.optim.max_grad_norm}: set them equal")
     return None
 
 
@@ -130,6 +161,12 @@ class Trainer:
 
         r = self.recipe
         cpu = r.train.cpu or not _has_gpu()
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ConfigError("the accelerate config asks for DeepSpeed, which is not installed: pip install "
+                                  "deepspeed, or train with DDP / FSDP")
         state = PartialState(cpu=cpu)
         self.world_size = state.num_processes
         self.rank = state.process_index
@@ -488,11 +525,17 @@ class Trainer:
 
         from ..model import FastVLM
 
-        skel = FastVLM(copy.deepcopy(self.vlm.config), init_weights=False)
+        with _whole_parameters():
+            skel = FastVLM(copy.deepcopy(self.vlm.config), init_weights=False)
         skel.to_empty(device="cpu")
         if build.is_lora(self.vlm):
             build.apply_lora(skel, self.recipe)
-        skel.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
+        missing, unexpected = skel.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
+        tied = getattr(skel.language_model.config, "tie_word_embeddings", False)
+        missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+        if missing or unexpected:  # to_empty left those tensors uninitialised: never export them
+            raise CheckpointError(f"the gathered weights do not fit the model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
         skel._restore_nonpersistent_buffers()
         skel._tie_if_needed()
         skel.processor = self.vlm.processor
@@ -528,11 +571,12 @@ class Trainer:
         resume_state = ckpt.read_state(resume_from) if resume_from else None
 
         set_seed(r.train.seed, device_specific=True)
-        vlm = build.build_model(r)
-        build.apply_stage(vlm, r)
-        if resume_from:
-            self.vlm = vlm
-            self._load_weights(resume_from)
+        with _whole_parameters():
+            vlm = build.build_model(r)
+            build.apply_stage(vlm, r)
+            if resume_from:
+                self.vlm = vlm
+                self._load_weights(resume_from)
         build.enable_gradient_checkpointing(vlm, r)
         self.vlm = vlm
         self._build_data(vlm)
@@ -547,7 +591,9 @@ class Trainer:
 
         step_module = TrainStep(vlm)
         trainable = r.trainable_modules()
-        step_module.touch_vision = trainable["vision_tower"] or trainable["mm_projector"]
+        # DDP/FSDP need every trainable parameter used; DeepSpeed does not, and under ZeRO-3 the parameters are
+        # gathered only inside their modules' forward, so touching them from outside would see empty shards
+        step_module.touch_vision = (trainable["vision_tower"] or trainable["mm_projector"]) and not self.is_deepspeed
         build.set_train_mode(vlm, r)
         if not self.is_deepspeed:
             vlm.to(self.device)  # so a fused optimizer sees the parameters where they will train
@@ -558,7 +604,10 @@ class Trainer:
         # Together in one call: DeepSpeed needs that, and FSDP maps the optimizer onto its sharded parameters.
         self.model, self.optimizer = acc.prepare(step_module, optimizer)
         self.vlm = acc.unwrap_model(self.model).vlm
-        self.scheduler = build.build_scheduler(self.optimizer.optimizer, r, self.total_steps)
+        inner = self.optimizer.optimizer
+        if not isinstance(inner, torch.optim.Optimizer):  # DeepSpeed's ZeRO optimizer wraps the torch one and
+            inner = inner.optimizer                      # steps it with that one's param_groups (and their lr)
+        self.scheduler = build.build_scheduler(inner, r, self.total_steps)
 
         self.step = 0
         self.epoch = 0
