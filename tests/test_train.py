@@ -699,6 +699,12 @@ def test_tiny_run_loss_falls_and_exports(tmp_path, tok_dir, caplog):
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "out" / "metrics.jsonl") if '"loss"' in line]
     assert len(losses) == 12
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    # each step logs the learning rate its own update used (step 1: the schedule's first value)
+    from fastvlm.train.build import lr_factor
+
+    lrs = [json.loads(line)["lr"]["language_model"] for line in open(tmp_path / "out" / "metrics.jsonl")
+           if '"loss"' in line]
+    assert lrs == pytest.approx([3e-3 * lr_factor(i, total=12, warmup=0, schedule="cosine") for i in range(12)])
     assert summary["final_val_loss"] is not None and summary["final_val_loss"] < losses[0]
     saved = json.load(open(tmp_path / "out" / "summary.json"))
     assert saved["steps"] == 12 and saved["wall_time_s"] > 0

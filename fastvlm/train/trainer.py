@@ -711,6 +711,7 @@ class Trainer:
                 else:
                     logger.warning("step %d has no supervised tokens (every sample skipped?); no update",
                                    self.step + 1)
+                step_lrs = self.scheduler.get_last_lr()  # the rates this step's update used
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
 
@@ -726,7 +727,7 @@ class Trainer:
                     wl = acc.reduce(window_loss, reduction="sum") if W > 1 else window_loss
                     self.last_loss = float(wl) / window_steps
                     dt = max(time.time() - window_t, 1e-9)
-                    lrs = dict(zip(group_names, self.scheduler.get_last_lr()))
+                    lrs = dict(zip(group_names, step_lrs))
                     epoch_pos = self.epoch + self.step_in_epoch / self.steps_per_epoch
                     record = {"step": self.step, "epoch": round(epoch_pos, 4),
                               "loss": round(self.last_loss, 6), "lr": lrs,
