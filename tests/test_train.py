@@ -1052,6 +1052,14 @@ def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_p
     with caplog.at_level("WARNING", logger="fastvlm"):
         assert train(recipe_from_dict(past), progress=False)["steps"] == 2
     assert "is at step 2, at or past this run's 1 steps: nothing is trained" in caplog.text
+    # another learning rate: the resumed optimizer would keep the old one while recipe.yaml said the new
+    lr = tiny_recipe(data, tok_dir, tmp_path / "o6", **base)
+    lr["optim"] = {**lr["optim"], "lr": 5e-2}
+    lr["output"] = {**base["output"], "dir": str(tmp_path / "o6"), "resume": step}
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step_2 with optim.lr: 0.002 -> 0.05: resuming "
+                                          "restores the optimizer"):
+        train(recipe_from_dict(lr), progress=False)
+    assert not (tmp_path / "o6" / "recipe.yaml").exists()
     # an accelerate config that asks for FSDP, which accelerate drops on CPUs: refused, not run as DDP
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="asks for FSDP"):
@@ -1102,3 +1110,27 @@ def test_deepspeed_asked_for_but_not_installed_is_one_error(monkeypatch):
     r = recipe_from_dict({"stage": "stage2", "model": "m", "data": {"train": "x"}, "output": {"dir": "o"}})
     with pytest.raises(ConfigError, match="asks for DeepSpeed, which is not installed: pip install deepspeed"):
         Trainer(r)._setup_accelerator()
+
+
+def test_resume_of_trainable_only_checkpoints_needs_the_same_frozen_weights(tmp_path, tok_dir):
+    """Checkpoints that hold only the trained weights (the lora recipe's) take the rest from the recipe's model on
+    resume: another model of the same shapes is refused, the same one resumes."""
+    from fastvlm.errors import CheckpointError
+    from fastvlm.train.trainer import train
+
+    data = make_dataset(tmp_path / "data", 8)
+    out = tmp_path / "out"
+
+    def recipe(seed, steps):
+        return recipe_from_dict(tiny_recipe(
+            data, tok_dir, out, init={"preset": "fastvlm-tiny", "seed": seed, "vision": {"image_size": 64}},
+            train={"max_steps": steps, "global_batch_size": 4, "per_device_batch_size": 2, "seed": 0,
+                   "trainable": {"vision_tower": False}},
+            output={"dir": str(out), "save_every": 1, "log_every": 1, "tensorboard": False,
+                    "checkpoint_weights": "trainable"}))
+
+    train(recipe(0, 1), progress=False)
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*step_1: its run trained on other frozen "
+                                              "weights"):
+        train(recipe(1, 2), progress=False)
+    assert train(recipe(0, 2), progress=False)["resumed_from"].endswith("step_1")

@@ -125,6 +125,43 @@ def _whole_parameters():
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
+# what a resumed optimizer takes from its checkpoint (its param groups' hyperparameters, and the scheduler's
+# base rates): a recipe that changes them would be written down but not followed
+RESTORED_OPTIM_KEYS = ("lr", "lr_projector", "lr_vision_tower", "lr_language_model", "weight_decay", "betas", "eps")
+
+
+def _check_restored_optim(state: dict, recipe, path: str) -> None:
+    saved = state.get("optim")
+    if not saved:  # checkpoints of fastvlm <= 0.1.0 (session 22) did not record it
+        return
+    changed = [f"optim.{k}: {saved[k]!r} -> {getattr(recipe.optim, k)!r}" for k in RESTORED_OPTIM_KEYS
+               if k in saved and _differs(saved[k], getattr(recipe.optim, k))]
+    if changed:
+        raise ConfigError(f"cannot resume from {path} with {', '.join(changed)}: resuming restores the optimizer "
+                          "and learning-rate schedule as the checkpoint has them. Resume with the recipe's earlier "
+                          "values, or start a new run from its weights (--set model=... in a new --output-dir)")
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a or []) != list(b or [])
+    if a is None or b is None:
+        return a is not b
+    return float(a) != float(b)
+
+
+def frozen_weights_sha256(model: nn.Module) -> Optional[str]:
+    """SHA-256 of the parameters that do not train (names and bytes, in name order), or None if all train."""
+    import hashlib
+
+    h = hashlib.sha256()
+    frozen = sorted(((n, p) for n, p in model.named_parameters() if not p.requires_grad), key=lambda x: x[0])
+    for name, p in frozen:
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest() if frozen else None
+
+
 def deepspeed_config_problem(ds_config: dict, recipe) -> Optional[str]:
     """Why a DeepSpeed config cannot run `recipe`, or None. The trainer builds its own data loader (accelerate
     cannot fill in `auto` micro-batches from it), and its checkpoints do not cover DeepSpeed's partitioned state."""
@@ -348,6 +385,8 @@ class Trainer:
             "world_size": self.world_size,
             "gradient_accumulation_steps": self.accum,
             "checkpoint_weights": self.recipe.output.checkpoint_weights,
+            "frozen_weights_sha256": self.frozen_sha256,
+            "optim": {k: getattr(self.recipe.optim, k) for k in RESTORED_OPTIM_KEYS},
             "stage": self.recipe.stage,
             "sampler": self.sampler.state_dict(),
             "fastvlm_version": __version__,
@@ -569,11 +608,22 @@ class Trainer:
         acc.wait_for_everyone()
         resume_from = self._resume_target()
         resume_state = ckpt.read_state(resume_from) if resume_from else None
+        if resume_state is not None:
+            _check_restored_optim(resume_state, r, resume_from)
 
         set_seed(r.train.seed, device_specific=True)
         with _whole_parameters():
             vlm = build.build_model(r)
             build.apply_stage(vlm, r)
+            # Checkpoints without the frozen weights (output.checkpoint_weights: trainable) take them from the
+            # recipe's model on resume: it must be the same model, not just one of the same shapes.
+            self.frozen_sha256 = frozen_weights_sha256(vlm) if r.output.checkpoint_weights != "full" else None
+            saved = (resume_state or {}).get("frozen_weights_sha256")
+            if saved and self.frozen_sha256 and saved != self.frozen_sha256:
+                raise CheckpointError(f"cannot resume from {resume_from}: its run trained on other frozen weights "
+                                      f"than those of model: {r.model} (the checkpoint holds only the trained "
+                                      "ones); resume with the model it was trained from, or start a new output "
+                                      "directory")
             if resume_from:
                 self.vlm = vlm
                 self._load_weights(resume_from)
