@@ -550,6 +550,12 @@ def test_recipe_errors_and_overrides(tmp_path):
         recipe_from_dict({**base, "optim": {"lrr": 1}})
     with pytest.raises(ConfigError, match="unknown recipe key 'trian'"):
         recipe_from_dict({**base, "trian": {}})
+    # lora settings on a stage that trains in full would be ignored
+    with pytest.raises(ConfigError, match=r"lora settings \(lora.r, lora.train_vision_tower\) apply only to stage: "
+                                          "lora; this recipe's stage is stage2"):
+        recipe_from_dict({**base, "lora": {"r": 8, "train_vision_tower": True}})
+    with pytest.raises(ConfigError, match="output.resume 'no': to start without resuming, use never"):
+        recipe_from_dict({**base, "output": {"dir": "o", "resume": "no"}})
     with pytest.raises(ConfigError, match="exactly one model source"):
         recipe_from_dict({k: v for k, v in base.items() if k != "model"})
     with pytest.raises(ConfigError, match="stage must be"):
@@ -1099,6 +1105,16 @@ def test_deepspeed_configs_are_checked_against_the_recipe(name):
         deepspeed_config_problem(dict(ds, gradient_clipping=0.5), recipe(micro))
 
 
+def test_accelerate_accumulation_setting_that_disagrees_with_the_recipe_is_refused(monkeypatch):
+    from fastvlm.train.trainer import Trainer
+
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    r = recipe_from_dict({"stage": "stage2", "model": "m", "data": {"train": "x"}, "output": {"dir": "o"},
+                          "train": {"global_batch_size": 8, "per_device_batch_size": 4, "cpu": True}})
+    with pytest.raises(ConfigError, match="accelerate was told to accumulate 4 micro-batches .* the recipe needs 2"):
+        Trainer(r)._setup_accelerator()
+
+
 def test_deepspeed_asked_for_but_not_installed_is_one_error(monkeypatch):
     import importlib.util
 
@@ -1134,3 +1150,25 @@ def test_resume_of_trainable_only_checkpoints_needs_the_same_frozen_weights(tmp_
                                               "weights"):
         train(recipe(1, 2), progress=False)
     assert train(recipe(0, 2), progress=False)["resumed_from"].endswith("step_1")
+
+
+def test_misspelt_text_config_keys_and_lora_targets_are_errors(tok):
+    """Qwen2Config keeps an unknown key as an attribute and peft refuses targets only when none matches: both
+    would have trained another model than the recipe says."""
+    from fastvlm.model import FastVLM
+    from fastvlm.train import build
+
+    base = {"stage": "stage2", "tokenizer": "tok", "data": {"train": "x"}, "output": {"dir": "o"}}
+    with pytest.raises(ConfigError, match=r"init.text: unknown keys 'hiden_size' \(did you mean 'hidden_size'\?\), "
+                                          "'num_layers'"):
+        build.build_config(recipe_from_dict({**base, "init": {"preset": "fastvlm-tiny",
+                                                             "text": {"num_layers": 1, "hiden_size": 32}}}), tok)
+    cfg = build.build_config(recipe_from_dict({**base, "init": {"preset": "fastvlm-tiny",
+                                                               "text": {"num_hidden_layers": 1}}}), tok)
+    assert cfg.text["num_hidden_layers"] == 1
+    lora = {"stage": "lora", "model": "m", "data": {"train": "x"}, "output": {"dir": "o"},
+            "lora": {"r": 4, "target_modules": ["q_proj", "vproj"]}}
+    model = FastVLM.from_preset("fastvlm-tiny", tokenizer=tok, device="cpu", dtype=torch.float32)
+    with pytest.raises(ConfigError, match=r"lora.target_modules: \['vproj'\] match no module of the language "
+                                          "model; its linear layers are .*v_proj"):
+        build.apply_stage(model, recipe_from_dict(lora))

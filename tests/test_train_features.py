@@ -92,6 +92,7 @@ def test_unreadable_image_while_caching(tmp_path, tok_dir):
     # 8 records, 2 steps of 4 per epoch: the bad sample is skipped once per epoch, never replaced
     assert summary["skipped_by_kind"] == {"unreadable_image_at_load": 2}
     assert summary["steps"] == 4 and summary["samples"] == 4 * 4 - 2
+    assert len(summary["skipped_examples"]) == 2 and all("id 'cut'" in m for m in summary["skipped_examples"])
 
 
 def test_threaded_cache_matches_serial(tmp_path, tok_dir):

@@ -47,6 +47,21 @@ def _round_up(n: int, k: int = 64) -> int:
     return -(-n // k) * k
 
 
+def _check_text_keys(given: dict, base: dict) -> None:
+    """init.text keys must be Qwen2Config's: transformers would keep a misspelt one as an unused attribute."""
+    from difflib import get_close_matches
+
+    from transformers import Qwen2Config
+
+    known = set(Qwen2Config().to_dict()) | set(base) | {"rope_theta", "rope_scaling"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(k, known, 1)) else repr(k)
+                 for k in unknown]
+        raise ConfigError(f"init.text: unknown keys {', '.join(hints)}; the keys are Qwen2Config's "
+                          "(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, ...)")
+
+
 def build_config(recipe: Recipe, tokenizer, lm=None) -> FastVLMConfig:
     """The FastVLMConfig of a new model (recipe `init`)."""
     init = recipe.init
@@ -60,6 +75,7 @@ def build_config(recipe: Recipe, tokenizer, lm=None) -> FastVLMConfig:
         vision["image_size"] = recipe.data.image_size
     config.vision = VisionConfig(**vision)
     text = _text_config_from_lm(lm) if lm is not None else dict(config.text)
+    _check_text_keys(init.text, text)
     text.update(init.text)
     vocab_needed = len(tokenizer)
     if "vocab_size" not in init.text and lm is None:
@@ -247,8 +263,16 @@ def apply_lora(model, recipe: Recipe) -> None:
     """Wrap the language model with peft LoRA adapters on its attention and MLP linears."""
     from peft import LoraConfig, get_peft_model
 
+    targets = list(recipe.lora.target_modules)
+    names = [n for n, _ in model.language_model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:  # peft refuses only when none matches
+        leaf = sorted({n.rsplit(".", 1)[-1] for n, m in model.language_model.named_modules()
+                       if isinstance(m, nn.Linear)})
+        raise ConfigError(f"lora.target_modules: {unmatched} match no module of the language model; its linear "
+                          f"layers are {', '.join(leaf)}")
     cfg = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                     target_modules=list(recipe.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+                     target_modules=targets, bias="none", task_type="CAUSAL_LM")
     try:
         model.language_model = get_peft_model(model.language_model, cfg)
     except ValueError as e:

@@ -48,6 +48,7 @@ from ..errors import FastVLMError
 from .collate import ASSISTANT, USER, tokenize_conversation
 
 logger = logging.getLogger("fastvlm.train")
+SKIP_LOGGER = "fastvlm.train.skips"  # samples skipped while training (every process logs its own)
 
 _ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
 CHECK_IMAGES = ("open", "exists", "none")
@@ -471,7 +472,7 @@ class ConversationDataset:
                 msg = f"{self.describe(i)}: {e}"
                 if not self.skip_bad:
                     raise DataError(msg, "unreadable_image") from None
-                logger.warning("skipping sample whose image failed to load: %s", msg)
+                logging.getLogger(SKIP_LOGGER).warning("skipping sample whose image failed to load: %s", msg)
                 return {"skipped": msg, "index": i}
         return {"input_ids": tok.input_ids, "labels": tok.labels, "pixel_values": pixels, "id": conv.id, "index": i}
 

@@ -300,6 +300,13 @@ class Recipe:
                 raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
             if not self.lora.target_modules:
                 raise ConfigError("lora.target_modules is empty")
+        else:
+            default = dataclasses.asdict(LoraSpec())
+            changed = sorted(k for k, v in dataclasses.asdict(self.lora).items() if v != default[k])
+            if changed:
+                raise ConfigError(f"lora settings ({', '.join('lora.' + k for k in changed)}) apply only to stage: "
+                                  f"lora; this recipe's stage is {self.stage}, which trains its modules in full: set "
+                                  "stage: lora, or drop the lora settings")
         if d.feature_cache_dir and not d.cache_image_features:
             raise ConfigError("data.feature_cache_dir keeps the cache of data.cache_image_features on disk; set "
                               "data.cache_image_features: true too, or leave feature_cache_dir null")
@@ -322,6 +329,9 @@ class Recipe:
                               f"got {out.checkpoint_weights!r}")
         if not out.resume:
             raise ConfigError("output.resume must be auto, never or a checkpoint path")
+        if str(out.resume).lower() in ("no", "none", "false", "off", "0") and not os.path.exists(out.resume):
+            raise ConfigError(f"output.resume {out.resume!r}: to start without resuming, use never (auto, never or "
+                              "a checkpoint path)")
         return self
 
 

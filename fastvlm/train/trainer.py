@@ -43,7 +43,7 @@ from ..errors import CheckpointError, ConfigError
 from . import build
 from . import checkpointing as ckpt
 from .collate import DataCollator, GlobalBatchSampler, eval_batches
-from .data import ConversationDataset, DataError
+from .data import SKIP_LOGGER, ConversationDataset, DataError
 from .recipe import Recipe
 
 logger = logging.getLogger("fastvlm.train")
@@ -211,6 +211,14 @@ class Trainer:
         self.mixed_precision = resolve_mixed_precision(r.train.mixed_precision, cpu)
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=self.mixed_precision,
                                        gradient_accumulation_steps=self.accum, step_scheduler_with_optimizer=False)
+        if self.accelerator.gradient_accumulation_steps != self.accum:
+            # accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS (accelerate launch --gradient_accumulation_steps)
+            # over the argument and would then skip optimizer steps the loop counts
+            raise ConfigError(f"accelerate was told to accumulate {self.accelerator.gradient_accumulation_steps} "
+                              f"micro-batches (ACCELERATE_GRADIENT_ACCUMULATION_STEPS or accelerate launch "
+                              f"--gradient_accumulation_steps), but the recipe needs {self.accum} "
+                              f"(train.global_batch_size / (per_device_batch_size x {self.world_size} processes)): "
+                              "drop that setting and size the batch in the recipe")
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         from accelerate.utils import DistributedType
@@ -235,6 +243,8 @@ class Trainer:
             self.accelerator.state.fsdp_plugin.set_mixed_precision("fp32", override=True)
         if not self.is_main:
             logging.getLogger("fastvlm").setLevel(logging.ERROR)
+            # a sample skipped at load time is seen only by the process that loaded it
+            logging.getLogger(SKIP_LOGGER).setLevel(logging.WARNING)
 
     def _resume_target(self) -> Optional[str]:
         r, out = self.recipe, self.recipe.output.dir
@@ -391,6 +401,16 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "fastvlm_version": __version__,
         }
+
+    def _skipped_at_load_examples(self) -> list[str]:
+        """Samples skipped because their image failed to load, from every process (collective)."""
+        msgs = self.skipped_at_load_msgs[:5]
+        if self.world_size > 1:
+            from accelerate.utils import gather_object
+
+            msgs = gather_object([msgs])  # one list per process
+            msgs = [m for part in msgs for m in part]
+        return msgs
 
     def _skipped_at_load_global(self) -> int:
         t = torch.tensor([self.skipped_at_load_local], dtype=torch.long, device=self.device)
@@ -664,6 +684,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.samples_seen = 0
         self.skipped_at_load_local = 0
+        self.skipped_at_load_msgs: list[str] = []  # this process's, this session's
         self.skipped_at_load_before = 0
         self.train_time_before = 0.0
         self.last_loss = None
@@ -743,6 +764,7 @@ class Trainer:
                     counts = acc.reduce(counts, reduction="sum")
                 n_tokens, n_samples, n_skipped = (int(x) for x in counts.tolist())
                 self.skipped_at_load_local += sum(len(b["skipped"]) for b in micro)
+                self.skipped_at_load_msgs.extend(m for b in micro for m in b["skipped"])
                 step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
                 if n_tokens > 0:
                     # Each micro-batch's loss is sum(CE) / (N / (W*A)): accelerate divides by A and DDP
@@ -824,7 +846,7 @@ class Trainer:
             "train_records": len(self.train_data),
             "skipped_bad_records": self.train_data.num_bad + skipped_load,
             "skipped_by_kind": bad,
-            "skipped_examples": self.train_data.bad_examples[:5],
+            "skipped_examples": (self.train_data.bad_examples + self._skipped_at_load_examples())[:5],
             "val_skipped_bad_records": self.val_data.num_bad if self.val_data is not None else 0,
             "image_placeholders_added": self.train_data.placeholders_added,
             "final_loss": self.last_loss,
