@@ -262,6 +262,14 @@ def generate_steps(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if attention_mask.shape != input_ids.shape:
+        raise PromptError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                          f"{tuple(input_ids.shape)}")
+    if bool((attention_mask[:, -1] == 0).any()):
+        # Right (or inner) padding: generation continues from each row's last position, so move every row's
+        # padding to its left, keeping the order of its tokens (a stable sort of the mask).
+        order = torch.sort(attention_mask, dim=1, stable=True).indices
+        input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
     max_pos = getattr(model.language_model.config, "max_position_embeddings", None)
     if max_pos and input_ids.shape[1] + params.max_new_tokens > max_pos:
         raise PromptError(

@@ -396,7 +396,8 @@ def build_prompt(
     ``<image>\\n``, in the order given. A leading system message replaces
     ``system_prompt``; ``system_prompt=None`` with no system message omits the system
     turn. A system message further on is a system turn in its place (as Qwen2's own chat
-    template renders it). Each turn is ``<|im_start|>{role}\\n{text}<|im_end|>\\n``; with
+    template renders it). Each turn is ``<|im_start|>{role}\\n{text}<|im_end|>\\n``, or, as the
+    reference renders an empty message, just ``<|im_start|>{role}\\n``; with
     ``add_generation_prompt`` an open ``<|im_start|>assistant\\n`` follows.
     """
     checked = _check_messages(messages)
@@ -413,7 +414,9 @@ def build_prompt(
         pieces.append(f"{IM_START}system\n{system}{IM_END}\n")
     for i in range(start, len(checked)):
         role, content = checked[i]
-        pieces.append(f"{IM_START}{role}\n{_render_content(content, i, role)}{IM_END}\n")
+        text = _render_content(content, i, role)
+        # the reference renders an empty message as its bare role, with no <|im_end|> (its generation-slot rule)
+        pieces.append(f"{IM_START}{role}\n{text}{IM_END}\n" if text else f"{IM_START}{role}\n")
     if add_generation_prompt:
         pieces.append(f"{IM_START}assistant\n")
     return "".join(pieces)

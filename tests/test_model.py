@@ -116,6 +116,24 @@ def test_batched_greedy_equals_unbatched(tiny_model):
     assert batched == alone
 
 
+def test_right_padded_batch_generates_as_left_padded(tiny_model):
+    """Generation continues from each row's last position: a right-padded batch (the processor's training side)
+    is moved to the left, not decoded from its padding."""
+    from PIL import Image
+
+    proc = tiny_model.processor
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}])
+             for t in ("What colour is it?", "Hi", "Describe everything you see in this picture, please.")]
+    imgs = [Image.new("RGB", (64, 64), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    left = tiny_model.generate(**proc(images=imgs, text=texts), max_new_tokens=8, eos_token_id=[])
+    right_inputs = proc(images=imgs, text=texts, padding_side="right")
+    assert int((right_inputs["attention_mask"][:, -1] == 0).sum()) == 2
+    right = tiny_model.generate(**right_inputs, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(left, right)
+    with pytest.raises(PromptError, match=r"attention_mask has shape \(3, 5\)"):
+        tiny_model.generate(right_inputs["input_ids"], attention_mask=right_inputs["attention_mask"][:, :5])
+
+
 def test_generate_returns_only_new_tokens_and_stops_at_eos(tiny_model):
     inputs = tiny_model.processor(text=tiny_model.processor.apply_chat_template(
         [{"role": "user", "content": "Hello"}]))

@@ -383,6 +383,17 @@ def test_prompt_multi_image_order_and_payloads():
     assert imgs[0] is a and imgs[1] is b
 
 
+def test_prompt_empty_message_is_its_bare_role_as_the_reference_renders_it():
+    """conv_qwen_2.get_prompt: `role + message + sep` if message, else the bare role (reference doc 7.1)."""
+    assert build_prompt([{"role": "user", "content": ""}]) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|im_start|>assistant\n")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": []},
+            {"role": "user", "content": [{"type": "text", "text": "Again?"}]}]
+    assert build_prompt(msgs, system_prompt=None) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<|im_start|>user\nAgain?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+
+
 def test_prompt_multi_turn_and_system_override():
     msgs = [
         {"role": "system", "content": "Be brief."},
