@@ -1,6 +1,7 @@
 """Checkpoint layouts: Apple's (synthesized independently, every key and config field), transformers', ours."""
 
 import json
+import warnings
 import os
 
 import pytest
@@ -465,3 +466,26 @@ def test_apple_layout_says_when_it_cannot_write_the_reference_tokenizer_files(tm
     with pytest.warns(UserWarning, match="not Qwen2's pipeline.*transformers 4.x"):
         tiny_model.save_pretrained(str(tmp_path / "apple"), layout="apple")
     assert (tmp_path / "apple" / "tokenizer.json").is_file() and not (tmp_path / "apple" / "vocab.json").exists()
+
+
+def test_transformers_layout_resolution_follows_its_image_processor(tmp_path):
+    """transformers' FastVlmConfig defaults image_seq_length to LLaVA's 576 (1536 px), while its processor crops to
+    preprocessor_config.json's size, which is what the port runs at: that decides, with a warning."""
+    from fastvlm.checkpoints import _read_config
+
+    cfg = {"model_type": "fast_vlm", "image_seq_length": 576,
+           "text_config": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                           "vocab_size": 1000}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert _read_config(str(tmp_path / "config.json"))[0].image_size == 1536  # no processor config: the token count
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": {"height": 1024, "width": 1024}, "do_center_crop": True, "size": {"shortest_edge": 1024}}))
+    with pytest.warns(UserWarning, match="crops images to 1024 px, but config.json's image_seq_length 576 means "
+                                         "1536 px; using 1024 px"):
+        assert _read_config(str(tmp_path / "config.json"))[0].image_size == 1024
+    cfg["image_seq_length"] = 256  # as transformers' conversion script writes it: no warning
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _read_config(str(tmp_path / "config.json"))[0].image_size == 1024

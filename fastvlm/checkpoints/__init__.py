@@ -279,6 +279,26 @@ def save_checkpoint(model, directory: str, *, layout: str = "fastvlm", max_shard
                           "folders have: transformers 4.x (the reference's runtime) may not load it", stacklevel=2)
 
 
+def _hf_resolution_from_preprocessor(config, cfg: dict, path: str) -> None:
+    """transformers' port runs at its image processor's crop size; config.json's image_seq_length is LLaVA's
+    default (576, i.e. 1536 px) unless the checkpoint's maker set it. Where the two disagree, follow the processor."""
+    if not os.path.isfile(path):
+        return
+    try:
+        pre = load_config_file(path)
+        crop = pre.get("crop_size") if pre.get("do_center_crop", True) else pre.get("size")
+        side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
+        side = int(side)
+    except (CheckpointError, ConfigError, AttributeError, TypeError, ValueError):
+        return  # a processor config we cannot read says nothing about the resolution
+    if side <= 0 or side % 64 or side == config.vision.image_size:
+        return
+    warnings.warn(f"{path} crops images to {side} px, but config.json's image_seq_length "
+                  f"{cfg.get('image_seq_length')} means {config.vision.image_size} px; using {side} px, as "
+                  f"transformers' port does", stacklevel=4)
+    config.vision.image_size = side
+
+
 def _read_config(cfg_path: str):
     """(FastVLMConfig, layout) from a config.json; a malformed one raises CheckpointError naming it."""
     cfg = load_config_file(cfg_path)
@@ -286,7 +306,11 @@ def _read_config(cfg_path: str):
         raise CheckpointError(f"{cfg_path}: a config must be a JSON object, got {type(cfg).__name__}")
     layout = detect_layout(cfg, cfg_path)
     try:
-        return layout.to_config(cfg), layout
+        config = layout.to_config(cfg)
+        if layout is hf and hf.EXTRA_VISION_KEY not in cfg:
+            _hf_resolution_from_preprocessor(config, cfg, os.path.join(os.path.dirname(cfg_path),
+                                                                       "preprocessor_config.json"))
+        return config, layout
     except CheckpointError as e:
         if cfg_path in str(e):
             raise
