@@ -1003,6 +1003,8 @@ def test_cli_names_the_recipe_key_of_a_missing_data_path(tmp_path, tok_dir, caps
 @pytest.mark.parametrize("saved,expected", [
     (5, "interrupted at step 7; the last checkpoint is {out}/step_5: the same command resumes from it (steps 6-7 "
         "run again)"),
+    (6, "interrupted at step 7; the last checkpoint is {out}/step_6: the same command resumes from it (step 7 runs "
+        "again)"),
     (None, "interrupted at step 7; no checkpoint was written yet: the same command starts again"),
 ])
 def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, tok_dir, capsys, monkeypatch, saved, expected):

@@ -86,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
             if saved is not None:
                 how = "the same command resumes from it" if recipe.output.resume == "auto" else \
                     "run the same command with --resume auto to continue from it"
-                last = (f"the last checkpoint is {recipe.output.dir}/step_{saved}: {how}"
-                        + (f" (steps {saved + 1}-{step} run again)" if step is not None and step > saved else ""))
+                again = ""
+                if step is not None and step > saved:
+                    again = f" (step {step} runs again)" if step == saved + 1 else \
+                        f" (steps {saved + 1}-{step} run again)"
+                last = f"the last checkpoint is {recipe.output.dir}/step_{saved}: {how}{again}"
             else:
                 last = "no checkpoint was written yet: the same command starts again"
             print(f"interrupted{where}; {last}", file=sys.stderr)
