@@ -484,6 +484,9 @@ def test_transformers_layout_resolution_follows_its_image_processor(tmp_path):
     with pytest.warns(UserWarning, match="crops images to 1024 px, but config.json's image_seq_length 576 means "
                                          "1536 px; using 1024 px"):
         assert _read_config(str(tmp_path / "config.json"))[0].image_size == 1024
+    with warnings.catch_warnings():  # from_pretrained(image_size=...) decides, and nothing is said
+        warnings.simplefilter("error")
+        _read_config(str(tmp_path / "config.json"), resolution_given=True)
     cfg["image_seq_length"] = 256  # as transformers' conversion script writes it: no warning
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with warnings.catch_warnings():

@@ -142,6 +142,18 @@ def labeled_runs(labels):
     return runs
 
 
+def test_training_renders_turns_as_inference_does(tok):
+    """The training text of a conversation is build_prompt's for its user turns plus the answers, empty user turns
+    included (conv_qwen_2 renders an empty message as its bare role)."""
+    from fastvlm.processing import build_prompt
+
+    turns = [("user", "<image>\nHi"), ("assistant", "a"), ("user", ""), ("assistant", "b")]
+    text, spans = render_conversation(turns, SYSTEM)
+    msgs = [{"role": r, "content": t} for r, t in turns[:-1]]
+    assert text == build_prompt(msgs, system_prompt=SYSTEM) + "b<|im_end|>\n"
+    assert [text[a:b] for a, b in spans] == ["a<|im_end|>\n", "b<|im_end|>\n"]
+
+
 def test_single_turn_with_image(tok):
     turns = [("user", "<image>\nWhat color is the picture?"), ("assistant", "red")]
     out = tokenize_conversation(turns, tok, N_IMG, SYSTEM)
@@ -554,7 +566,7 @@ def test_recipe_errors_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match=r"lora settings \(lora.r, lora.train_vision_tower\) apply only to stage: "
                                           "lora; this recipe's stage is stage2"):
         recipe_from_dict({**base, "lora": {"r": 8, "train_vision_tower": True}})
-    with pytest.raises(ConfigError, match="output.resume 'no': to start without resuming, use never"):
+    with pytest.raises(ConfigError, match="output.resume: to start without resuming, use never"):
         recipe_from_dict({**base, "output": {"dir": "o", "resume": "no"}})
     with pytest.raises(ConfigError, match="exactly one model source"):
         recipe_from_dict({k: v for k, v in base.items() if k != "model"})
@@ -1064,10 +1076,16 @@ def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_p
     lr = tiny_recipe(data, tok_dir, tmp_path / "o6", **base)
     lr["optim"] = {**lr["optim"], "lr": 5e-2}
     lr["output"] = {**base["output"], "dir": str(tmp_path / "o6"), "resume": step}
-    with pytest.raises(ConfigError, match=r"cannot resume from .*step_2 with optim.lr: 0.002 -> 0.05: resuming "
-                                          "restores the optimizer"):
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step_2 with another optimizer setting \(lr of "
+                                          r"group vision_tower: 0.002 -> 0.05; .*\): resuming restores the optimizer"):
         train(recipe_from_dict(lr), progress=False)
     assert not (tmp_path / "o6" / "recipe.yaml").exists()
+    # the same rates spelt out (lr_projector null means lr) are no change
+    same = tiny_recipe(data, tok_dir, tmp_path / "o7", **base)
+    same["optim"] = {**same["optim"], "lr_projector": same["optim"]["lr"]}
+    same["train"] = {**base["train"], "max_steps": 3}
+    same["output"] = {**base["output"], "dir": str(tmp_path / "o7"), "resume": step}
+    assert train(recipe_from_dict(same), progress=False)["steps"] == 3
     # an accelerate config that asks for FSDP, which accelerate drops on CPUs: refused, not run as DDP
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="asks for FSDP"):
@@ -1114,7 +1132,10 @@ def test_accelerate_accumulation_setting_that_disagrees_with_the_recipe_is_refus
     r = recipe_from_dict({"stage": "stage2", "model": "m", "data": {"train": "x"}, "output": {"dir": "o"},
                           "train": {"global_batch_size": 8, "per_device_batch_size": 4, "cpu": True}})
     with pytest.raises(ConfigError, match="accelerate was told to accumulate 4 micro-batches .* the recipe needs 2"):
-        Trainer(r)._setup_accelerator()
+        Trainer(r).train()  # refused while setting up, and accelerate's process-wide state is released
+    from accelerate.state import AcceleratorState
+
+    assert not AcceleratorState._shared_state
 
 
 def test_deepspeed_asked_for_but_not_installed_is_one_error(monkeypatch):
@@ -1127,7 +1148,7 @@ def test_deepspeed_asked_for_but_not_installed_is_one_error(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     r = recipe_from_dict({"stage": "stage2", "model": "m", "data": {"train": "x"}, "output": {"dir": "o"}})
     with pytest.raises(ConfigError, match="asks for DeepSpeed, which is not installed: pip install deepspeed"):
-        Trainer(r)._setup_accelerator()
+        Trainer(r).train()
 
 
 def test_resume_of_trainable_only_checkpoints_needs_the_same_frozen_weights(tmp_path, tok_dir):
@@ -1149,7 +1170,7 @@ def test_resume_of_trainable_only_checkpoints_needs_the_same_frozen_weights(tmp_
 
     train(recipe(0, 1), progress=False)
     with pytest.raises(CheckpointError, match=r"cannot resume from .*step_1: its run trained on other frozen "
-                                              "weights"):
+                                              "weights than the recipe's init gives"):
         train(recipe(1, 2), progress=False)
     assert train(recipe(0, 2), progress=False)["resumed_from"].endswith("step_1")
 

@@ -157,8 +157,13 @@ def _assert_same_training(a: dict, b: dict, lr: float) -> None:
     moved = total = 0
     for k in a:
         d = (a[k] - b[k]).abs()
-        moved, total = moved + int((d > 1e-5).sum()), total + d.numel()
+        n = int((d > 1e-5).sum())
+        # Over the whole model (below), and per tensor with slack: an exported conv bias folds a BatchNorm of
+        # many such elements into each of its own (8 of 64 moved in one ZeRO-2 run), while a wrong update
+        # confined to one tensor (the projector's learning rate, say) moves nearly all of its elements.
+        assert n <= max(3, d.numel() // 4), (k, n, d.numel())
         assert float(d.max()) < 0.1 * lr, (k, float(d.max()))
+        moved, total = moved + n, total + d.numel()
     assert moved <= total // 1000, (moved, total)
 
 

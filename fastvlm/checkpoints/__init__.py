@@ -162,7 +162,7 @@ def load_checkpoint(cls, path_or_repo, *, device=None, dtype=None, revision=None
 
     directory = resolve_path(path_or_repo, revision=revision)
     cfg_path = os.path.join(directory, "config.json")
-    config, layout = _read_config(cfg_path)
+    config, layout = _read_config(cfg_path, resolution_given=image_size is not None)
     if image_size is not None:
         config = config.with_image_size(int(image_size))
     tokenizer = load_tokenizer(directory)  # checked before the weights are read: they can be many GB
@@ -295,11 +295,11 @@ def _hf_resolution_from_preprocessor(config, cfg: dict, path: str) -> None:
         return
     warnings.warn(f"{path} crops images to {side} px, but config.json's image_seq_length "
                   f"{cfg.get('image_seq_length')} means {config.vision.image_size} px; using {side} px, as "
-                  f"transformers' port does", stacklevel=4)
+                  f"transformers' port does (image_size= sets another)", stacklevel=5)
     config.vision.image_size = side
 
 
-def _read_config(cfg_path: str):
+def _read_config(cfg_path: str, resolution_given: bool = False):
     """(FastVLMConfig, layout) from a config.json; a malformed one raises CheckpointError naming it."""
     cfg = load_config_file(cfg_path)
     if not isinstance(cfg, dict):
@@ -307,7 +307,7 @@ def _read_config(cfg_path: str):
     layout = detect_layout(cfg, cfg_path)
     try:
         config = layout.to_config(cfg)
-        if layout is hf and hf.EXTRA_VISION_KEY not in cfg:
+        if layout is hf and hf.EXTRA_VISION_KEY not in cfg and not resolution_given:
             _hf_resolution_from_preprocessor(config, cfg, os.path.join(os.path.dirname(cfg_path),
                                                                        "preprocessor_config.json"))
         return config, layout

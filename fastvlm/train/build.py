@@ -53,7 +53,9 @@ def _check_text_keys(given: dict, base: dict) -> None:
 
     from transformers import Qwen2Config
 
-    known = set(Qwen2Config().to_dict()) | set(base) | {"rope_theta", "rope_scaling"}
+    # plus what Qwen2's modules read with getattr, and the keys other transformers versions spell differently
+    known = set(Qwen2Config().to_dict()) | set(base) | {"rope_theta", "rope_scaling", "rope_parameters", "head_dim",
+                                                         "partial_rotary_factor", "torch_dtype", "dtype"}
     unknown = sorted(set(given) - known)
     if unknown:
         hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := get_close_matches(k, known, 1)) else repr(k)
@@ -429,11 +431,14 @@ def merged_for_export(model) -> Any:
 
 def trainable_summary(model) -> dict[str, int]:
     out = {m: 0 for m in MODULES}
+    def numel(p) -> int:  # DeepSpeed ZeRO-3 leaves an empty shard in place and the full size in ds_numel
+        return int(getattr(p, "ds_numel", p.numel()))
+
     for name, p in model.named_parameters():
         if p.requires_grad:
-            out[module_of(name)] += p.numel()
+            out[module_of(name)] += numel(p)
     out["trainable"] = sum(out[m] for m in MODULES)  # the parts above, added up
-    out["total"] = sum(p.numel() for p in model.parameters())  # every parameter, trainable or not
+    out["total"] = sum(numel(p) for p in model.parameters())  # every parameter, trainable or not
     return out
 
 

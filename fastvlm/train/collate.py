@@ -75,8 +75,9 @@ def render_conversation(
             start = pos
             add(f"{text}{IM_END}\n")
             spans.append((start, pos))
-        else:
+        elif text:
             add(f"{text}{IM_END}\n")
+        # else: an empty user turn is its bare role, as conv_qwen_2 (and build_prompt at inference) renders it
     return "".join(parts), spans
 
 

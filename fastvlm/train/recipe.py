@@ -330,7 +330,7 @@ class Recipe:
         if not out.resume:
             raise ConfigError("output.resume must be auto, never or a checkpoint path")
         if str(out.resume).lower() in ("no", "none", "false", "off", "0") and not os.path.exists(out.resume):
-            raise ConfigError(f"output.resume {out.resume!r}: to start without resuming, use never (auto, never or "
+            raise ConfigError("output.resume: to start without resuming, use never (the values are auto, never or "
                               "a checkpoint path)")
         return self
 

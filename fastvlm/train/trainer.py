@@ -125,44 +125,42 @@ def _whole_parameters():
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
-# what a resumed optimizer takes from its checkpoint (its param groups' hyperparameters, and the scheduler's
-# base rates): a recipe that changes them would be written down but not followed
-RESTORED_OPTIM_KEYS = ("lr", "lr_projector", "lr_vision_tower", "lr_language_model", "weight_decay", "betas", "eps")
+# what a resumed optimizer takes from its checkpoint, per parameter group: a recipe that changes them would be
+# written down but not followed
+RESTORED_GROUP_KEYS = ("initial_lr", "weight_decay", "betas", "eps")
 
 
-def _check_restored_optim(state: dict, recipe, path: str) -> None:
-    saved = state.get("optim")
-    if not saved:  # checkpoints of fastvlm <= 0.1.0 (session 22) did not record it
-        return
-    changed = [f"optim.{k}: {saved[k]!r} -> {getattr(recipe.optim, k)!r}" for k in RESTORED_OPTIM_KEYS
-               if k in saved and _differs(saved[k], getattr(recipe.optim, k))]
-    if changed:
-        raise ConfigError(f"cannot resume from {path} with {', '.join(changed)}: resuming restores the optimizer "
-                          "and learning-rate schedule as the checkpoint has them. Resume with the recipe's earlier "
-                          "values, or start a new run from its weights (--set model=... in a new --output-dir)")
+def restored_optim_changes(new_groups: list, saved_groups: list) -> list[str]:
+    """What the recipe's optimizer groups set differently from a checkpoint's (its values would win)."""
+    changed = []
+    for new, old in zip(new_groups, saved_groups):
+        for k in RESTORED_GROUP_KEYS:
+            a, b = old.get(k), new.get(k)
+            if a is None or b is None:
+                continue
+            same = list(a) == list(b) if isinstance(a, (list, tuple)) else float(a) == float(b)
+            if not same:
+                what = "lr" if k == "initial_lr" else k
+                changed.append(f"{what} of group {new.get('name', '?')}: {a!r} -> {b!r}")
+    return changed
 
 
-def _differs(a, b) -> bool:
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return list(a or []) != list(b or [])
-    if a is None or b is None:
-        return a is not b
-    return float(a) != float(b)
-
-
-def frozen_weights_sha256(model: nn.Module) -> Optional[str]:
-    """SHA-256 of the parameters that do not train (names and bytes, in name order), or None if all train."""
+def frozen_weights_fingerprint(model: nn.Module) -> Optional[dict]:
+    """SHA-256 of the names and of the values of the parameters that do not train (in name order), or None if all
+    train. About a second per GB of weights on one core."""
     import hashlib
 
-    h = hashlib.sha256()
     frozen = sorted(((n, p) for n, p in model.named_parameters() if not p.requires_grad), key=lambda x: x[0])
+    if not frozen:
+        return None
+    names, values = hashlib.sha256(), hashlib.sha256()
     for name, p in frozen:
-        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest() if frozen else None
+        names.update(f"{name}:{tuple(p.shape)};".encode())
+        values.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return {"names": names.hexdigest(), "values": values.hexdigest()}
 
 
-def deepspeed_config_problem(ds_config: dict, recipe) -> Optional[str]:
+def deepspeed_config_problem(ds_config: dict, recipe, accum: Optional[int] = None) -> Optional[str]:
     """Why a DeepSpeed config cannot run `recipe`, or None. The trainer builds its own data loader (accelerate
     cannot fill in `auto` micro-batches from it), and its checkpoints do not cover DeepSpeed's partitioned state."""
     if recipe.output.save_every:
@@ -176,12 +174,20 @@ def deepspeed_config_problem(ds_config: dict, recipe) -> Optional[str]:
     if int(micro) != recipe.train.per_device_batch_size:
         return (f"the DeepSpeed config's train_micro_batch_size_per_gpu is {micro}, but the recipe's "
                 f"train.per_device_batch_size is {recipe.train.per_device_batch_size}: set them equal")
-    clip = ds_config.get("gradient_clipping")
-    want = recipe.optim.max_grad_norm or 0.0
-    if clip not in (None, "auto") and float(clip) != float(want):
-        # DeepSpeed clips with its own value and ignores the recipe's
-        return (f"the DeepSpeed config's gradient_clipping is {clip}, but the recipe's optim.max_grad_norm is "
-                f"{recipe.optim.max_grad_norm}: set them equal")
+    # DeepSpeed clips with its own value (accelerate fills 'auto' with 1.0, a missing key is DeepSpeed's 0: none)
+    # and accelerator.clip_grad_norm_ does nothing under it, so the recipe's must be the config's
+    clip = ds_config.get("gradient_clipping", 0.0)
+    clip = 1.0 if clip == "auto" else float(clip or 0.0)
+    if clip != float(recipe.optim.max_grad_norm or 0.0):
+        return (f"the DeepSpeed config's gradient_clipping is {ds_config.get('gradient_clipping', 'missing (0)')}"
+                f"{' (1.0)' if ds_config.get('gradient_clipping') == 'auto' else ''}, but the recipe's "
+                f"optim.max_grad_norm is {recipe.optim.max_grad_norm}: set them equal")
+    # DeepSpeed steps its optimizer every gradient_accumulation_steps micro-batches (accelerate fills a missing
+    # key with 1 and keeps a number that differs from the recipe's, with only a log line)
+    gas = ds_config.get("gradient_accumulation_steps", 1)
+    if accum is not None and gas != "auto" and int(gas) != accum:
+        return (f"the DeepSpeed config's gradient_accumulation_steps is {gas}, but the recipe accumulates {accum} "
+                "micro-batches per step: set it to \"auto\" (or to that number)")
     return None
 
 
@@ -233,7 +239,8 @@ class Trainer:
                                   f"{self.accelerator.distributed_type.value} here ({engine} needs CUDA GPUs); "
                                   "on CPUs train with DDP: torchrun --nproc_per_node N -m fastvlm.cli train ...")
         if self.is_deepspeed:  # before any model is built: both would otherwise fail late, or train wrongly
-            problem = deepspeed_config_problem(self.accelerator.state.deepspeed_plugin.deepspeed_config, r)
+            problem = deepspeed_config_problem(self.accelerator.state.deepspeed_plugin.deepspeed_config, r,
+                                               self.accum)
             if problem:
                 raise ConfigError(problem)
         if self.is_fsdp and self.mixed_precision != "no":
@@ -395,8 +402,7 @@ class Trainer:
             "world_size": self.world_size,
             "gradient_accumulation_steps": self.accum,
             "checkpoint_weights": self.recipe.output.checkpoint_weights,
-            "frozen_weights_sha256": self.frozen_sha256,
-            "optim": {k: getattr(self.recipe.optim, k) for k in RESTORED_OPTIM_KEYS},
+            "frozen_weights": self.frozen_fingerprint,
             "stage": self.recipe.stage,
             "sampler": self.sampler.state_dict(),
             "fastvlm_version": __version__,
@@ -586,9 +592,9 @@ class Trainer:
 
         with _whole_parameters():
             skel = FastVLM(copy.deepcopy(self.vlm.config), init_weights=False)
-        skel.to_empty(device="cpu")
-        if build.is_lora(self.vlm):
-            build.apply_lora(skel, self.recipe)
+            skel.to_empty(device="cpu")
+            if build.is_lora(self.vlm):
+                build.apply_lora(skel, self.recipe)
         missing, unexpected = skel.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
         tied = getattr(skel.language_model.config, "tie_word_embeddings", False)
         missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
@@ -603,11 +609,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def train(self) -> dict:
-        self._setup_accelerator()
         try:
+            self._setup_accelerator()
             return self._train()
         finally:
-            if self.world_size == 1:
+            if getattr(self, "world_size", 1) == 1:
                 # Forget accelerate's process-wide state so another run in this process (a notebook,
                 # a test) may choose other settings, also after an error.
                 from accelerate.state import AcceleratorState, GradientState
@@ -628,41 +634,46 @@ class Trainer:
         acc.wait_for_everyone()
         resume_from = self._resume_target()
         resume_state = ckpt.read_state(resume_from) if resume_from else None
-        if resume_state is not None:
-            _check_restored_optim(resume_state, r, resume_from)
 
         set_seed(r.train.seed, device_specific=True)
         with _whole_parameters():
             vlm = build.build_model(r)
             build.apply_stage(vlm, r)
             # Checkpoints without the frozen weights (output.checkpoint_weights: trainable) take them from the
-            # recipe's model on resume: it must be the same model, not just one of the same shapes.
-            self.frozen_sha256 = frozen_weights_sha256(vlm) if r.output.checkpoint_weights != "full" else None
-            saved = (resume_state or {}).get("frozen_weights_sha256")
-            if saved and self.frozen_sha256 and saved != self.frozen_sha256:
+            # recipe's model on resume: it must be the same model, not just one of the same shapes. (Other frozen
+            # parts, another stage or train.trainable, are the optimizer check's to name.)
+            saved = (resume_state or {}).get("frozen_weights")
+            self.frozen_fingerprint = None
+            if r.output.checkpoint_weights != "full" and (r.output.save_every or saved):
+                self.frozen_fingerprint = frozen_weights_fingerprint(vlm)
+            if (saved and self.frozen_fingerprint and saved["names"] == self.frozen_fingerprint["names"]
+                    and saved["values"] != self.frozen_fingerprint["values"]):
+                source = f"model: {r.model}" if r.model else "the recipe's init"
                 raise CheckpointError(f"cannot resume from {resume_from}: its run trained on other frozen weights "
-                                      f"than those of model: {r.model} (the checkpoint holds only the trained "
-                                      "ones); resume with the model it was trained from, or start a new output "
-                                      "directory")
+                                      f"than {source} gives (the checkpoint holds only the trained ones); resume "
+                                      "with the model it was trained from, or start a new output directory")
             if resume_from:
                 self.vlm = vlm
                 self._load_weights(resume_from)
         build.enable_gradient_checkpointing(vlm, r)
         self.vlm = vlm
         self._build_data(vlm)
+        has_images = self.train_data.has_images
+        if self.is_deepspeed and self.world_size > 1 and has_images.any() and not has_images.all():
+            # DeepSpeed's collectives follow the modules each process runs: a process with a text-only
+            # micro-batch would skip the encoder and projector while the others run them (ZeRO-3's gathers hang,
+            # ZeRO-2's gradient buckets mismatch). DDP and FSDP have TrainStep's zero-gradient path for this.
+            raise ConfigError(f"DeepSpeed with {self.world_size} processes needs an image in every sample, and "
+                              f"{int((~has_images).sum())} of the {len(has_images)} training records are "
+                              "text-only: train with DDP or FSDP, or without the text-only records")
         if resume_state and resume_state.get("total_steps") != self.total_steps:
             logger.warning("the checkpoint was written by a run of %s steps, this one has %s: the learning-rate "
                            "schedule changes from here", resume_state.get("total_steps"), self.total_steps)
-        if self.is_main:
-            import yaml
-
-            with open(os.path.join(out, "recipe.yaml"), "w") as f:
-                yaml.safe_dump(r.to_dict(), f, sort_keys=False)
-
         step_module = TrainStep(vlm)
         trainable = r.trainable_modules()
-        # DDP/FSDP need every trainable parameter used; DeepSpeed does not, and under ZeRO-3 the parameters are
-        # gathered only inside their modules' forward, so touching them from outside would see empty shards
+        # DDP/FSDP need every trainable parameter used. Under DeepSpeed the parameters are not touched from
+        # outside their modules' forward (ZeRO-3 holds them as empty shards there): one process trains with text-only
+        # batches as it likes, and several are refused above on data that mixes them with images.
         step_module.touch_vision = (trainable["vision_tower"] or trainable["mm_projector"]) and not self.is_deepspeed
         build.set_train_mode(vlm, r)
         if not self.is_deepspeed:
@@ -691,8 +702,16 @@ class Trainer:
         self.last_saved_step = None
         if resume_state is not None:
             self.sampler.check_compatible(resume_state["sampler"])
+            new_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            optim_state = ckpt.load_torch(os.path.join(resume_from, ckpt.OPTIMIZER_FILE))
+            changed = restored_optim_changes(new_groups, optim_state.get("param_groups", []))
+            if changed:
+                raise ConfigError(f"cannot resume from {resume_from} with another optimizer setting "
+                                  f"({'; '.join(changed[:4])}): resuming restores the optimizer and learning-rate "
+                                  "schedule as the checkpoint has them. Resume with the recipe's earlier values, or "
+                                  "start a new run from its weights (--set model=... in a new --output-dir)")
             try:
-                self._load_optimizer_state(ckpt.load_torch(os.path.join(resume_from, ckpt.OPTIMIZER_FILE)))
+                self._load_optimizer_state(optim_state)
             except ValueError as e:  # torch: "loaded state dict has a different number of parameter groups", ...
                 raise CheckpointError(f"cannot resume from {resume_from}: its optimizer state does not fit this run "
                                       f"({e}); did train.trainable or the learning-rate groups change? Resume "
@@ -723,6 +742,11 @@ class Trainer:
                                    "checkpoint is exported as the final model", resume_from, self.step,
                                    self.total_steps)
 
+        if self.is_main:  # once the resume checks passed: the recipe the run follows from here
+            import yaml
+
+            with open(os.path.join(out, "recipe.yaml"), "w") as f:
+                yaml.safe_dump(r.to_dict(), f, sort_keys=False)
         self.tb = self._open_tensorboard()
         self.t_start = time.time()
         summary = self._loop(resume_from)
