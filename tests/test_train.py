@@ -1123,6 +1123,14 @@ def test_deepspeed_configs_are_checked_against_the_recipe(name):
     assert "not 'auto'" in deepspeed_config_problem(dict(ds, train_micro_batch_size_per_gpu="auto"), recipe(micro))
     assert "gradient_clipping is 0.5, but the recipe's optim.max_grad_norm is 1.0" in \
         deepspeed_config_problem(dict(ds, gradient_clipping=0.5), recipe(micro))
+    # as DeepSpeed reads them: 'auto' clips at 1.0 (the recipe's default), a missing key not at all
+    assert deepspeed_config_problem(dict(ds, gradient_clipping="auto"), recipe(micro)) is None
+    no_clip = {k: v for k, v in ds.items() if k != "gradient_clipping"}
+    assert "gradient_clipping is missing (0)" in deepspeed_config_problem(no_clip, recipe(micro))
+    # the recipe accumulates 2 micro-batches per step: DeepSpeed must too
+    assert deepspeed_config_problem(ds, recipe(micro), accum=2) is None  # "auto"
+    assert "gradient_accumulation_steps is 1, but the recipe accumulates 2" in \
+        deepspeed_config_problem(dict(ds, gradient_accumulation_steps=1), recipe(micro), accum=2)
 
 
 def test_accelerate_accumulation_setting_that_disagrees_with_the_recipe_is_refused(monkeypatch):
