@@ -1146,6 +1146,16 @@ def test_accelerate_accumulation_setting_that_disagrees_with_the_recipe_is_refus
     assert not AcceleratorState._shared_state
 
 
+def test_deepspeed_with_several_processes_refuses_mixed_text_only_data():
+    from fastvlm.train.trainer import deepspeed_data_problem
+
+    assert "DeepSpeed with 2 processes needs an image in every sample, and 1 of the 3 training records are " \
+        "text-only" in deepspeed_data_problem([True, False, True], 2)
+    assert deepspeed_data_problem([True, False, True], 1) is None  # one process: nothing to wait for
+    assert deepspeed_data_problem([True, True], 4) is None
+    assert deepspeed_data_problem([False, False], 4) is None  # the encoder runs nowhere
+
+
 def test_deepspeed_asked_for_but_not_installed_is_one_error(monkeypatch):
     import importlib.util
 

@@ -160,6 +160,21 @@ def frozen_weights_fingerprint(model: nn.Module) -> Optional[dict]:
     return {"names": names.hexdigest(), "values": values.hexdigest()}
 
 
+def deepspeed_data_problem(has_images, world_size: int) -> Optional[str]:
+    """Why DeepSpeed cannot train this data with `world_size` processes, or None. Its collectives follow the
+    modules each process runs: a process with a text-only micro-batch would skip the encoder and projector while
+    the others run them (ZeRO-3's gathers hang, ZeRO-2's gradient buckets mismatch). DDP and FSDP have
+    TrainStep's zero-gradient path for this."""
+    import numpy as np
+
+    has_images = np.asarray(has_images, dtype=bool)
+    if world_size > 1 and has_images.any() and not has_images.all():
+        return (f"DeepSpeed with {world_size} processes needs an image in every sample, and "
+                f"{int((~has_images).sum())} of the {len(has_images)} training records are text-only: train with "
+                "DDP or FSDP, or without the text-only records")
+    return None
+
+
 def deepspeed_config_problem(ds_config: dict, recipe, accum: Optional[int] = None) -> Optional[str]:
     """Why a DeepSpeed config cannot run `recipe`, or None. The trainer builds its own data loader (accelerate
     cannot fill in `auto` micro-batches from it), and its checkpoints do not cover DeepSpeed's partitioned state."""
@@ -658,14 +673,10 @@ class Trainer:
         build.enable_gradient_checkpointing(vlm, r)
         self.vlm = vlm
         self._build_data(vlm)
-        has_images = self.train_data.has_images
-        if self.is_deepspeed and self.world_size > 1 and has_images.any() and not has_images.all():
-            # DeepSpeed's collectives follow the modules each process runs: a process with a text-only
-            # micro-batch would skip the encoder and projector while the others run them (ZeRO-3's gathers hang,
-            # ZeRO-2's gradient buckets mismatch). DDP and FSDP have TrainStep's zero-gradient path for this.
-            raise ConfigError(f"DeepSpeed with {self.world_size} processes needs an image in every sample, and "
-                              f"{int((~has_images).sum())} of the {len(has_images)} training records are "
-                              "text-only: train with DDP or FSDP, or without the text-only records")
+        if self.is_deepspeed:
+            problem = deepspeed_data_problem(self.train_data.has_images, self.world_size)
+            if problem:
+                raise ConfigError(problem)
         if resume_state and resume_state.get("total_steps") != self.total_steps:
             logger.warning("the checkpoint was written by a run of %s steps, this one has %s: the learning-rate "
                            "schedule changes from here", resume_state.get("total_steps"), self.total_steps)
