@@ -262,6 +262,8 @@ def generate_steps(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if attention_mask.dim() == 1:
+        attention_mask = attention_mask.unsqueeze(0)
     if attention_mask.shape != input_ids.shape:
         raise PromptError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
                           f"{tuple(input_ids.shape)}")

@@ -130,6 +130,10 @@ def test_right_padded_batch_generates_as_left_padded(tiny_model):
     assert int((right_inputs["attention_mask"][:, -1] == 0).sum()) == 2
     right = tiny_model.generate(**right_inputs, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(left, right)
+    one = proc(images=imgs[:1], text=texts[:1])  # 1-D ids and mask, as one row
+    assert torch.equal(tiny_model.generate(one["input_ids"][0], attention_mask=one["attention_mask"][0],
+                                           pixel_values=one["pixel_values"], max_new_tokens=8, eos_token_id=[]),
+                       left[:1])
     with pytest.raises(PromptError, match=r"attention_mask has shape \(3, 5\)"):
         tiny_model.generate(right_inputs["input_ids"], attention_mask=right_inputs["attention_mask"][:, :5])
 
