@@ -180,12 +180,21 @@ def _sync(device: torch.device) -> None:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty as in transformers: divide positive, multiply negative logits of seen tokens."""
+    """CTRL-style penalty as in transformers: divide positive, multiply negative logits of seen tokens.
+
+    ``seen`` [batch, n] holds token ids; negative entries (image slots, padding) are no token and are skipped.
+    """
     if penalty == 1.0:
         return logits
-    picked = logits.gather(1, seen)
+    valid = seen >= 0
+    picked = logits.gather(1, seen.clamp(min=0))
     picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(1, seen, picked)
+    if bool(valid.all()):
+        return logits.scatter(1, seen, picked)
+    hit = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
+    hit.scatter_add_(1, seen.clamp(min=0), valid.to(torch.int32))  # an id seen anywhere counts once
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(hit > 0, penalised, logits)
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -233,7 +242,25 @@ def pad_token_id_for(model, pad_token_id) -> int:
     return cfg_pad if cfg_pad is not None else 0
 
 
-def generate_steps(
+def generate_steps(model, *args, **kwargs) -> Iterator[tuple[torch.Tensor, torch.Tensor, Timings]]:
+    """Yield (next_tokens [B], finished [B], timings) after each step; timings are filled in as they happen.
+
+    Each step runs under ``torch.inference_mode`` in the thread that asks for it, and the caller's grad mode is
+    untouched between steps: the iterator may be advanced from any thread (a web framework's thread pool, an
+    event loop interleaving several streams). ``timings.decode_s`` counts the time spent in the steps, not the
+    time the consumer spends between them.
+    """
+    steps = _generate_steps(model, *args, **kwargs)
+    while True:
+        with torch.inference_mode():
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
+        yield item
+
+
+def _generate_steps(
     model,
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor] = None,
@@ -244,7 +271,6 @@ def generate_steps(
     image_features: Optional[torch.Tensor] = None,
     **sampling,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Timings]]:
-    """Yield (next_tokens [B], finished [B], timings) after each step; timings are filled in as they happen."""
     from transformers import DynamicCache
 
     unknown = sorted(set(sampling) - set(SAMPLING_ARGUMENTS))
@@ -319,7 +345,7 @@ def generate_steps(
     # (so that TTFT does not pay for it, nor a reply that ends at its first token)
     native, try_native = None, batch == 1 and device.type == "cpu" and bool(attention_mask.all())
     # token history for the repetition penalty: the prompt's text ids (images and padding excluded)
-    history = input_ids.masked_fill((input_ids < 0) | (attention_mask == 0), 0) if params.repetition_penalty != 1.0 else None
+    history = input_ids.masked_fill((input_ids < 0) | (attention_mask == 0), -1) if params.repetition_penalty != 1.0 else None
     if history is not None:
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     next_tokens = sample_next(logits, params, gen)
@@ -330,13 +356,16 @@ def generate_steps(
 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     next_pos = position_ids[:, -1] + 1
+    consumer_s = 0.0
     for step in range(params.max_new_tokens):
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
         newly_done = torch.isin(next_tokens, eos) & ~finished
         timings.new_tokens += int((~finished).sum())
         finished = finished | newly_done
-        timings.decode_s = time.perf_counter() - t_first
+        timings.decode_s = time.perf_counter() - t_first - consumer_s
+        t_yield = time.perf_counter()
         yield next_tokens, finished, timings
+        consumer_s += time.perf_counter() - t_yield  # the caller's time between steps is not decoding
         if bool(finished.all()) or step == params.max_new_tokens - 1:
             break
         if try_native:
@@ -359,12 +388,12 @@ def generate_steps(
             )
             logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
-        if history is not None:
-            history = torch.cat([history, next_tokens.unsqueeze(1)], 1)
+        if history is not None:  # a finished row's padding is no token either
+            history = torch.cat([history, next_tokens.masked_fill(finished, -1).unsqueeze(1)], 1)
             logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
         next_tokens = sample_next(logits, params, gen)
     _sync(device)
-    timings.decode_s = time.perf_counter() - t_first
+    timings.decode_s = time.perf_counter() - t_first - consumer_s
 
 
 @torch.inference_mode()
@@ -392,19 +421,19 @@ def stream_text(model, inputs: dict, **sampling) -> Iterator[str]:
     ids: list[int] = []
     emitted = ""
     eos_ids = set(eos_token_ids(model, sampling.get("eos_token_id")))
-    with torch.inference_mode():
-        for tokens, finished, timings in generate_steps(model, **inputs, **sampling):
-            model.last_timings = timings
-            tok = int(tokens[0])
-            if tok in eos_ids or bool(finished[0]) and tok == pad_token_id_for(model, sampling.get("pad_token_id")):
-                continue
-            ids.append(tok)
-            text = processor.decode(ids)
-            if text.endswith("\ufffd") or not text.startswith(emitted):
-                continue  # an incomplete UTF-8 sequence: wait for the next token
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
+    # (no inference_mode around the loop: it would stay on in whichever thread iterates, between pieces)
+    for tokens, finished, timings in generate_steps(model, **inputs, **sampling):
+        model.last_timings = timings
+        tok = int(tokens[0])
+        if tok in eos_ids or bool(finished[0]) and tok == pad_token_id_for(model, sampling.get("pad_token_id")):
+            continue
+        ids.append(tok)
+        text = processor.decode(ids)
+        if text.endswith("\ufffd") or not text.startswith(emitted):
+            continue  # an incomplete UTF-8 sequence: wait for the next token
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+            emitted = text
     final = processor.decode(ids)
     if final.startswith(emitted) and len(final) > len(emitted):
         yield final[len(emitted):]

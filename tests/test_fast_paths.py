@@ -148,6 +148,24 @@ def test_fused_program_keeps_state_dict_and_follows_weight_changes():
     clone = copy.deepcopy(enc)
     with torch.no_grad():
         assert rel_diff(clone(x), enc(x)) < 1e-6
+    # in eval mode too, what only the module tree gives runs it: gradients for parameters that require them,
+    # forward hooks, modules another library swapped in
+    enc.zero_grad()
+    enc(x).square().mean().backward()
+    assert all(p.grad is not None for n, p in enc.named_parameters() if p.requires_grad and n != "head.proj")
+    calls = []
+    handle = enc.network[2].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        hooked = enc(x)
+    handle.remove()
+    assert calls == [1]
+    with torch.no_grad():
+        assert rel_diff(enc(x), hooked) < 1e-5
+        assert calls == [1] and enc._fused_applies()
+        foreign = type("LoraConv", (torch.nn.Module,), {"__module__": "peft.tuners.lora.layer",
+                                                        "forward": lambda s, t: t})
+        enc.network[2].append(foreign())
+        assert not enc._fused_applies()
 
 
 def test_fused_train_form_encoder_leaves_its_layout():

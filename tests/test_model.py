@@ -100,6 +100,32 @@ def test_chat_streamed_equals_non_streamed(tiny_model):
     assert "".join(pieces) == text
     t = tiny_model.last_timings
     assert t.ttft_s > 0 and t.prompt_tokens > tiny_model.num_image_tokens
+    # a stream advanced from a thread pool (as web frameworks consume sync generators), one piece at a time,
+    # with a slow consumer: same text, no thread left in inference mode, the consumer's time not counted as decoding
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    stream = tiny_model.chat(img, "What is this?", max_new_tokens=12, stream=True, eos_token_id=[])
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+    def step():
+        try:
+            piece = next(stream)
+        except StopIteration:
+            piece = None
+        time.sleep(0.05)
+        return piece, torch.is_inference_mode_enabled()
+
+    got = []
+    with ThreadPoolExecutor(4) as pool:
+        while True:
+            piece, left_on = pool.submit(step).result()
+            assert not left_on
+            if piece is None:
+                break
+            got.append(piece)
+    assert "".join(got) == text and len(got) >= 2
+    assert tiny_model.last_timings.decode_s < 0.05 * (len(got) - 1)
 
 
 def test_batched_greedy_equals_unbatched(tiny_model):
@@ -170,6 +196,11 @@ def test_sample_next_top_p_and_penalty():
     assert all(int(sample_next(logits[:, [3, 1, 0, 2]], zero, g)) == 2 for _ in range(20))
     pen = apply_repetition_penalty(logits.clone(), torch.tensor([[0, 3]]), 2.0)
     assert pen.tolist() == [[1.0, 1.0, 0.5, -2.0]]  # positive divided, negative multiplied
+    # image slots and padding (-1 in the history) are no token: id 0 is not penalised for them
+    assert apply_repetition_penalty(logits.clone(), torch.tensor([[-1, 3, -1]]), 2.0).tolist() == \
+        [[2.0, 1.0, 0.5, -2.0]]
+    assert apply_repetition_penalty(logits.clone(), torch.tensor([[0, -1, 0]]), 2.0).tolist() == \
+        [[1.0, 1.0, 0.5, -1.0]]  # seen twice, penalised once
 
 
 def test_bad_sampling_params():

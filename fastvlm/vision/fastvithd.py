@@ -188,7 +188,11 @@ class FastViTHD(nn.Module):
 
         The parameters, buffers and `state_dict()` are unchanged (the checkpoint layout is
         kept); the fused weights are derived from them and rebuilt automatically when any
-        of them changes, moves or is cast. Training mode always runs the module tree.
+        of them changes, moves or is cast (an edit through `.data`, or of weights created under
+        `torch.inference_mode`, keeps a tensor's version: call this again after one). Training
+        mode always runs the module tree, and so do forwards that need what only the tree gives:
+        gradients for parameters that require them, forward hooks, modules swapped in by other
+        libraries (see `_fused_applies`).
         `onednn=False` uses plain torch ops instead of oneDNN's fused kernels (for
         torch.compile, which does its own fusion). `compile`: keyword arguments for
         `torch.compile` of the fused program (None: run it eagerly). `enabled=False`
@@ -220,6 +224,17 @@ class FastViTHD(nn.Module):
                 version = -1
             key.append((t.data_ptr(), version, t.dtype, t.device))
         return tuple(key)
+
+    def _fused_applies(self) -> bool:
+        """Whether the fused program computes what the module tree would. It reads the weights, not the modules:
+        it cannot give the parameters gradients, run forward hooks, or see modules swapped in (peft's LoRA
+        layers, say), so those run the module tree."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return False
+        for m in self.modules():
+            if m._forward_hooks or m._forward_pre_hooks or not type(m).__module__.startswith(("torch.", "fastvlm.")):
+                return False
+        return True
 
     def fused_program(self):
         """The fused program for the current parameters (built, or rebuilt after a change, on demand)."""
@@ -310,7 +325,7 @@ class FastViTHD(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> conv_exp output [B, out_channels, H/patch, W/patch]."""
         self.check_input(x)
-        if self._fused_enabled and not self.training:
+        if self._fused_enabled and not self.training and self._fused_applies():
             return self.fused_program()(x)
         x = self.patch_embed(x)
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
