@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from .config import IMAGE_TOKEN_INDEX
-from .errors import ConfigError, PromptError
+from .errors import ConfigError, ImageError, PromptError
 
 
 @dataclass
@@ -66,6 +66,18 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name != "seed":  # None: the default, as transformers reads it
+                setattr(self, f.name, f.default)
+            elif f.name in ("max_new_tokens", "top_k", "seed") and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{f.name} must be a whole number, got {value!r}")
+            elif f.name in ("temperature", "top_p", "repetition_penalty") and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{f.name} must be a number, got {value!r}")
+            elif f.name == "do_sample" and not isinstance(value, bool):
+                raise ConfigError(f"do_sample must be true or false, got {value!r}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -78,11 +90,12 @@ class SamplingParams:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not self.do_sample and (self.temperature not in (0, 1.0) or self.top_p != 1.0 or self.top_k):
+        if not self.do_sample and (self.temperature not in (0, 1.0) or self.top_p != 1.0 or self.top_k
+                                   or self.seed is not None):
             # transformers' convention: sampling settings act only with do_sample=True (the CLI and the
             # server turn sampling on for a temperature above 0); say so rather than ignore them silently
-            warnings.warn("temperature, top_p and top_k take effect only with do_sample=True; decoding greedily",
-                          UserWarning, stacklevel=4)
+            warnings.warn("temperature, top_p, top_k and seed take effect only with do_sample=True; decoding "
+                          "greedily", UserWarning, stacklevel=4)
 
 
 # the keyword arguments generate/chat take for sampling (anything else is refused, naming these)
@@ -276,7 +289,7 @@ def _generate_steps(
     unknown = sorted(set(sampling) - set(SAMPLING_ARGUMENTS))
     if unknown:
         raise ConfigError(f"unknown generation argument(s) {', '.join(unknown)}; the sampling arguments are "
-                          f"{', '.join(SAMPLING_ARGUMENTS)}")
+                          f"{', '.join(SAMPLING_ARGUMENTS)}, besides eos_token_id and pad_token_id")
     params = SamplingParams(**sampling)
     device = model.device
     if input_ids.dim() == 1:
@@ -293,6 +306,19 @@ def _generate_steps(
     if attention_mask.shape != input_ids.shape:
         raise PromptError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
                           f"{tuple(input_ids.shape)}")
+    if not bool(attention_mask.any(dim=1).all()):
+        raise PromptError("a row of attention_mask is all zeros: that prompt has no tokens to answer from")
+    if pixel_values is not None and image_features is None:
+        if not torch.is_floating_point(pixel_values):
+            raise ImageError(f"pixel_values are {pixel_values.dtype}; give the processor's output: floats in [0, 1] "
+                             "(RGB / 255, no mean/std normalisation)")
+        lo, hi = float(pixel_values.min()), float(pixel_values.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ImageError(f"pixel_values range from {lo:.3g} to {hi:.3g}; FastVLM takes floats in [0, 1] (RGB / "
+                             "255, no mean/std normalisation), as the processor gives them")
+    if getattr(model, "training", False):
+        warnings.warn("generating with the model in train mode: the encoder's BatchNorm statistics move with these "
+                      "images and dropout is on; call model.eval() first", UserWarning, stacklevel=3)
     if bool((attention_mask[:, -1] == 0).any()):
         # Right (or inner) padding: generation continues from each row's last position, so move every row's
         # padding to its left, keeping the order of its tokens (a stable sort of the mask).
@@ -401,10 +427,21 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, *, stream
     steps: list[torch.Tensor] = []
     finished = None
     timings = Timings()
+    hf_streamer = streamer is not None and hasattr(streamer, "put") and hasattr(streamer, "end")
+    if streamer is not None and not (hf_streamer or callable(streamer)):
+        raise ConfigError(f"streamer must be a callable taking each step's token ids, or a transformers streamer "
+                          f"(put/end), got {type(streamer).__name__}")
+    if hf_streamer:  # transformers' protocol: the prompt first (skip_prompt drops it), then each step, then end()
+        ids = torch.as_tensor(input_ids)
+        streamer.put(ids.masked_fill(ids < 0, pad_token_id_for(model, kwargs.get("pad_token_id"))).cpu())
     for tokens, finished, timings in generate_steps(model, input_ids, attention_mask, pixel_values, **kwargs):
         steps.append(tokens)
-        if streamer is not None:
+        if hf_streamer:
+            streamer.put(tokens.cpu())
+        elif streamer is not None:
             streamer(tokens)
+    if hf_streamer:
+        streamer.end()
     sequences = torch.stack(steps, 1) if steps else torch.empty((input_ids.shape[0], 0), dtype=torch.long)
     reasons = ["stop" if bool(f) else "length" for f in finished] if finished is not None else []
     return GenerationOutput(sequences=sequences, timings=timings, finish_reasons=reasons)

@@ -481,7 +481,10 @@ class FastVLM(nn.Module):
 
         Sampling options: max_new_tokens, do_sample, temperature, top_p, top_k,
         repetition_penalty, seed, eos_token_id, pad_token_id. Timings of the call are kept
-        in `model.last_timings` (and returned with `return_dict=True`).
+        in `model.last_timings` (and returned with `return_dict=True`). `streamer`: a callable
+        given each step's token ids ([batch]), or a transformers streamer (`TextStreamer`,
+        `TextIteratorStreamer`: anything with put/end), which gets the prompt first as
+        transformers' generate gives it.
         """
         from .generation import generate
 

@@ -164,6 +164,15 @@ def test_everything_else_takes_the_module(lean_step_calls):
         wrapped(input_ids=ids[:1], use_cache=True, **{KW: cache})
         wrapped(input_ids=ids[:1, :1], use_cache=True, **{KW: cache})
         assert not calls
+        # a forward hook inside a layer (feature capture, steering): that layer runs its modules, and the hook
+        hooked = copy.deepcopy(model)
+        seen = []
+        hooked.model.layers[1].mlp.register_forward_hook(lambda *a: seen.append(1))
+        cache = DynamicCache()
+        hooked(input_ids=ids[:1], use_cache=True, **{KW: cache})
+        hooked(input_ids=ids[:1, :1], use_cache=True, **{KW: cache})
+        assert len(seen) == 2 and len(calls) == len(hooked.model.layers) - 1
+        calls.clear()
         # and the plain bf16 model's decode step does take the native path
         cache = DynamicCache()
         model(input_ids=ids[:1], use_cache=True, **{KW: cache})

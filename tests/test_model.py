@@ -164,6 +164,41 @@ def test_right_padded_batch_generates_as_left_padded(tiny_model):
         tiny_model.generate(right_inputs["input_ids"], attention_mask=right_inputs["attention_mask"][:, :5])
 
 
+def test_generate_feeds_transformers_streamers(tiny_model):
+    from transformers import TextIteratorStreamer
+
+    proc = tiny_model.processor
+    inputs = proc(text=proc.apply_chat_template([{"role": "user", "content": "Hello"}]))
+    out = tiny_model.generate(**inputs, max_new_tokens=8, eos_token_id=[])
+    streamer = TextIteratorStreamer(proc.tokenizer, skip_prompt=True)
+    tiny_model.generate(**inputs, max_new_tokens=8, eos_token_id=[], streamer=streamer)
+    assert "".join(streamer) == proc.tokenizer.decode(out[0])
+    with pytest.raises(ConfigError, match="streamer must be a callable .* got int"):
+        tiny_model.generate(**inputs, max_new_tokens=1, streamer=3)
+
+
+def test_generate_refuses_inputs_that_would_answer_garbage(tiny_model):
+    from PIL import Image
+
+    from fastvlm import ImageError
+
+    proc = tiny_model.processor
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])
+    inputs = proc(images=[Image.new("RGB", (64, 64), (250, 20, 20))], text=text)
+    with pytest.raises(ImageError, match="pixel_values range from 20 to 250; FastVLM takes floats in \\[0, 1\\]"):
+        tiny_model.generate(**dict(inputs, pixel_values=inputs["pixel_values"] * 255), max_new_tokens=2)
+    with pytest.raises(ImageError, match="pixel_values are torch.uint8"):
+        tiny_model.generate(**dict(inputs, pixel_values=(inputs["pixel_values"] * 255).to(torch.uint8)))
+    with pytest.raises(PromptError, match="a row of attention_mask is all zeros"):
+        tiny_model.generate(**dict(inputs, attention_mask=torch.zeros_like(inputs["attention_mask"])))
+    tiny_model.train()
+    try:
+        with pytest.warns(UserWarning, match="generating with the model in train mode"):
+            tiny_model.generate(**inputs, max_new_tokens=1)
+    finally:
+        tiny_model.eval()
+
+
 def test_generate_returns_only_new_tokens_and_stops_at_eos(tiny_model):
     inputs = tiny_model.processor(text=tiny_model.processor.apply_chat_template(
         [{"role": "user", "content": "Hello"}]))
@@ -201,6 +236,20 @@ def test_sample_next_top_p_and_penalty():
         [[2.0, 1.0, 0.5, -2.0]]
     assert apply_repetition_penalty(logits.clone(), torch.tensor([[0, -1, 0]]), 2.0).tolist() == \
         [[1.0, 1.0, 0.5, -1.0]]  # seen twice, penalised once
+
+
+def test_sampling_arguments_as_people_pass_them():
+    """None means the default (as transformers reads it); wrong types are one ConfigError, not a TypeError."""
+    p = SamplingParams(max_new_tokens=None, temperature=None, top_k=None, top_p=None, do_sample=None)
+    assert (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.do_sample) == (256, 1.0, 0, 1.0, False)
+    for bad, what in (({"max_new_tokens": 3.0}, "max_new_tokens must be a whole number, got 3.0"),
+                      ({"max_new_tokens": "8"}, "max_new_tokens must be a whole number, got '8'"),
+                      ({"temperature": "hot"}, "temperature must be a number"),
+                      ({"do_sample": "yes"}, "do_sample must be true or false")):
+        with pytest.raises(ConfigError, match=what):
+            SamplingParams(**bad)
+    with pytest.warns(UserWarning, match="seed take effect only with do_sample=True"):
+        SamplingParams(seed=3)
 
 
 def test_bad_sampling_params():

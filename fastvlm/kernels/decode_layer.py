@@ -147,6 +147,12 @@ def _ptr(t) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _submodule_hooks(layer) -> bool:
+    """Whether a module inside the layer has forward hooks: a lean step would skip them (the layer's own hooks
+    still run, around either path). About a microsecond per layer and step."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules() if m is not layer)
+
+
 class LeanQwen2DecoderLayer(Qwen2DecoderLayer):
     """Qwen2DecoderLayer with native batch-1 bf16 decode steps (see the module's docstring)."""
 
@@ -158,7 +164,8 @@ class LeanQwen2DecoderLayer(Qwen2DecoderLayer):
                 and kwargs.get("attention_mask") is None and not kwargs.get("output_attentions")
                 and hidden_states.dim() == 3 and hidden_states.shape[:2] == (1, 1)
                 and hidden_states.dtype == torch.bfloat16 and hidden_states.device.type == "cpu"
-                and not (torch.is_grad_enabled() and hidden_states.requires_grad)):
+                and not (torch.is_grad_enabled() and hidden_states.requires_grad)
+                and not _submodule_hooks(self)):
             plan = _plan_for(self)
             if plan is not None and pe[0].numel() == plan.D and pe[0].dtype == torch.bfloat16:
                 cos, sin = (t.contiguous() for t in pe)

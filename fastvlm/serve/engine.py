@@ -73,7 +73,7 @@ class Sampling:
             top_p=self.top_p if not self.greedy else 1.0,
             top_k=self.top_k if not self.greedy else 0,
             repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
+            seed=self.seed if not self.greedy else None,  # greedy decoding draws nothing
         )
 
 

@@ -386,7 +386,7 @@ class FastVLMLmms(_LmmsBase):
             "top_p": float(top_p) if top_p is not None else 1.0,
             "top_k": int(top_k) if top_k is not None else 0,
             "repetition_penalty": float(penalty) if penalty is not None else 1.0,
-            "seed": int(seed) if seed is not None else None,
+            "seed": int(seed) if seed is not None and do_sample else None,  # greedy draws nothing
         }
         return sampling, until
 
