@@ -200,14 +200,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     if penalty == 1.0:
         return logits
     valid = seen >= 0
-    picked = logits.gather(1, seen.clamp(min=0))
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    big = torch.finfo(logits.dtype).max  # an extreme penalty overflows to inf, which sampling turns into NaN
+
+    def penalise(x):
+        return torch.where(x > 0, x / penalty, x * penalty).clamp(-big, big)
+
     if bool(valid.all()):
-        return logits.scatter(1, seen, picked)
+        return logits.scatter(1, seen, penalise(logits.gather(1, seen)))
     hit = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
     hit.scatter_add_(1, seen.clamp(min=0), valid.to(torch.int32))  # an id seen anywhere counts once
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(hit > 0, penalised, logits)
+    return torch.where(hit > 0, penalise(logits), logits)
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:

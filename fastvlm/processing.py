@@ -378,6 +378,17 @@ def _check_messages(messages: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def check_padded_size(image, image_aspect_ratio: str, max_pixels: Optional[int], name: str = "image") -> None:
+    """Refuse an image whose square canvas (the reference's pad, made at full size before the resize) would be
+    over `max_pixels`: a 65000x750 strip is under a pixel limit, its 65000x65000 canvas is not."""
+    if image_aspect_ratio != "pad" or not max_pixels:
+        return
+    side = max(image.size)
+    if side * side > max_pixels:
+        raise ImageTooLargeError(f"{name} is {image.size[0]}x{image.size[1]}: padding it to a square makes a "
+                                 f"{side}x{side} canvas, more than the limit of {max_pixels} pixels")
+
+
 def build_prompt(
     messages: Sequence[Mapping[str, Any]],
     *,
@@ -749,10 +760,11 @@ class FastVLMProcessor:
                 mask.append([1] * len(s) + [0] * n)
 
         out = ProcessorOutput()
-        pixels = [
-            preprocess_image(load_image(x, max_pixels=self.max_pixels), self.image_size, self.image_aspect_ratio)
-            for x in items
-        ]
+        pixels = []
+        for x in items:
+            image = load_image(x, max_pixels=self.max_pixels)
+            check_padded_size(image, self.image_aspect_ratio, self.max_pixels)
+            pixels.append(preprocess_image(image, self.image_size, self.image_aspect_ratio))
         if return_tensors == "pt":
             out["input_ids"] = torch.tensor(ids, dtype=torch.long).reshape(len(ids), width)
             out["attention_mask"] = torch.tensor(mask, dtype=torch.long).reshape(len(ids), width)
@@ -778,6 +790,7 @@ __all__ = [
     "FastVLMProcessor",
     "ProcessorOutput",
     "build_prompt",
+    "check_padded_size",
     "count_placeholders",
     "expand2square",
     "load_image",

@@ -189,6 +189,8 @@ def test_generate_refuses_inputs_that_would_answer_garbage(tiny_model):
         tiny_model.generate(**dict(inputs, pixel_values=inputs["pixel_values"] * 255), max_new_tokens=2)
     with pytest.raises(ImageError, match="pixel_values are torch.uint8"):
         tiny_model.generate(**dict(inputs, pixel_values=(inputs["pixel_values"] * 255).to(torch.uint8)))
+    with pytest.raises(ImageError, match="is 9000x8: padding it to a square makes a 9000x9000 canvas"):
+        proc(images=[Image.new("RGB", (9000, 8))], text=text)  # 72,000 pixels, but 81 M after the pad
     with pytest.raises(PromptError, match="a row of attention_mask is all zeros"):
         tiny_model.generate(**dict(inputs, attention_mask=torch.zeros_like(inputs["attention_mask"])))
     tiny_model.train()
@@ -236,6 +238,9 @@ def test_sample_next_top_p_and_penalty():
         [[2.0, 1.0, 0.5, -2.0]]
     assert apply_repetition_penalty(logits.clone(), torch.tensor([[0, -1, 0]]), 2.0).tolist() == \
         [[1.0, 1.0, 0.5, -1.0]]  # seen twice, penalised once
+    extreme = apply_repetition_penalty(logits.clone(), torch.tensor([[0, 3]]), 1e-300)  # overflows to inf unclamped
+    assert torch.isfinite(extreme).all()
+    assert int(sample_next(extreme, SamplingParams(do_sample=True), g)) == 0
 
 
 def test_sampling_arguments_as_people_pass_them():

@@ -84,11 +84,18 @@ async def read_body(request, limit: int) -> bytes:
         if int(declared) > limit:
             raise APIError(413, f"request body is {declared} bytes, more than the limit of {limit} bytes",
                            code="request_too_large")
+    from starlette.requests import ClientDisconnect
+
     buf = bytearray()
-    async for piece in request.stream():
-        buf += piece
-        if len(buf) > limit:
-            raise APIError(413, f"request body is more than the limit of {limit} bytes", code="request_too_large")
+    try:
+        async for piece in request.stream():
+            buf += piece
+            if len(buf) > limit:
+                raise APIError(413, f"request body is more than the limit of {limit} bytes",
+                               code="request_too_large")
+    except ClientDisconnect:  # the client left while sending: nobody to answer, nothing to log
+        raise APIError(400, "the client disconnected while sending the request",
+                       code="client_disconnected") from None
     return bytes(buf)
 
 
@@ -105,7 +112,7 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
                warmup: Optional[Callable[[], None]] = None):
     """The app serving `model`; `warmup` (optional) runs in the engine thread before requests are taken."""
     from ..errors import FastVLMError, ImageTooLargeError
-    from ..processing import IMAGE_TOKEN, load_image, preprocess_images
+    from ..processing import IMAGE_TOKEN, check_padded_size, load_image, preprocess_images
 
     settings = settings or ServeSettings()
     processor = model.processor
@@ -115,7 +122,18 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
     engine = engine or Engine(model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                               batch_window_s=settings.batch_window_ms / 1000.0,
                               prepare_wait_s=settings.prepare_wait_ms / 1000.0, tokenizer_lock=tokenizer_lock)
-    tokenizer_lock = engine.tokenizer_lock
+    # Requests tokenize with their own copy of the tokenizer (a fast tokenizer is not safe to share between
+    # threads), so a long prompt being tokenized never holds up the engine's per-token decoding.
+    import copy
+
+    request_processor = copy.copy(processor)
+    request_processor.tokenizer = copy.deepcopy(processor.tokenizer)
+    tokenizer_lock = threading.Lock()
+    vocab = processor.tokenizer.get_vocab()
+    # byte-level BPE: a token's vocabulary string has one character per byte, so no token covers more characters
+    max_token_chars = max((len(t) for t in vocab), default=1) or 1
+    control_tokens = sorted({t for t in getattr(processor.tokenizer, "all_special_tokens", [])}
+                            | {t for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>") if t in vocab})
     context = engine.context
     max_prompt = settings.max_prompt_tokens or ((context - 1) if context else 1 << 30)
     limits = ImageLimits(max_bytes=settings.max_image_bytes, allow_remote=settings.allow_remote_images,
@@ -267,10 +285,25 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
         images = []
         for data, param in blobs:
             try:
-                images.append(load_image(data, max_pixels=settings.max_image_pixels))
+                image = load_image(data, max_pixels=settings.max_image_pixels)
+                check_padded_size(image, processor.image_aspect_ratio, settings.max_image_pixels, "the image")
+                images.append(image)
             except FastVLMError as e:
                 hint = " (the server's --max-image-pixels)" if isinstance(e, ImageTooLargeError) else ""
                 raise bad_request(f"invalid image: {e}{hint}", param=param, code="invalid_image") from None
+        for i, m in enumerate(messages):
+            texts = [m["content"]] if isinstance(m["content"], str) else \
+                [p.get("text", "") for p in m["content"] if isinstance(p, dict)]
+            for text in texts:
+                found = [t for t in control_tokens if t in text]
+                if found:  # they would end the turn and open others: refused, as the API's roles are the turns
+                    raise bad_request(f"messages[{i}] contains the control token(s) {', '.join(found)}, which this "
+                                      "server does not take in text", param=f"messages[{i}].content")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise bad_request(f"messages[{i}] is not valid Unicode text (a lone surrogate)",
+                                      param=f"messages[{i}].content") from None
         try:
             prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         except FastVLMError as e:
@@ -278,8 +311,12 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
         if prompt.count(IMAGE_TOKEN) != len(images):
             raise bad_request(f"the text contains the reserved string {IMAGE_TOKEN!r}; send images as image_url "
                               "parts instead", param="messages")
+        text_chars = len(prompt) - len(IMAGE_TOKEN) * len(images)
+        if text_chars > max_prompt * max_token_chars:  # more tokens than the limit, whatever the tokenizer does
+            raise bad_request(f"the prompt is {text_chars} characters, more than the limit of {max_prompt} tokens "
+                              "could hold", param="messages", code="context_length_exceeded")
         with tokenizer_lock:
-            ids = processor.tokenize(prompt)
+            ids = request_processor.tokenize(prompt)
         if len(ids) > max_prompt:
             raise bad_request(f"the prompt is {len(ids)} tokens (images included), more than the limit of "
                               f"{max_prompt}", param="messages", code="context_length_exceeded")
@@ -340,6 +377,10 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
         try:
             obj = json.loads(body.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise bad_request("the request body nests JSON too deeply", code="invalid_json") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
             raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(obj, dict):
             raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}",

@@ -30,8 +30,9 @@ Unknown fields are ignored. Bad input of any kind gets a 4xx with {"error": {"me
 
 Concurrency: one engine thread owns the model. Requests arriving within --batch-window-ms
 of each other (up to --max-batch-size, same sampling settings) are encoded and decoded as
-one batch; each stops at its own max_tokens, and greedy answers are the same as alone. A
-client that disconnects stops its generation. At most --max-queue requests wait; more get 429.
+one batch; each stops at its own max_tokens. Greedy answers are those of the request alone up
+to floating-point rounding (a padded batch sums in another order; where two tokens are
+nearly tied, a later token can differ). A client that disconnects stops its generation. At most --max-queue requests wait; more get 429.
 
 Security: with --api-key (or FASTVLM_API_KEY) every /v1 request needs
 "Authorization: Bearer KEY". Without a key the server refuses to listen on a non-loopback

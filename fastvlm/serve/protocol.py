@@ -145,7 +145,8 @@ def _parse_content(value: Any) -> Union[str, list[ContentPart]]:
         if not isinstance(part, dict):
             raise PydanticCustomError("part_type", "part {j} must be an object with a 'type', got {t}",
                                       {"j": j, "t": type(part).__name__})
-        model = _PART_MODELS.get(part.get("type"))
+        kind = part.get("type")
+        model = _PART_MODELS.get(kind) if isinstance(kind, str) else None
         if model is None:
             raise PydanticCustomError(
                 "part_kind", "part {j} has unsupported type {kind} (supported: 'text', 'image_url', 'refusal')",
