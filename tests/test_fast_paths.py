@@ -164,7 +164,9 @@ def test_fused_program_keeps_state_dict_and_follows_weight_changes():
         assert calls == [1] and enc._fused_applies()
         foreign = type("LoraConv", (torch.nn.Module,), {"__module__": "peft.tuners.lora.layer",
                                                         "forward": lambda s, t: t})
-        enc.network[2].append(foreign())
+        layer = foreign()
+        layer.lora_A = torch.nn.Parameter(torch.zeros(1))  # as peft's layers bring their adapters
+        enc.network[2].append(layer)
         assert not enc._fused_applies()
 
 
