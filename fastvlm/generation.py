@@ -266,13 +266,16 @@ def generate_steps(model, *args, **kwargs) -> Iterator[tuple[torch.Tensor, torch
     time the consumer spends between them.
     """
     steps = _generate_steps(model, *args, **kwargs)
-    while True:
-        with torch.inference_mode():
-            try:
-                item = next(steps)
-            except StopIteration:
-                return
-        yield item
+    try:
+        while True:
+            with torch.inference_mode():
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        steps.close()  # a consumer that stops early ends the steps now, not at garbage collection
 
 
 def _generate_steps(
