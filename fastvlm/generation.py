@@ -55,6 +55,19 @@ class GenerationOutput:
     finish_reasons: list[str] = field(default_factory=list)  # "stop" (eos) or "length"
 
 
+def _warn_caller(message: str) -> None:
+    """A UserWarning pointing at the first frame outside fastvlm (and the wrappers it goes through)."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(package) or frame.f_code.co_filename == "<string>"
+                                 or frame.f_code.co_filename.endswith(os.path.join("utils", "_contextlib.py"))):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level + 1)
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
@@ -66,18 +79,29 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
+        import numbers
+
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name != "seed":  # None: the default, as transformers reads it
-                setattr(self, f.name, f.default)
-            elif f.name in ("max_new_tokens", "top_k", "seed") and value is not None and (
-                    isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{f.name} must be a whole number, got {value!r}")
-            elif f.name in ("temperature", "top_p", "repetition_penalty") and (
-                    isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ConfigError(f"{f.name} must be a number, got {value!r}")
-            elif f.name == "do_sample" and not isinstance(value, bool):
-                raise ConfigError(f"do_sample must be true or false, got {value!r}")
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if value is None:
+                if f.name != "seed":  # None: the default, as transformers reads it
+                    setattr(self, f.name, f.default)
+                continue
+            is_bool = isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")  # numpy's too
+            if f.name == "do_sample":
+                if not is_bool:
+                    raise ConfigError(f"do_sample must be true or false, got {value!r}")
+                setattr(self, f.name, bool(value))
+            elif f.name in ("max_new_tokens", "top_k", "seed"):
+                if is_bool or not isinstance(value, numbers.Integral):
+                    raise ConfigError(f"{f.name} must be a whole number, got {value!r}")
+                setattr(self, f.name, int(value))
+            else:
+                if is_bool or not isinstance(value, numbers.Real):
+                    raise ConfigError(f"{f.name} must be a number, got {value!r}")
+                setattr(self, f.name, float(value))
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -88,14 +112,14 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 1e-4 <= self.repetition_penalty <= 1e4:  # beyond, float32 logits overflow or vanish
+            raise ConfigError(f"repetition_penalty must be in [1e-4, 1e4], got {self.repetition_penalty}")
         if not self.do_sample and (self.temperature not in (0, 1.0) or self.top_p != 1.0 or self.top_k
                                    or self.seed is not None):
             # transformers' convention: sampling settings act only with do_sample=True (the CLI and the
             # server turn sampling on for a temperature above 0); say so rather than ignore them silently
-            warnings.warn("temperature, top_p, top_k and seed take effect only with do_sample=True; decoding "
-                          "greedily", UserWarning, stacklevel=4)
+            _warn_caller("temperature, top_p, top_k and seed take effect only with do_sample=True; decoding "
+                         "greedily")
 
 
 # the keyword arguments generate/chat take for sampling (anything else is refused, naming these)
@@ -200,16 +224,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     if penalty == 1.0:
         return logits
     valid = seen >= 0
-    big = torch.finfo(logits.dtype).max  # an extreme penalty overflows to inf, which sampling turns into NaN
-
-    def penalise(x):
-        return torch.where(x > 0, x / penalty, x * penalty).clamp(-big, big)
-
-    if bool(valid.all()):
-        return logits.scatter(1, seen, penalise(logits.gather(1, seen)))
-    hit = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
-    hit.scatter_add_(1, seen.clamp(min=0), valid.to(torch.int32))  # an id seen anywhere counts once
-    return torch.where(hit > 0, penalise(logits), logits)
+    big = torch.finfo(logits.dtype).max  # a large penalty overflows to inf, which sampling turns into NaN
+    if not bool(valid.all()):
+        # Entries that are no token take a token the row has seen anyway (a repeated id is penalised once, as
+        # in transformers); a row with none keeps its logits (below).
+        filler = seen.masked_fill(~valid, -1).amax(dim=1, keepdim=True).clamp(min=0)
+        seen = torch.where(valid, seen, filler)
+    picked = logits.gather(1, seen)
+    penalised = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(-big, big)
+    if not bool(valid.all()):
+        penalised = torch.where(valid.any(dim=1, keepdim=True), penalised, picked)
+    return logits.scatter(1, seen, penalised)
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -218,7 +243,8 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: Optional[tor
         # the first of the largest, as argmax returns; max's CPU kernel was the quicker of the two over a 152k
         # vocabulary (a dev measurement on the Intel Xeon, not a committed benchmark)
         return logits.max(dim=-1).indices
-    logits = logits / max(p.temperature, 1e-5)
+    # the row's best at 0 first: a clamped, very large logit divided by a temperature below 1 would be inf
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(p.temperature, 1e-5)
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -314,16 +340,19 @@ def _generate_steps(
     if not bool(attention_mask.any(dim=1).all()):
         raise PromptError("a row of attention_mask is all zeros: that prompt has no tokens to answer from")
     if pixel_values is not None and image_features is None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise PromptError(f"pixel_values must be a tensor (the processor's output), got "
+                              f"{type(pixel_values).__name__}")
         if not torch.is_floating_point(pixel_values):
             raise ImageError(f"pixel_values are {pixel_values.dtype}; give the processor's output: floats in [0, 1] "
                              "(RGB / 255, no mean/std normalisation)")
-        lo, hi = float(pixel_values.min()), float(pixel_values.max())
+        lo, hi = (float(v) for v in torch.aminmax(pixel_values)) if pixel_values.numel() else (0.0, 0.0)
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ImageError(f"pixel_values range from {lo:.3g} to {hi:.3g}; FastVLM takes floats in [0, 1] (RGB / "
                              "255, no mean/std normalisation), as the processor gives them")
     if getattr(model, "training", False):
-        warnings.warn("generating with the model in train mode: the encoder's BatchNorm statistics move with these "
-                      "images and dropout is on; call model.eval() first", UserWarning, stacklevel=3)
+        _warn_caller("generating with the model in train mode: the encoder's BatchNorm statistics move with these "
+                     "images and dropout is on; call model.eval() first")
     if bool((attention_mask[:, -1] == 0).any()):
         # Right (or inner) padding: generation continues from each row's last position, so move every row's
         # padding to its left, keeping the order of its tokens (a stable sort of the mask).
@@ -376,7 +405,8 @@ def _generate_steps(
     # (so that TTFT does not pay for it, nor a reply that ends at its first token)
     native, try_native = None, batch == 1 and device.type == "cpu" and bool(attention_mask.all())
     # token history for the repetition penalty: the prompt's text ids (images and padding excluded)
-    history = input_ids.masked_fill((input_ids < 0) | (attention_mask == 0), -1) if params.repetition_penalty != 1.0 else None
+    history = (input_ids.masked_fill((input_ids < 0) | (attention_mask == 0), -1)
+               if params.repetition_penalty != 1.0 else None)
     if history is not None:
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     next_tokens = sample_next(logits, params, gen)
@@ -436,17 +466,19 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, *, stream
     if streamer is not None and not (hf_streamer or callable(streamer)):
         raise ConfigError(f"streamer must be a callable taking each step's token ids, or a transformers streamer "
                           f"(put/end), got {type(streamer).__name__}")
-    if hf_streamer:  # transformers' protocol: the prompt first (skip_prompt drops it), then each step, then end()
-        ids = torch.as_tensor(input_ids)
-        streamer.put(ids.masked_fill(ids < 0, pad_token_id_for(model, kwargs.get("pad_token_id"))).cpu())
-    for tokens, finished, timings in generate_steps(model, input_ids, attention_mask, pixel_values, **kwargs):
-        steps.append(tokens)
+    try:
+        if hf_streamer:  # transformers' protocol: the prompt first (skip_prompt drops it), each step, then end()
+            ids = torch.as_tensor(input_ids).reshape(-1, torch.as_tensor(input_ids).shape[-1])
+            streamer.put(ids[:, ids[0] >= 0].cpu())  # image slots are no tokens
+        for tokens, finished, timings in generate_steps(model, input_ids, attention_mask, pixel_values, **kwargs):
+            steps.append(tokens)
+            if hf_streamer:
+                streamer.put(tokens.cpu())
+            elif streamer is not None:
+                streamer(tokens)
+    finally:
         if hf_streamer:
-            streamer.put(tokens.cpu())
-        elif streamer is not None:
-            streamer(tokens)
-    if hf_streamer:
-        streamer.end()
+            streamer.end()  # also after an error: a TextIteratorStreamer's reader would wait for ever
     sequences = torch.stack(steps, 1) if steps else torch.empty((input_ids.shape[0], 0), dtype=torch.long)
     reasons = ["stop" if bool(f) else "length" for f in finished] if finished is not None else []
     return GenerationOutput(sequences=sequences, timings=timings, finish_reasons=reasons)

@@ -378,15 +378,27 @@ def _check_messages(messages: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def check_padded_size(image, image_aspect_ratio: str, max_pixels: Optional[int], name: str = "image") -> None:
-    """Refuse an image whose square canvas (the reference's pad, made at full size before the resize) would be
-    over `max_pixels`: a 65000x750 strip is under a pixel limit, its 65000x65000 canvas is not."""
-    if image_aspect_ratio != "pad" or not max_pixels:
+CANVAS_FACTOR = 4  # the working canvas may be this many times the image pixel limit
+
+
+def check_padded_size(image, image_aspect_ratio: str, max_pixels: Optional[int], name: str = "image",
+                      image_size: int = 1024) -> None:
+    """Refuse an image whose working canvas would be over ``CANVAS_FACTOR * max_pixels``: the reference's pad
+    makes a full-size square before the resize (a 65000x750 strip is under a pixel limit, its 65000x65000
+    canvas is not), and the crop's shortest-edge resize scales a thin strip's long side up with its short one.
+    An ordinary photo (8064x6048 makes an 8064x8064 canvas) stays far under it."""
+    if not max_pixels:
         return
-    side = max(image.size)
-    if side * side > max_pixels:
-        raise ImageTooLargeError(f"{name} is {image.size[0]}x{image.size[1]}: padding it to a square makes a "
-                                 f"{side}x{side} canvas, more than the limit of {max_pixels} pixels")
+    w, h = image.size
+    if image_aspect_ratio == "pad":
+        side = max(w, h)
+        canvas, what = side * side, f"padding it to a square makes a {side}x{side} canvas"
+    else:
+        cw, ch = shortest_edge_size(w, h, image_size)
+        canvas, what = cw * ch, f"resizing its short side to {image_size} px makes it {cw}x{ch}"
+    if canvas > CANVAS_FACTOR * max_pixels:
+        raise ImageTooLargeError(f"{name} is {w}x{h}: {what}, more than {CANVAS_FACTOR} times the limit of "
+                                 f"{max_pixels} pixels")
 
 
 def build_prompt(
@@ -684,9 +696,16 @@ class FastVLMProcessor:
 
     def process_images(self, images: Any) -> torch.Tensor:
         """Load and preprocess images (one or a list) to ``[N, 3, S, S]`` float32."""
-        items = _flatten_images(images)
-        loaded = [load_image(x, max_pixels=self.max_pixels) for x in items]
-        return preprocess_images(loaded, self.image_size, self.image_aspect_ratio)
+        return preprocess_images(self._load(_flatten_images(images)), self.image_size, self.image_aspect_ratio)
+
+    def _load(self, items: list) -> list:
+        """Decode images under the pixel limit, and refuse those whose working canvas would be too large."""
+        loaded = []
+        for x in items:
+            image = load_image(x, max_pixels=self.max_pixels)
+            check_padded_size(image, self.image_aspect_ratio, self.max_pixels, image_size=self.image_size)
+            loaded.append(image)
+        return loaded
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
@@ -760,11 +779,7 @@ class FastVLMProcessor:
                 mask.append([1] * len(s) + [0] * n)
 
         out = ProcessorOutput()
-        pixels = []
-        for x in items:
-            image = load_image(x, max_pixels=self.max_pixels)
-            check_padded_size(image, self.image_aspect_ratio, self.max_pixels)
-            pixels.append(preprocess_image(image, self.image_size, self.image_aspect_ratio))
+        pixels = [preprocess_image(image, self.image_size, self.image_aspect_ratio) for image in self._load(items)]
         if return_tensors == "pt":
             out["input_ids"] = torch.tensor(ids, dtype=torch.long).reshape(len(ids), width)
             out["attention_mask"] = torch.tensor(mask, dtype=torch.long).reshape(len(ids), width)

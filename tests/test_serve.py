@@ -370,8 +370,8 @@ BAD_BODIES = {
     "json_nested_too_deep": (b"[" * 100_000, 400, None, "invalid_json"),
     "integer_too_long": (b'{"messages": [], "max_tokens": 1' + b"0" * 5000 + b"}", 400, None, "invalid_json"),
     "part_type_not_a_string": ({"messages": [{"role": "user", "content": [{"type": []}]}]}, 400, None, None),
-    # 2000x10 is 20,000 pixels, but the reference's pad makes a 2000x2000 canvas of it first: over the 1 MP limit
-    "padded_canvas_too_large": ({"messages": image_message(url=data_url(png_bytes((2000, 10))))}, 400, None,
+    # 2100x10 is 21,000 pixels, but the reference's pad makes a 2100x2100 canvas of it first: over 4x the 1 MP limit
+    "padded_canvas_too_large": ({"messages": image_message(url=data_url(png_bytes((2100, 10))))}, 400, None,
                                 "invalid_image"),
     "prompt_far_too_long": ({"messages": text_message("x" * 1_500_000)}, 400, "messages", "context_length_exceeded"),
 }
@@ -387,6 +387,8 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(api, case):
     err = assert_error(r, status, param, code)
     if case == "temperature_nan":
         assert "finite" in err["message"], err
+    if case == "prompt_far_too_long":  # refused by its length in characters, before it is tokenized
+        assert "characters" in err["message"], err
     if case == "too_many_pixels":  # names the limit and the flag that sets it
         assert "1000000" in err["message"] and "--max-image-pixels" in err["message"], err
     ok = chat(api, messages=text_message(), max_tokens=2)

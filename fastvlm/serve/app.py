@@ -118,12 +118,11 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
     processor = model.processor
     if processor is None:
         raise ValueError("the model has no processor (tokenizer); the server needs one")
-    tokenizer_lock = threading.Lock()
     engine = engine or Engine(model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                               batch_window_s=settings.batch_window_ms / 1000.0,
-                              prepare_wait_s=settings.prepare_wait_ms / 1000.0, tokenizer_lock=tokenizer_lock)
-    # Requests tokenize with their own copy of the tokenizer (a fast tokenizer is not safe to share between
-    # threads), so a long prompt being tokenized never holds up the engine's per-token decoding.
+                              prepare_wait_s=settings.prepare_wait_ms / 1000.0)
+    # Requests tokenize with one copy of the tokenizer, behind its own lock (a fast tokenizer is not safe to
+    # share between threads), so a long prompt being tokenized never holds up the engine's per-token decoding.
     import copy
 
     request_processor = copy.copy(processor)
@@ -286,7 +285,8 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
         for data, param in blobs:
             try:
                 image = load_image(data, max_pixels=settings.max_image_pixels)
-                check_padded_size(image, processor.image_aspect_ratio, settings.max_image_pixels, "the image")
+                check_padded_size(image, processor.image_aspect_ratio, settings.max_image_pixels, "the image",
+                                  image_size=processor.image_size)
                 images.append(image)
             except FastVLMError as e:
                 hint = " (the server's --max-image-pixels)" if isinstance(e, ImageTooLargeError) else ""

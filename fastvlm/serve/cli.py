@@ -32,7 +32,8 @@ Concurrency: one engine thread owns the model. Requests arriving within --batch-
 of each other (up to --max-batch-size, same sampling settings) are encoded and decoded as
 one batch; each stops at its own max_tokens. Greedy answers are those of the request alone up
 to floating-point rounding (a padded batch sums in another order; where two tokens are
-nearly tied, a later token can differ). A client that disconnects stops its generation. At most --max-queue requests wait; more get 429.
+nearly tied, a later token can differ). A client that disconnects stops its generation.
+At most --max-queue requests wait; more get 429.
 
 Security: with --api-key (or FASTVLM_API_KEY) every /v1 request needs
 "Authorization: Bearer KEY". Without a key the server refuses to listen on a non-loopback
@@ -142,7 +143,8 @@ def add_arguments(p):
     lim.add_argument("--max-request-bytes", default="32MiB", help="largest request body (default 32MiB)")
     lim.add_argument("--max-image-bytes", default="16MiB", help="largest encoded image (default 16MiB)")
     lim.add_argument("--max-image-pixels", type=int, default=50_000_000,
-                     help="largest image in pixels, checked before decoding (default 50000000)")
+                     help="largest image in pixels, checked before decoding; the canvas the preprocessing "
+                          "makes of it (a long strip padded to a square) may be 4 times this (default 50000000)")
     lim.add_argument("--max-images", type=int, default=4, help="most images per request (default 4)")
     lim.add_argument("--max-prompt-tokens", type=int, default=None,
                      help="longest prompt in tokens, image tokens included (default: the model's context)")

@@ -210,7 +210,7 @@ class ChatCompletionRequest(_Model):
     function_call: Optional[Any] = None
     # Extensions (as in vLLM): not part of the OpenAI API.
     top_k: Optional[int] = Field(None, ge=0, strict=True)
-    repetition_penalty: Optional[float] = Field(None, gt=0, strict=True, allow_inf_nan=False)
+    repetition_penalty: Optional[float] = Field(None, ge=1e-4, le=1e4, strict=True, allow_inf_nan=False)
     ignore_eos: bool = Field(False, strict=True)
 
     def check_supported(self) -> None:

@@ -243,7 +243,7 @@ class FastViTHD(nn.Module):
             self._fused_cache["key"] = key
         tree = self._fused_cache.get("tree")
         if tree is None:
-            mods = list(self.modules())
+            mods = [m for m in self.modules() if m is not self]  # the encoder's own hooks run around either path
             foreign = any(not type(m).__module__.startswith(("torch.", "fastvlm.")) for m in mods)
             tree = self._fused_cache["tree"] = (mods, foreign)
         mods, foreign = tree
