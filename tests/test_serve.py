@@ -368,6 +368,7 @@ BAD_BODIES = {
     "lone_surrogate": (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages[0].content",
                        None),
     "json_nested_too_deep": (b"[" * 100_000, 400, None, "invalid_json"),
+    "json_nested_too_deep_large_body": (b"[" * 300_000, 400, None, "invalid_json"),  # parsed off the event loop
     "integer_too_long": (b'{"messages": [], "max_tokens": 1' + b"0" * 5000 + b"}", 400, None, "invalid_json"),
     "part_type_not_a_string": ({"messages": [{"role": "user", "content": [{"type": []}]}]}, 400, None, None),
     # 2100x10 is 21,000 pixels, but the reference's pad makes a 2100x2100 canvas of it first: over 4x the 1 MP limit

@@ -324,6 +324,25 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
                         if images else None)
         return _Prepared(ids, pixel_values, len(images))
 
+    def parse_request(body: bytes) -> ChatCompletionRequest:
+        try:
+            obj = json.loads(body.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise bad_request("the request body nests JSON too deeply", code="invalid_json") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(obj, dict):
+            raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}",
+                              code="invalid_json")
+        try:
+            req = ChatCompletionRequest.model_validate(obj)
+        except ValidationError as e:
+            raise validation_error_to_api_error(e) from None
+        req.check_supported()
+        return req
+
     def choose_max_tokens(req: ChatCompletionRequest, n_prompt: int) -> int:
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -374,22 +393,9 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
         t_arrival = time.perf_counter()
         check_auth(request)
         body = await read_body(request, settings.max_request_bytes)
-        try:
-            obj = json.loads(body.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        except RecursionError:
-            raise bad_request("the request body nests JSON too deeply", code="invalid_json") from None
-        except ValueError as e:  # e.g. an integer of more digits than Python converts
-            raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(obj, dict):
-            raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}",
-                              code="invalid_json")
-        try:
-            req = ChatCompletionRequest.model_validate(obj)
-        except ValidationError as e:
-            raise validation_error_to_api_error(e) from None
-        req.check_supported()
+        # a large body (base64 images, many parts) takes seconds to parse and validate: not on the event loop,
+        # where it would stall every other client's stream and /health
+        req = parse_request(body) if len(body) < (1 << 18) else await run_in_threadpool(parse_request, body)
         if req.model not in (None, "", settings.model_name):
             raise APIError(404, f"the model {req.model!r} does not exist (this server serves "
                                 f"{settings.model_name!r})", param="model", code="model_not_found")
