@@ -224,15 +224,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     if penalty == 1.0:
         return logits
     valid = seen >= 0
+    all_valid = bool(valid.all())
     big = torch.finfo(logits.dtype).max  # a large penalty overflows to inf, which sampling turns into NaN
-    if not bool(valid.all()):
+    if not all_valid:
         # Entries that are no token take a token the row has seen anyway (a repeated id is penalised once, as
         # in transformers); a row with none keeps its logits (below).
         filler = seen.masked_fill(~valid, -1).amax(dim=1, keepdim=True).clamp(min=0)
         seen = torch.where(valid, seen, filler)
     picked = logits.gather(1, seen)
     penalised = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(-big, big)
-    if not bool(valid.all()):
+    if not all_valid:
         penalised = torch.where(valid.any(dim=1, keepdim=True), penalised, picked)
     return logits.scatter(1, seen, penalised)
 
@@ -339,17 +340,6 @@ def _generate_steps(
                           f"{tuple(input_ids.shape)}")
     if not bool(attention_mask.any(dim=1).all()):
         raise PromptError("a row of attention_mask is all zeros: that prompt has no tokens to answer from")
-    if pixel_values is not None and image_features is None:
-        if not isinstance(pixel_values, torch.Tensor):
-            raise PromptError(f"pixel_values must be a tensor (the processor's output), got "
-                              f"{type(pixel_values).__name__}")
-        if not torch.is_floating_point(pixel_values):
-            raise ImageError(f"pixel_values are {pixel_values.dtype}; give the processor's output: floats in [0, 1] "
-                             "(RGB / 255, no mean/std normalisation)")
-        lo, hi = (float(v) for v in torch.aminmax(pixel_values)) if pixel_values.numel() else (0.0, 0.0)
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ImageError(f"pixel_values range from {lo:.3g} to {hi:.3g}; FastVLM takes floats in [0, 1] (RGB / "
-                             "255, no mean/std normalisation), as the processor gives them")
     if getattr(model, "training", False):
         _warn_caller("generating with the model in train mode: the encoder's BatchNorm statistics move with these "
                      "images and dropout is on; call model.eval() first")
@@ -457,11 +447,29 @@ def _generate_steps(
     timings.decode_s = time.perf_counter() - t_first - consumer_s
 
 
+def check_pixel_values(pixel_values) -> None:
+    """Refuse pixel values that are not the processor's output (floats in [0, 1]): the public `generate` takes
+    them from callers; the step loop itself, fed by the processor in chat, streams and serve, does not check."""
+    if pixel_values is None:
+        return
+    if not isinstance(pixel_values, torch.Tensor):
+        raise PromptError(f"pixel_values must be a tensor (the processor's output), got {type(pixel_values).__name__}")
+    if not torch.is_floating_point(pixel_values):
+        raise ImageError(f"pixel_values are {pixel_values.dtype}; give the processor's output: floats in [0, 1] "
+                         "(RGB / 255, no mean/std normalisation)")
+    lo, hi = (float(v) for v in torch.aminmax(pixel_values)) if pixel_values.numel() else (0.0, 0.0)
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ImageError(f"pixel_values range from {lo:.3g} to {hi:.3g}; FastVLM takes floats in [0, 1] (RGB / 255, "
+                         "no mean/std normalisation), as the processor gives them")
+
+
 @torch.inference_mode()
 def generate(model, input_ids, attention_mask=None, pixel_values=None, *, streamer=None, **kwargs) -> GenerationOutput:
     steps: list[torch.Tensor] = []
     finished = None
     timings = Timings()
+    if kwargs.get("image_features") is None:
+        check_pixel_values(pixel_values)
     hf_streamer = streamer is not None and hasattr(streamer, "put") and hasattr(streamer, "end")
     if streamer is not None and not (hf_streamer or callable(streamer)):
         raise ConfigError(f"streamer must be a callable taking each step's token ids, or a transformers streamer "

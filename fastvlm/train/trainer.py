@@ -160,6 +160,12 @@ def frozen_weights_fingerprint(model: nn.Module) -> Optional[dict]:
     return {"names": names.hexdigest(), "values": values.hexdigest()}
 
 
+def _untied_missing(model, missing: list[str]) -> list[str]:
+    """Missing keys that matter: a tied LM head is the embedding, which the state holds."""
+    tied = getattr(model.language_model.config, "tie_word_embeddings", False)
+    return [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+
+
 def deepspeed_data_problem(has_images, world_size: int) -> Optional[str]:
     """Why DeepSpeed cannot train this data with `world_size` processes, or None. Its collectives follow the
     modules each process runs: a process with a text-only micro-batch would skip the encoder and projector while
@@ -434,7 +440,7 @@ class Trainer:
         return msgs
 
     def _skipped_at_load_global(self) -> int:
-        t = torch.tensor([self.skipped_at_load_local], dtype=torch.long, device=self.device)
+        t = torch.tensor([len(self.skipped_at_load_msgs)], dtype=torch.long, device=self.device)
         t = self.accelerator.reduce(t, reduction="sum") if self.world_size > 1 else t
         return int(t.item()) + self.skipped_at_load_before
 
@@ -483,9 +489,7 @@ class Trainer:
             raise CheckpointError(f"{path}: weights do not match the model built from the recipe: unexpected "
                                   f"{unexpected[:5]} (did the stage or LoRA settings change?)")
         if mode == "full":
-            missing = [k for k in missing if not (k.endswith("lm_head.weight")
-                                                  and getattr(self.vlm.language_model.config, "tie_word_embeddings",
-                                                              False))]
+            missing = _untied_missing(self.vlm, missing)
         else:
             trainable = {n for n, p in self.vlm.named_parameters() if p.requires_grad}
             missing = [k for k in missing if k in trainable]
@@ -611,8 +615,7 @@ class Trainer:
             if build.is_lora(self.vlm):
                 build.apply_lora(skel, self.recipe)
         missing, unexpected = skel.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
-        tied = getattr(skel.language_model.config, "tie_word_embeddings", False)
-        missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+        missing = _untied_missing(skel, missing)
         if missing or unexpected:  # to_empty left those tensors uninitialised: never export them
             raise CheckpointError(f"the gathered weights do not fit the model: missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}")
@@ -705,7 +708,6 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.samples_seen = 0
-        self.skipped_at_load_local = 0
         self.skipped_at_load_msgs: list[str] = []  # this process's, this session's
         self.skipped_at_load_before = 0
         self.train_time_before = 0.0
@@ -798,7 +800,6 @@ class Trainer:
                 if W > 1:
                     counts = acc.reduce(counts, reduction="sum")
                 n_tokens, n_samples, n_skipped = (int(x) for x in counts.tolist())
-                self.skipped_at_load_local += sum(len(b["skipped"]) for b in micro)
                 self.skipped_at_load_msgs.extend(m for b in micro for m in b["skipped"])
                 step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
                 if n_tokens > 0:
