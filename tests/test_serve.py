@@ -493,6 +493,113 @@ def test_non_streaming_disconnect_and_cancel_while_queued(small_server):
 
 
 # ---------------------------------------------------------------------------------------------
+# shutdown and slow clients
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shutdown_drains_then_ends_unfinished_requests_with_json_errors(model):
+    from fastvlm.serve.testing import ServerThread
+    from fastvlm.serve.app import ServeSettings, create_app
+
+    settings = ServeSettings(model_name=MODEL_NAME, max_batch_size=1, max_queue=4, batch_window_ms=1,
+                             max_tokens_limit=4000)
+    server = ServerThread(create_app(model, settings), grace_s=0.5).start()
+    engine = server.engine
+    long = {"model": MODEL_NAME, "messages": text_message(), "max_tokens": 4000, "ignore_eos": True}
+    results, lines = {}, []
+
+    def streamed():
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            with c.stream("POST", "/v1/chat/completions", json=dict(long, stream=True)) as r:
+                results["stream_status"] = r.status_code
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+
+    def queued():  # waits behind the stream (batch size 1) and never runs
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            results["queued"] = chat(c, **long)
+
+    threads = [threading.Thread(target=streamed)]
+    threads[0].start()
+    assert _wait(lambda: len(lines) >= 3)  # the stream is generating
+    threads.append(threading.Thread(target=queued))
+    threads[1].start()
+    assert _wait(lambda: engine.queued() == 1)
+    server.stop()
+    for t in threads:
+        t.join(30)
+    # the queued request: the engine's JSON 503, not uvicorn's text/plain 500
+    assert_error(results["queued"], 503, code="engine_unavailable", type="server_error")
+    assert "shutting down" in results["queued"].json()["error"]["message"]
+    # the stream: tokens, then an error event, then [DONE]
+    assert results["stream_status"] == 200 and lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][6:])
+    assert last["error"]["code"] == "engine_unavailable", last
+    assert not server.thread.is_alive()
+
+
+def test_shutdown_lets_requests_that_finish_within_the_grace_finish(model):
+    from fastvlm.serve.testing import ServerThread
+    from fastvlm.serve.app import ServeSettings, create_app
+
+    server = ServerThread(create_app(model, ServeSettings(model_name=MODEL_NAME)), grace_s=20).start()
+    engine = server.engine
+    engine.pause()
+    results = {}
+
+    def ask():
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            results["r"] = chat(c, messages=text_message(), max_tokens=3)
+
+    t = threading.Thread(target=ask)
+    t.start()
+    assert _wait(lambda: engine.queued() == 1)
+    server.server.should_exit = True
+    assert _wait(lambda: engine.draining)
+    # draining: nothing new is taken, and /health would say so (checked in-process: the socket is closed)
+    from fastvlm.serve.engine import EngineStopped, Job
+
+    with pytest.raises(EngineStopped, match="shutting down"):
+        engine.submit(Job(input_ids=[1], pixel_values=None, max_tokens=1))
+    engine.resume()
+    t.join(30)
+    server.thread.join(30)
+    assert results["r"].status_code == 200, results["r"].text
+    assert results["r"].json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert not server.thread.is_alive()
+
+
+def test_draining_health_and_requests_answer_503(model):
+    with serve_in_thread(model, model_name=MODEL_NAME) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            assert c.get("/health").json()["status"] == "ok"
+            server.engine.drain()
+            h = c.get("/health")
+            assert h.status_code == 503 and h.json()["status"] == "draining"
+            assert_error(chat(c, messages=text_message(), max_tokens=2), 503, code="engine_unavailable",
+                         type="server_error")
+
+
+def test_a_body_that_trickles_in_gets_408_and_the_server_keeps_serving(model):
+    with serve_in_thread(model, model_name=MODEL_NAME, body_timeout_s=0.5) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"model\":")
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                piece = s.recv(65536)
+                if not piece:
+                    break
+                reply += piece
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), reply
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            assert chat(c, messages=text_message(), max_tokens=2).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
 # authentication and binding
 # ---------------------------------------------------------------------------------------------
 

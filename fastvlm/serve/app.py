@@ -67,6 +67,7 @@ class ServeSettings:
     allow_remote_images: bool = False
     remote_image_timeout_s: float = 10.0
     remote_image_max_redirects: int = 3
+    body_timeout_s: float = 60.0  # the time a client has to send its whole body (408 after it)
     # Browser pages on these origins may call the API (CORS); empty: only same-origin pages (the bundled one).
     allowed_origins: tuple[str, ...] = ()
 
@@ -75,8 +76,9 @@ def _static_dir() -> str:
     return str(resources.files("fastvlm.serve") / "static")
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The request body, refusing (413) more than `limit` bytes without reading past it."""
+async def read_body(request, limit: int, timeout_s: Optional[float] = None) -> bytes:
+    """The request body, refusing (413) more than `limit` bytes without reading past it, and (408) a body
+    that takes more than `timeout_s` seconds to arrive (a client trickling bytes holds its memory and socket)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -87,12 +89,19 @@ async def read_body(request, limit: int) -> bytes:
     from starlette.requests import ClientDisconnect
 
     buf = bytearray()
-    try:
+
+    async def receive_all() -> None:
         async for piece in request.stream():
-            buf += piece
+            buf.extend(piece)
             if len(buf) > limit:
                 raise APIError(413, f"request body is more than the limit of {limit} bytes",
                                code="request_too_large")
+
+    try:
+        await asyncio.wait_for(receive_all(), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s ({len(buf)} bytes came)",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     except ClientDisconnect:  # the client left while sending: nobody to answer, nothing to log
         raise APIError(400, "the client disconnected while sending the request",
                        code="client_disconnected") from None
@@ -216,8 +225,9 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
 
     @app.get("/health")
     async def health():
-        ok = engine.alive
-        body = {"status": "ok" if ok else "unavailable", "model": settings.model_name,
+        ok = engine.alive and not engine.draining
+        status = "ok" if ok else ("draining" if engine.alive else "unavailable")
+        body = {"status": status, "model": settings.model_name,
                 "queued": engine.queued(), "running": len(engine.active),
                 "max_batch_size": engine.max_batch_size, "max_queue": engine.max_queue}
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -392,7 +402,7 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
     async def chat_completions(request: Request):
         t_arrival = time.perf_counter()
         check_auth(request)
-        body = await read_body(request, settings.max_request_bytes)
+        body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s or None)
         # a large body (base64 images, many parts) takes seconds to parse and validate: not on the event loop,
         # where it would stall every other client's stream and /health
         req = parse_request(body) if len(body) < (1 << 18) else await run_in_threadpool(parse_request, body)
@@ -403,6 +413,8 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
         if not engine.alive:
             raise APIError(503, "the generation engine is not running", type="server_error",
                            code="engine_unavailable")
+        if engine.draining:
+            raise APIError(503, "the server is shutting down", type="server_error", code="engine_unavailable")
         if engine.is_full():  # refuse early, before decoding any image
             raise busy_error(f"the server is busy ({engine.max_queue} requests waiting); retry later")
         with engine.preparing(t_arrival):
@@ -494,6 +506,33 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
                         code="generation_failed")
 
     return app
+
+
+def uvicorn_server(app, *, grace_s: float = 10.0, **config):
+    """A uvicorn server for `app` (from `create_app`) that shuts down without cutting answers off.
+
+    Told to stop (SIGTERM, Ctrl-C, `should_exit`), it stops listening and drains: requests already running or
+    queued go on for up to `grace_s` seconds, new ones are refused (503) and /health says "draining". Whatever
+    is still unfinished then ends as the engine's own error (a JSON 503, or an error event and ``[DONE]`` in a
+    stream), not uvicorn's plain-text 500 after its own timeout, which is set a little later so that those
+    answers are written. A second Ctrl-C quits at once, as in uvicorn.
+    """
+    import uvicorn
+
+    engine = app.state.engine
+
+    class _DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            engine.drain()
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(max(0.0, grace_s), lambda: loop.run_in_executor(None, engine.stop))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    config.setdefault("timeout_graceful_shutdown", max(0.0, grace_s) + 5.0)
+    return _DrainingServer(uvicorn.Config(app, **config))
 
 
 async def _wait_disconnect(request) -> None:

@@ -5,7 +5,8 @@
 Endpoints:
   POST /v1/chat/completions   OpenAI chat completions; text and image_url parts; stream: true for SSE
   GET  /v1/models             the served model (its id is --served-model-name, default the directory name)
-  GET  /health                200 {"status": "ok", ...} while the engine runs, else 503
+  GET  /health                200 {"status": "ok", ...} while the engine runs, else 503 ("draining" when
+                              shutting down, "unavailable" when the engine has stopped)
   GET  /                      web page: pick or paste an image, ask, watch the answer stream
   GET  /docs, /openapi.json   the API's schema (FastAPI); not served when an API key is set
 
@@ -34,6 +35,10 @@ one batch; each stops at its own max_tokens. Greedy answers are those of the req
 to floating-point rounding (a padded batch sums in another order; where two tokens are
 nearly tied, a later token can differ). A client that disconnects stops its generation.
 At most --max-queue requests wait; more get 429.
+
+Shutdown: SIGTERM or Ctrl-C stops listening; running and queued requests get --shutdown-grace
+seconds to finish (/health says "draining", 503), then end with a 503 error. A second Ctrl-C
+quits at once.
 
 Security: with --api-key (or FASTVLM_API_KEY) every /v1 request needs
 "Authorization: Bearer KEY". Without a key the server refuses to listen on a non-loopback
@@ -131,6 +136,10 @@ def add_arguments(p):
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--no-access-log", action="store_true", help="do not log every request")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before listening")
+    g.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, stop listening and give the requests already running or queued "
+                        "this long to finish; those still unfinished then end with a 503 error (an error event "
+                        "in a stream). A second Ctrl-C quits at once (default 10)")
 
     b = p.add_argument_group("batching")
     b.add_argument("--max-batch-size", type=int, default=8, help="most requests decoded together (default 8)")
@@ -158,6 +167,9 @@ def add_arguments(p):
                      help="fetch http(s) image URLs (off by default; the server fetches any address a client names)")
     lim.add_argument("--remote-image-timeout", type=float, default=10.0,
                      help="seconds allowed for fetching one remote image (default 10)")
+    lim.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="seconds a client has to send its whole request body, else 408; 0: no limit "
+                          "(default 60)")
 
 
 def settings_from_args(args, model_name: str):
@@ -166,6 +178,10 @@ def settings_from_args(args, model_name: str):
     for name in ("max_batch_size", "max_queue", "max_images", "max_tokens_limit", "default_max_tokens"):
         if getattr(args, name) < 1:
             raise _config_error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("shutdown_grace", "body_timeout", "remote_image_timeout"):
+        value = getattr(args, name, None)
+        if value is not None and not (value >= 0 and value != float("inf")):
+            raise _config_error(f"--{name.replace('_', '-')} must be a finite number of seconds, at least 0")
     return ServeSettings(
         model_name=model_name,
         api_key=args.api_key or os.environ.get("FASTVLM_API_KEY") or None,
@@ -182,6 +198,7 @@ def settings_from_args(args, model_name: str):
         batch_window_ms=args.batch_window_ms,
         allow_remote_images=args.allow_remote_images,
         remote_image_timeout_s=args.remote_image_timeout,
+        body_timeout_s=args.body_timeout,
         allowed_origins=tuple(args.allow_origin),
     )
 
@@ -230,11 +247,11 @@ def run(args) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(model_path(args))) or "fastvlm"
     settings = settings_from_args(args, name)
 
-    import uvicorn
+    import uvicorn  # noqa: F401  (missing, the CLI names the extra that installs it, before the model loads)
 
     if args.allow_remote_images:
         import httpx  # noqa: F401  (fetches remote images; missing, the CLI names the extra that installs it)
-    from .app import create_app
+    from .app import create_app, uvicorn_server
 
     sock = listening_socket(args.host, args.port)
     try:
@@ -244,10 +261,10 @@ def run(args) -> int:
         auth = "API key required" if settings.api_key else "no API key"
         print(f"serving {name!r} on http://{args.host}:{args.port} ({auth}; batch <= {settings.max_batch_size}, "
               f"queue <= {settings.max_queue})", file=sys.stderr)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                access_log=not args.no_access_log, timeout_graceful_shutdown=5)
+        server = uvicorn_server(app, grace_s=args.shutdown_grace, host=args.host, port=args.port,
+                                log_level=args.log_level, access_log=not args.no_access_log)
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            server.run(sockets=[sock])
         except KeyboardInterrupt:
             pass  # Ctrl-C after a graceful shutdown (uvicorn re-raises the signal it caught): a normal exit
     finally:

@@ -215,6 +215,7 @@ class Engine:
         self._running = threading.Event()
         self._unpaused = threading.Event()
         self._unpaused.set()
+        self._draining = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.active: list[Job] = []
         self.error: Optional[BaseException] = None
@@ -254,6 +255,16 @@ class Engine:
         for job in self._drain():
             job.emit(("error", EngineStopped("the server is shutting down")))
 
+    def drain(self) -> None:
+        """Take no new requests: `submit` refuses them (EngineStopped); the running and queued ones go on.
+
+        The server drains when told to shut down, and `stop`s after its grace period."""
+        self._draining.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
     def pause(self) -> None:
         """Stop taking new batches (the running one finishes). For tests and maintenance."""
         self._unpaused.clear()
@@ -275,6 +286,8 @@ class Engine:
     def submit(self, job: Job) -> None:
         if not self.alive:
             raise EngineStopped("the generation engine is not running")
+        if self.draining:
+            raise EngineStopped("the server is shutting down")
         with self._lock:
             if self._waiting >= self.max_queue:
                 self.stats["rejected_queue_full"] += 1

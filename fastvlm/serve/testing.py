@@ -63,15 +63,14 @@ def free_socket(host: str = "127.0.0.1") -> socket.socket:
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 (a free port) in a background thread."""
 
-    def __init__(self, app, host: str = "127.0.0.1", log_level: str = "warning"):
-        import uvicorn
+    def __init__(self, app, host: str = "127.0.0.1", log_level: str = "warning", grace_s: float = 2.0):
+        from .app import uvicorn_server
 
         self.app = app
         self.sock = free_socket(host)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False,
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn_server(app, grace_s=grace_s, log_level=log_level, access_log=False)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name=f"uvicorn-{self.port}", daemon=True)
 
@@ -86,7 +85,7 @@ class ServerThread:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(15)
+        self.thread.join(30)
         self.sock.close()
 
     @property
@@ -95,11 +94,11 @@ class ServerThread:
 
 
 @contextlib.contextmanager
-def serve_in_thread(model, settings=None, **setting_overrides) -> Iterator[ServerThread]:
+def serve_in_thread(model, settings=None, grace_s: float = 2.0, **setting_overrides) -> Iterator[ServerThread]:
     from .app import ServeSettings, create_app
 
     settings = settings or ServeSettings(**setting_overrides)
-    server = ServerThread(create_app(model, settings)).start()
+    server = ServerThread(create_app(model, settings), grace_s=grace_s).start()
     try:
         yield server
     finally:
@@ -119,10 +118,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch-window-ms", type=float, default=10.0)
     args = p.parse_args(argv)
 
-    import uvicorn
-
     from ..model import resolve_device, resolve_dtype
-    from .app import ServeSettings, create_app
+    from .app import ServeSettings, create_app, uvicorn_server
     from .cli import warmup
 
     device = resolve_device(args.device)
@@ -135,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              max_queue=args.max_queue, batch_window_ms=args.batch_window_ms)
     print(f"serving random-weight {args.preset} on http://127.0.0.1:{args.port}", file=sys.stderr)
     app = create_app(model, settings, warmup=lambda: warmup(model, settings.max_batch_size))
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn_server(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False).run()
     return 0
 
 
