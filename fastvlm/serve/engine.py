@@ -175,13 +175,21 @@ class Job:
     t_first: float = 0.0
     t_last: float = 0.0
     finish_reason: Optional[str] = None
+    # "new", then "queued" (submitted; counts against the queue bound), then "running" or "dropped"
+    # (cancelled before it ran); changed under the engine's lock
+    state: str = field(default="new", repr=False)
+    _on_cancel: Optional[Callable[["Job"], None]] = field(default=None, repr=False)
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.input_ids)
 
     def cancel(self) -> None:
+        """Stop this job: a queued one leaves the queue (and frees its place) at once, a running one at its
+        batch's next step."""
         self.cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
 
 class Engine:
@@ -294,16 +302,30 @@ class Engine:
                 raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting")
             self._waiting += 1
             self.stats["submitted"] += 1
+            job.state = "queued"
+            job._on_cancel = self._dropped
         self._queue.put_nowait(job)
-
-    def _left_queue(self, n: int = 1) -> None:
-        with self._lock:
-            self._waiting -= n
+        if job.cancelled.is_set():  # cancelled while being submitted
+            self._dropped(job)
 
     def _dropped(self, job: Job) -> None:
-        """A job cancelled before it ran: it leaves the queue without running."""
-        self.stats["cancelled_while_queued"] += 1
-        self._left_queue()
+        """A job cancelled before it ran leaves the queue's count at once (from the canceller's thread); the
+        engine skips it when it comes out of the queue."""
+        with self._lock:
+            if job.state != "queued":
+                return
+            job.state = "dropped"
+            self._waiting -= 1
+            self.stats["cancelled_while_queued"] += 1
+
+    def _started(self, batch: list[Job]) -> list[Job]:
+        """The jobs of `batch` not cancelled meanwhile, now running (they leave the queue's count)."""
+        with self._lock:
+            for job in batch:
+                if job.state == "queued":
+                    job.state = "running"
+                    self._waiting -= 1
+            return [job for job in batch if job.state == "running"]
 
     def _drain(self) -> list[Job]:
         jobs = list(self._deferred)
@@ -432,7 +454,9 @@ class Engine:
                     if not self._unpaused.is_set():  # paused while the batch was forming: put it back
                         self._deferred.extendleft(reversed(batch))
                         continue
-                    self._left_queue(len(batch))
+                    batch = self._started(batch)
+                    if not batch:
+                        continue
                     self.active = batch
                     try:
                         self._run_batch(batch)
