@@ -137,6 +137,14 @@ def test_models_health_and_page(client, api):
     assert "/static/app.js" in page.text and "http" not in page.text.replace("http-equiv", "")  # no CDN
     for asset in ("/static/app.js", "/static/style.css"):
         assert api.get(asset).status_code == 200
+    # the page may run only its own script and talk only to this server; HEAD works as GET does
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "'unsafe-eval'" not in csp and "'unsafe-inline'" not in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert api.head("/").status_code == 200
+    # what the page checks before sending: the request and image limits
+    limits = api.get("/v1/models").json()["data"][0]["limits"]
+    assert limits["max_request_bytes"] > limits["max_image_bytes"] > 0 and limits["max_image_pixels"] > 0
     assert_error(api.get("/v1/nothing"), 404)
     assert "/v1/chat/completions" in api.get("/openapi.json").json()["paths"]  # the schema, served without a key
 

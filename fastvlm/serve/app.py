@@ -216,10 +216,16 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
                            headers={"WWW-Authenticate": "Bearer"})
 
     # ------------------------------------------------------------------ pages and metadata
-    @app.get("/", include_in_schema=False)
+    # The page runs only its own script and style, and talks only to this server; images are data: URIs.
+    page_headers = {
+        "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                                   "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    }
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
-        return FileResponse(f"{_static_dir()}/index.html", media_type="text/html",
-                            headers={"Cache-Control": "no-cache"})
+        return FileResponse(f"{_static_dir()}/index.html", media_type="text/html", headers=page_headers)
 
     app.mount("/static", StaticFiles(directory=_static_dir()), name="static")
 
@@ -253,6 +259,7 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
             "image_size": model.config.image_size,
             "image_tokens": model.num_image_tokens,
             "limits": {
+                "max_request_bytes": settings.max_request_bytes,
                 "max_images_per_request": settings.max_images_per_request,
                 "max_image_bytes": settings.max_image_bytes,
                 "max_image_pixels": settings.max_image_pixels,
