@@ -54,7 +54,9 @@ def main_table(r, res=1024) -> str:
     for x in r["results"] + r["transformers"]:
         if x["resolution"] != res:
             continue
-        rf = x.get("roofline", {})
+        rf = dict(x.get("roofline", {}))
+        if x["mode"] == "int8":  # its LLM runs int8 matmuls; files before the fix compared them with the float peak
+            rf["ttft_over_roofline"] = rf["prefill_fraction_of_peak"] = None
         dec = rf.get("decode_fraction_of_bound")
         rows.append([x["model"], x["dtype"], x["mode"], ms(x["encode_s"]), ms(x.get("projector_s")), ms(x["prefill_s"]),
                      f"**{ms(x['ttft_s'])}**", num((x.get("decode_tokens_per_s") or {}).get("median"), "{:.1f}"),
@@ -64,7 +66,7 @@ def main_table(r, res=1024) -> str:
                      num(x.get("peak_mb"), "{:,.0f}")])
     return table(["model", "dtype", "mode", "encoder ms", "projector ms", "prefill ms", "TTFT ms", "decode tok/s",
                   "TTFT / transformers", "TTFT / transformers in a fresh process", "TTFT / roofline", "encoder % of matmul peak", "prefill % of peak",
-                  "decode % of bandwidth bound", "... of each run's own bound", "process peak RSS MB"], rows)
+                  "decode % of bandwidth bound", "... of each run's own bound", "process peak RSS MiB"], rows)
 
 
 def accuracy_table(r) -> str:
@@ -141,7 +143,8 @@ def main() -> int:
         ("bench-0.5b-cpu-bf16-paired.json",
          "0.5B at 1024 px, CPU bf16: each decode against the bandwidth read right before its run", [main_table]),
         ("bench-0.5b-sweep-cpu.json", "0.5B, TTFT against resolution, CPU bf16", [sweep_table]),
-        ("bench-1.5b-cpu.json", "1.5B architecture, CPU", [lambda r: main_table(r, 512), main_table]),
+        ("bench-1.5b-cpu.json", "1.5B architecture, CPU",
+         [lambda r: "At 512 px:\n\n" + main_table(r, 512), lambda r: "At 1024 px:\n\n" + main_table(r)]),
         ("bench-7b-cpu.json", "7B architecture, CPU", [main_table]),
         ("bench-0.5b-h100.json", "0.5B architecture, H100", [main_table, sweep_table, accuracy_table, baselines_table]),
     ]
@@ -164,6 +167,9 @@ def main() -> int:
          "bench-0.5b-cpu-intel.json, so its fractions of the bf16 peak are not meaningful)",
          [main_table, accuracy_table]),
     ]
+    print("Sizes in MiB (2^20 bytes; the JSON's `peak_mb` fields too); GB/s and GFLOP/s in powers of ten. int8 rows "
+          "get no TTFT / roofline or prefill % of peak: their LLM runs int8 matmuls, whose peak is not measured "
+          "(files written before 2026-11-28 hold such figures, against the float peak; the tables leave them out).\n")
     for name, title, fns in sections:
         r = load(d, name)
         if r is None:

@@ -59,13 +59,21 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     for key in ("cpu_model", "logical_cores", "torch_threads", "torch", "transformers", "load_average_start",
                 "load_average_end"):
         assert key in m
+    # the code that made the numbers: the checkout's commit (None when installed outside one)
+    import re
+
+    assert m["fastvlm_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", m["fastvlm_commit"])
     rows = report["results"]
     assert {(r["dtype"], r["mode"], r["resolution"]) for r in rows} == {
         (d, mode, r) for d in ("fp32", "bf16") for mode in ("exact", "fast", "int8") for r in (128, 192)}
     for r in rows:
         assert r["ttft_s"]["median"] > 0 and r["encode_s"]["median"] > 0 and r["prefill_s"]["median"] > 0
         assert r["image_tokens"] == (r["resolution"] // 64) ** 2 and r["peak_mb"] > 0
-        assert r["roofline"]["encoder_gflop"] > 0 and r["roofline"]["ttft_roofline_s"] > 0
+        assert r["roofline"]["encoder_gflop"] > 0 and r["roofline"]["encoder_fraction_of_peak"] > 0
+        if r["mode"] == "int8":  # its LLM runs int8 matmuls, whose peak is not measured: no fraction of a float peak
+            assert not {"ttft_roofline_s", "ttft_over_roofline", "prefill_fraction_of_peak"} & set(r["roofline"])
+        else:
+            assert r["roofline"]["ttft_roofline_s"] > 0 and r["roofline"]["prefill_fraction_of_peak"] > 0
         assert r["decode_tokens_per_s"]["median"] > 0
         # each run's decode against the bandwidth read right before it (one timed round here)
         rf = r["roofline"]
@@ -82,6 +90,7 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert any("transformers" in n for n in report["notes"])
     printed = capsys.readouterr().out
     assert "TTFT ms" in printed and "accuracy against our fp32 exact path" in printed
+    assert any(n.startswith("int8 rows: no prefill fraction") for n in report["notes"])
     assert "dec %bound/run" in printed and "GB/s right before the timed runs" in printed
 
 
@@ -186,6 +195,48 @@ def test_unusable_out_path_is_refused_before_measuring(tmp_path, capsys, no_meas
         assert main(_tiny(path)) == 1
         err = _one_line_error(capsys)
         assert path in err and words in err
+
+
+def test_bad_name_unwritable_out_and_unmeasured_baseline_resolutions_are_refused_before_measuring(
+        tmp_path, capsys, no_measuring):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(_tiny(tmp_path / "r", "--name", "afile/x")) == 1
+    assert "--name 'afile/x' is not a file name stem" in _one_line_error(capsys)
+    if os.path.isdir("/proc/self"):  # a directory nobody can create files in, root included
+        assert main(_tiny("/proc/self")) == 1
+        assert "cannot write the results into --out '/proc/self'" in _one_line_error(capsys)
+    # the port runs beside our model: a resolution it would run at must be measured
+    assert main(_tiny(tmp_path / "r", "--resolutions", "128", "--baseline-resolutions", "192")) == 1
+    err = _one_line_error(capsys)
+    assert "--baseline-resolutions 192: not among the resolutions measured" in err and "(128)" in err
+    assert not (tmp_path / "r").exists()  # the directory made for the run is removed again
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--quiet-wait", "-5", "at least 0"),
+    ("--quiet-wait", "inf", "finite"),
+    ("--quiet-below", "150", "from 0 to 100"),
+])
+def test_quiet_settings_out_of_range_are_refused(flag, value, words, tmp_path, capsys, no_measuring):
+    assert words in _argparse_error(capsys, _tiny(tmp_path / "r", flag, value))
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block_without_a_sampler_thread():
+    import threading
+
+    import torch
+
+    from fastvlm.bench import core
+
+    if not core._reset_rss_peak():
+        pytest.skip("no resettable peak-RSS mark (not Linux)")
+    before = threading.active_count()
+    with core.PeakMemory(torch.device("cpu")) as mem:
+        assert threading.active_count() == before  # nothing runs beside the measured call
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    assert mem.delta >= 60 * 2**20, mem.delta
 
 
 def test_parse_resolutions_refuses_empty_ranges_and_extra_fields():
@@ -429,4 +480,4 @@ def test_table_shows_each_rows_share_of_the_roofline():
     assert len(cols) == len(values), (cols, values)
     got = dict(zip(cols, values))
     assert got["enc %peak"] == "43%" and got["prefill %peak"] == "87%" and got["dec %bound"] == "76%"
-    assert got["TTFT/roof"] == "1.49" and got["peak MB"] == "900" and got["dec %bound/run"] == "-"
+    assert got["TTFT/roof"] == "1.49" and got["peak MiB"] == "900" and got["dec %bound/run"] == "-"

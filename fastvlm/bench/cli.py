@@ -40,6 +40,26 @@ def _dtype_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of fp32, bf16, fp16, auto") from None
 
 
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, at least 0, got {text}")
+    return value
+
+
+def _percent_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
+    if not (0 <= value <= 100):
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, got {text}")
+    return value
+
+
 def _at_least(minimum: int, what: str):
     return _checked(_int_arg, lambda v: v >= minimum, f"{what} must be at least {minimum}")
 
@@ -126,7 +146,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-repeats", type=_at_least(1, "--baseline-repeats"), default=3,
                    help="timed rounds per paper encoder, >= 1 (default 3)")
     p.add_argument("--baseline-dtypes", nargs="+", default=None, type=_dtype_arg, metavar="DTYPE",
-                   help="dtypes for the paper encoders, each one of --dtypes (default: the last of --dtypes)")
+                   help="dtypes for the paper encoders, each one of --dtypes (default: the last of --dtypes once "
+                        "fp32 is moved first, as it runs first: bf16 for --dtypes bf16 fp32 and for fp32 bf16)")
     p.add_argument("--no-accuracy", action="store_true",
                    help="skip the accuracy comparison against fp32 exact (it runs only when fp32 is in --dtypes "
                         "and exact in --modes)")
@@ -137,15 +158,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matmul-size", type=_at_least(1, "--matmul-size"), default=None,
                    help="n of the n^3 matmul peak, >= 1 (default 2048 CPU, 8192 GPU)")
     p.add_argument("--bandwidth-mb", type=_at_least(1, "--bandwidth-mb"), default=1024,
-                   help="MB of buffer read for the bandwidth figure, >= 1 (default 1024)")
+                   help="MiB of buffer read for the bandwidth figure, >= 1 (default 1024)")
     p.add_argument("--plain-init", action="store_true",
                    help="keep from_preset's training init for the encoder (default: trained-model scales)")
     p.add_argument("--threads", type=_at_least(1, "--threads"), default=None,
                    help="torch threads, >= 1 (default: torch's choice)")
-    p.add_argument("--quiet-wait", type=float, default=0.0,
+    p.add_argument("--quiet-wait", type=_seconds_arg, default=0.0,
                    help="on a shared machine: before each timed run, wait up to this many seconds for the CPUs "
                         "to go idle (others using < --quiet-below %%); waits are recorded (default 0: off)")
-    p.add_argument("--quiet-below", type=float, default=15.0)
+    p.add_argument("--quiet-below", type=_percent_arg, default=15.0,
+                   help="with --quiet-wait: the CPU use by other processes, in percent of the machine, under which "
+                        "it counts as idle (0-100, default 15)")
     p.add_argument("--default-allocator", action="store_true",
                    help="keep glibc's default mmap thresholds (default: raise them, as the CLI does; "
                         "see fastvlm.kernels.tune_allocator)")
@@ -157,6 +180,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results", help="output directory (default benchmarks/results)")
     p.add_argument("--name", default=None, help="file name stem (default bench-<model>-<device>)")
     p.add_argument("--no-plots", action="store_true")
+
+
+def check_output_name(name: str) -> None:
+    """--name is a file name stem: no directories (those are --out's), not empty."""
+    import os
+
+    from ..errors import ConfigError
+
+    if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+        raise ConfigError(f"--name {name!r} is not a file name stem: give the directory with --out, and a name "
+                          "without slashes (e.g. --out runs --name bench-0.5b)")
+
+
+def check_writable(out: str) -> None:
+    """Files can be created in --out (a read-only or permission-less directory fails here, not at the end)."""
+    import tempfile
+
+    from ..errors import ConfigError
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".fastvlm-bench-", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write the results into --out {out!r}: {e.strerror or e}") from None
 
 
 def _baseline_dtype_names(args, device) -> list[str] | None:
@@ -188,9 +235,12 @@ def run(args) -> int:
 
             raise ConfigError(f"the plots need matplotlib, which is not installed: {install_hint('bench')}; "
                               "or pass --no-plots") from None
-    # a bad --out fails now, in one line, not after the whole benchmark has run
+    # a bad --out or --name fails now, in one line, not after the whole benchmark has run
+    if args.name is not None:
+        check_output_name(args.name)
     created = prepare_output_dir(args.out)
     try:
+        check_writable(args.out)
         return _run(args)
     except BaseException:
         if created:
@@ -208,7 +258,7 @@ def _run(args) -> int:
     from ..model import resolve_device
     from . import report as rep
     from . import suite
-    from .runner import BenchConfig, default_output_name, run_benchmark
+    from .runner import BenchConfig, check_resolutions, default_output_name, run_benchmark
 
     # everything that can be refused is checked before any measurement
     device = resolve_device(args.device)
@@ -257,12 +307,13 @@ def _run(args) -> int:
         transformers_fresh=args.transformers_fresh_process,
         command=["fastvlm", "bench", *sys.argv[2:]] if len(sys.argv) > 1 and sys.argv[1] == "bench" else sys.argv,
     )
+    check_resolutions(cfg)
     report = run_benchmark(cfg)
     report["machine"]["allocator"] = "glibc, mmap/trim thresholds raised" if allocator_tuned else "default"
     name = args.name or default_output_name(cfg, device)
     stem = os.path.join(args.out, name)
+    print(rep.format_report(report))  # first: the table is not lost if writing fails
     rep.write_json(report, stem + ".json")
-    print(rep.format_report(report))
     written = [stem + ".json"]
     if not args.no_plots:
         written += rep.write_plots(report, stem)

@@ -51,7 +51,7 @@ def format_report(report: dict[str, Any]) -> str:
         drift = f" at the start; {min(per_run):.1f}-{max(per_run):.1f} GB/s right before the timed runs" if per_run else ""
         parts.append(f"roofline (best of repeats): matmul GFLOP/s {mm} | memory read {_num(bw, '{:.1f}')} GB/s{drift}")
     headers = ["model", "dtype", "mode", "res", "tokens", "encode ms", "proj ms", "prefill ms", "TTFT ms",
-               "decode tok/s", "peak MB", "TTFT/HF", "TTFT/HF fresh", "TTFT/roof", "enc %peak", "prefill %peak",
+               "decode tok/s", "peak MiB", "TTFT/HF", "TTFT/HF fresh", "TTFT/roof", "enc %peak", "prefill %peak",
                "dec %bound", "dec %bound/run"]
     rows = []
     for r in report["results"] + report["transformers"]:

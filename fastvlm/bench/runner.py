@@ -99,12 +99,27 @@ def _gb_text(gb: float) -> str:
     return f"{gb:.1f} GB" if gb >= 0.1 else f"{gb * 1000:.1f} MB"
 
 
+def busy_machine_note(machine: dict[str, Any]) -> Optional[str]:
+    """A note when the 1-minute load average was above the CPU count at the start or end of the run."""
+    cpus = os.cpu_count() or 1
+    loads = [machine.get(k) for k in ("load_average_start", "load_average_end")]
+    ones = [x[0] for x in loads if isinstance(x, (list, tuple)) and x]
+    if ones and max(ones) > cpus:
+        return (f"the machine was busy: 1-minute load average up to {max(ones):.1f} on {cpus} CPUs; other work "
+                "competed with these timings, so trust ratios measured within a round more than absolute times")
+    return None
+
+
 def settings_notes(cfg: BenchConfig) -> list[str]:
     """Notes on settings that leave a figure missing or skewed; they go into the report and the log."""
     notes = []
     if cfg.new_tokens == 1:
         notes.append("decode rate: not measured (null) with --new-tokens 1: the first token is the prefill's, "
                      "so a decode rate needs at least 2 generated tokens")
+    if "int8" in cfg.modes and cfg.roofline:
+        notes.append("int8 rows: no prefill fraction or TTFT/roofline (their LLM runs int8 matmuls, whose peak "
+                     "is not measured); the encoder's fraction and the decode bound (one byte per int8 weight) "
+                     "stand")
     if "compile" in cfg.modes and cfg.warmup == 0:
         notes.append("compile measured with --warmup 0: its first timed run at each resolution includes "
                      "torch.compile's compilation (unless the accuracy probe compiled that shape first), so its "
@@ -124,7 +139,10 @@ def _accuracy_missing_note(cfg: BenchConfig, dtypes: list[torch.dtype]) -> str:
 
 
 def _roofline_fields(res: dict[str, Any], enc_flops: int, pre_flops: int, peak: Optional[float],
-                     decode_bytes: Optional[int], bandwidth: Optional[float]) -> dict[str, Any]:
+                     decode_bytes: Optional[int], bandwidth: Optional[float], *,
+                     llm_peak_known: bool = True) -> dict[str, Any]:
+    """Throughput and fractions of the measured ceilings. With `llm_peak_known` false (the int8 mode: its LLM
+    runs int8 matmuls, whose peak is not measured) only the encoder gets a fraction of the matmul peak."""
     out: dict[str, Any] = {"encoder_gflop": enc_flops / 1e9, "prefill_gflop": pre_flops / 1e9}
     enc = res.get("encode_s") or {}
     pre = res.get("prefill_s") or {}
@@ -137,12 +155,19 @@ def _roofline_fields(res: dict[str, Any], enc_flops: int, pre_flops: int, peak: 
         out["matmul_peak_gflops"] = peak
         if "encoder_gflops" in out:
             out["encoder_fraction_of_peak"] = out["encoder_gflops"] / peak
+        if not llm_peak_known:
+            return _decode_bound_fields(out, res, decode_bytes, bandwidth)
         if "prefill_gflops" in out:
             out["prefill_fraction_of_peak"] = out["prefill_gflops"] / peak
         roof = (enc_flops + pre_flops) / (peak * 1e9)
         out["ttft_roofline_s"] = roof
         if ttft.get("median"):
             out["ttft_over_roofline"] = ttft["median"] / roof
+    return _decode_bound_fields(out, res, decode_bytes, bandwidth)
+
+
+def _decode_bound_fields(out: dict[str, Any], res: dict[str, Any], decode_bytes: Optional[int],
+                         bandwidth: Optional[float]) -> dict[str, Any]:
     dec = res.get("decode_tokens_per_s") or {}
     if decode_bytes and bandwidth:
         bound = bandwidth * 1e9 / decode_bytes
@@ -165,17 +190,41 @@ def _paired_decode_fields(rounds: list[dict[str, Any]], mode: str, decode_bytes:
             "decode_fraction_of_bound_paired": statistics.median(tps * decode_bytes / (bw * 1e9) for bw, tps in pairs)}
 
 
+def check_resolutions(cfg: BenchConfig) -> None:
+    """--baseline-resolutions must be among the resolutions measured (the port runs beside our model there)."""
+    from ..checkpoints import read_config
+    from ..config import get_preset
+    from ..errors import ConfigError
+
+    if not cfg.baseline_resolutions:
+        return
+    for preset in [None] if cfg.model_dir else cfg.presets:
+        config = read_config(cfg.model_dir)[0] if cfg.model_dir else get_preset(preset)
+        measured = cfg.resolutions or [config.image_size]
+        extra = [r for r in cfg.baseline_resolutions if r not in measured]
+        if extra:
+            raise ConfigError(f"--baseline-resolutions {' '.join(map(str, extra))}: not among the resolutions "
+                              f"measured for {preset or _model_name(cfg)} ({' '.join(map(str, measured))}); "
+                              "transformers' port runs beside our model at those, so add them to --resolutions")
+
+
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     from ..checkpoints import read_config
     from ..config import get_preset
     from ..model import resolve_device, resolve_dtype, text_config_object
 
+    check_resolutions(cfg)
     device = resolve_device(cfg.device)
     dtypes = []
     for d in cfg.dtypes:
         dt = resolve_dtype(d, device)
         if dt not in dtypes:
             dtypes.append(dt)
+    if device.type == "cpu" and torch.float16 in dtypes:
+        fp16_note = ("fp16 on a CPU: most CPUs have no fast fp16 matmul, and PyTorch's CPU fp16 kernels are far "
+                     "slower than its bf16 and fp32 ones; these rows say nothing about fp16 on GPUs or Macs")
+    else:
+        fp16_note = None
     # fp32 first: it is the accuracy reference for the others
     dtypes.sort(key=lambda d: d != torch.float32)
     report: dict[str, Any] = {
@@ -202,7 +251,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     }
     log(f"device {device} | {report['machine']['cpu_model']} | torch {torch.__version__} | "
         f"{torch.get_num_threads()} threads | load {report['machine']['load_average_start']}")
-    for note in settings_notes(cfg):
+    for note in settings_notes(cfg) + ([fp16_note] if fp16_note else []):
         log(f"note: {note}")
         report["notes"].append(note)
 
@@ -219,7 +268,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         bw = core.read_bandwidth(device, mbytes=cfg.bandwidth_mb)
         bandwidth = bw["gbps_best"]
         report["roofline"]["read_bandwidth"] = bw
-        log(f"roofline: memory read {bandwidth:.1f} GB/s (best {bw['gbps_best']:.1f})")
+        log(f"roofline: memory read {bw['gbps_median']:.1f} GB/s (best {bandwidth:.1f})")
 
     targets = [None] if cfg.model_dir else cfg.presets
     workdir = suite.temp_workdir()
@@ -328,7 +377,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                             **summ,
                         }
                         row["roofline"] = _roofline_fields(summ, flops["encoder"][res], flops["prefill"][res],
-                                                           peaks.get(dtype), dec_bytes, bandwidth)
+                                                           peaks.get(dtype), dec_bytes, bandwidth,
+                                                           llm_peak_known=m != "int8")
                         row["roofline"].update(_paired_decode_fields(rounds, m, dec_bytes))
                         if m != "transformers" and "transformers" in samples:
                             row["ttft_over_transformers"] = suite.ratio_of_medians_per_round(rounds, m, "transformers")
@@ -360,6 +410,10 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     finally:
         suite.remove(workdir)
     report["machine"]["load_average_end"] = core.load_average()
+    busy = busy_machine_note(report["machine"])
+    if busy:
+        log(f"note: {busy}")
+        report["notes"].append(busy)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return report
 
