@@ -25,6 +25,12 @@ IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 
 
+# The largest input side accepted (256x256 = 65,536 visual tokens at stride 64); the released models use 1024.
+MAX_IMAGE_SIZE = 16384
+# No FastVLM comes near this; a config.json describing more is corrupt (it would allocate terabytes).
+MAX_TEXT_PARAMETERS = 200e9
+
+
 @dataclass
 class VisionConfig:
     """FastViTHD hyper-parameters (defaults: the encoder of the released models)."""
@@ -68,6 +74,23 @@ class VisionConfig:
         for name in ("embed_dims", "mlp_ratios", "token_mixers", "pos_embs"):
             if len(getattr(self, name)) != n:
                 raise ConfigError(f"vision.{name} has {len(getattr(self, name))} entries, depths has {n}")
+        for name in ("depths", "embed_dims"):
+            for i, v in enumerate(getattr(self, name)):
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ConfigError(f"vision.{name}[{i}] must be a positive int, got {v!r}")
+        for i, v in enumerate(self.mlp_ratios):
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+                raise ConfigError(f"vision.mlp_ratios[{i}] must be a positive number, got {v!r}")
+        for name in ("head_dim", "repmixer_kernel_size", "down_patch_size", "pos_emb_kernel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"vision.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.expansion_ratio < float("inf"):
+            raise ConfigError(f"vision.expansion_ratio must be a positive number, got {self.expansion_ratio}")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ConfigError(f"vision.projection_dim must be a positive int or null, got {self.projection_dim}")
+        if not 0 < self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"vision.image_size must be from {self.patch_size} to {MAX_IMAGE_SIZE} pixels, got "
+                              f"{self.image_size} (the released models use 1024)")
         for m in self.token_mixers:
             if m not in ("repmixer", "attention"):
                 raise ConfigError(f"vision.token_mixers: unknown mixer {m!r} (expected 'repmixer' or 'attention')")
@@ -129,6 +152,19 @@ class FastVLMConfig:
                                "vocab_size") if k not in self.text]
         if missing:
             raise ConfigError(f"text (the language model's config) lacks {', '.join(missing)}")
+        sizes = {}
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            v = self.text[k]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"text.{k} (the language model's {k}) must be a positive int, got {v!r}")
+            sizes[k] = v
+        h = sizes["hidden_size"]
+        params = sizes["vocab_size"] * h * 2 + sizes["num_hidden_layers"] * (4 * h * h + 3 * h * sizes["intermediate_size"])
+        if params > MAX_TEXT_PARAMETERS:
+            raise ConfigError(f"text describes a language model of about {params / 1e9:,.0f} B parameters "
+                              f"(hidden_size {h}, {sizes['num_hidden_layers']} layers, vocab_size "
+                              f"{sizes['vocab_size']}); more than {MAX_TEXT_PARAMETERS / 1e9:.0f} B is taken for a "
+                              "corrupt config")
         mlp_depth(self.projector_type)  # raises ConfigError for a type the reference's builder does not know
         if self.image_aspect_ratio not in ("pad", "crop"):
             raise ConfigError(f"image_aspect_ratio must be 'pad' or 'crop', got {self.image_aspect_ratio!r}")
@@ -256,7 +292,11 @@ def load_config_file(path: str) -> dict[str, Any]:
                                   "load its run's final/ folder, or continue the run with fastvlm train --resume")
         raise CheckpointError(f"no config.json at {path}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text, so not a JSON config ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None

@@ -227,6 +227,50 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
         FastVLM.from_pretrained(str(tmp_path / "b"), device="cpu")
 
 
+def test_integer_weights_and_odd_weight_files_are_named(tmp_path, tiny_model):
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "ints"
+    tiny_model.save_pretrained(str(d), layout="fastvlm")
+    state = load_file(str(d / "model.safetensors"))
+    state["mm_projector.0.weight"] = state["mm_projector.0.weight"].to(torch.int64)
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"not floating-point \(weights must be\) \(1\): "
+                                              r"mm_projector.0.weight: int64"):
+        FastVLM.from_pretrained(str(d))
+    # a named pipe would block the read for ever; a directory, a link loop: not weights either
+    for kind in ("fifo", "dir", "loop"):
+        w = tmp_path / kind
+        w.mkdir()
+        (w / "config.json").write_text((d / "config.json").read_text())
+        path = w / "model.safetensors"
+        if kind == "fifo":
+            if not hasattr(os, "mkfifo"):
+                continue
+            os.mkfifo(path)
+        elif kind == "dir":
+            path.mkdir()
+        else:
+            os.symlink(path, path)
+        with pytest.raises(CheckpointError, match="model.safetensors is not a regular file"):
+            FastVLM.from_pretrained(str(w))
+    # a training step folder whose weights file is gone: not "pickles only" (its .pt files are the trainer's)
+    step = tmp_path / "step_4"
+    step.mkdir()
+    (step / "trainer_state.json").write_text("{}")
+    (step / "optimizer.pt").write_bytes(b"x")
+    from fastvlm.checkpoints.io import safetensors_files
+
+    with pytest.raises(CheckpointError, match="training checkpoint without its weights"):
+        safetensors_files(str(step))
+    # a model path that is a dangling or looping link is not a Hub id
+    os.symlink(tmp_path / "link", tmp_path / "link")
+    with pytest.raises(CheckpointError, match="symbolic link that leads nowhere"):
+        FastVLM.from_pretrained(str(tmp_path / "link"))
+
+
 def test_tied_embeddings_when_lm_head_is_absent(tmp_path):
     write_apple_checkpoint(str(tmp_path / "t"), drop=["lm_head.weight"])
     model = FastVLM.from_pretrained(str(tmp_path / "t"), device="cpu", dtype=torch.float32)
@@ -275,11 +319,30 @@ def test_malformed_configs_are_checkpoint_errors_naming_the_file(tmp_path, tiny_
             with pytest.raises(CheckpointError) as e:
                 load(str(d))
             assert message in str(e.value) and str(d / "config.json") in str(e.value), str(e.value)
-    # a text field of the wrong type: transformers' strict config refuses it, as one line of ours
-    (d / "config.json").write_text(json.dumps({**good, "text": {**good["text"], "hidden_size": "big"}}))
-    with pytest.raises(CheckpointError, match="cannot build a 'qwen2' language model .*'hidden_size'") as e:
-        FastVLM.from_pretrained(str(d))
-    assert "\n" not in str(e.value)
+    # sizes of the wrong type, sign or scale: named before anything is allocated (262144 px once reached a
+    # MemoryError in PIL's resize; a negative width a torch traceback; a 3*2^30 hidden size a storage overflow)
+    vis, text = good["vision"], good["text"]
+    cases = [
+        ({**good, "text": {**text, "hidden_size": "big"}}, "text.hidden_size (the language model's hidden_size) "
+                                                            "must be a positive int, got 'big'"),
+        ({**good, "text": {**text, "vocab_size": -5}}, "text.vocab_size (the language model's vocab_size) must be"),
+        ({**good, "text": {**text, "hidden_size": 3 * 2**30}}, "B parameters"),
+        ({**good, "vision": {**vis, "image_size": 262144}}, "vision.image_size must be from 64 to 16384 pixels, "
+                                                             "got 262144"),
+        ({**good, "vision": {**vis, "image_size": 0}}, "vision.image_size must be from 64 to 16384 pixels, got 0"),
+        ({**good, "vision": {**vis, "embed_dims": [16, -32, 64, 64, 128]}}, "vision.embed_dims[1] must be a "
+                                                                           "positive int, got -32"),
+    ]
+    for cfg, message in cases:
+        (d / "config.json").write_text(json.dumps(cfg))
+        for load in (read_config, FastVLM.from_pretrained):
+            with pytest.raises(CheckpointError) as e:
+                load(str(d))
+            assert message in str(e.value) and str(d / "config.json") in str(e.value), str(e.value)
+            assert "\n" not in str(e.value)
+    (d / "config.json").write_bytes(b'{"model_type": "fastvlm", "text": "\xff\xfe"}')
+    with pytest.raises(CheckpointError, match="is not UTF-8 text"):
+        read_config(str(d))
 
 
 def test_code_shipped_with_a_checkpoint_is_never_run(tmp_path, tiny_model):

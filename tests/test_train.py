@@ -275,6 +275,10 @@ def img_dir(tmp_path_factory):
     (d / "garbage.png").write_bytes(b"this is not an image at all")
     good = (d / "a.png").read_bytes()
     (d / "truncated.png").write_bytes(good[: len(good) // 2])  # header fine, pixels missing
+    # over the pixel limit (81 M > 67 M; under PIL's own bomb check), and a strip under it whose padded square
+    # canvas is not: 1-bit images, small on disk
+    Image.new("1", (9000, 9000)).save(d / "huge.png")
+    Image.new("1", (65000, 750)).save(d / "strip.png")
     return d
 
 
@@ -296,6 +300,10 @@ BAD_CASES = {
     "empty_conversation": {"id": "e1", "image": "a.png", "conversations": []},
     "wrong_role": {"id": "w1", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}]},
     "unknown_role": {"id": "w2", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+    "role_not_a_string": {"id": "w5", "conversations": [{"from": ["human"], "value": "hi"},
+                                                        {"from": "gpt", "value": "x"}]},
+    "image_over_pixel_limit": {"id": "big", "image": "huge.png", "conversations": conv("<image>\nWhat?", "red")},
+    "image_canvas_over_limit": {"id": "strip", "image": "strip.png", "conversations": conv("<image>\nWhat?", "red")},
     "no_alternation": {"id": "w3", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"},
                                                      {"from": "gpt", "value": "c"}]},
     "ends_with_human": {"id": "w4", "conversations": conv("a", "b", "c")},
@@ -313,13 +321,32 @@ def test_bad_record_raises_naming_record(tmp_path, img_dir, tok, case):
     assert path in msg and "record 1" in msg and repr(BAD_CASES[case]["id"]) in msg, msg
 
 
+def test_a_byte_order_mark_is_read_past_in_json_as_in_jsonl(tmp_path, img_dir, tok):
+    body = json.dumps([GOOD])
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    for name in ("bom.json", "bom.jsonl"):
+        assert ds(str(tmp_path / name), str(img_dir), tok)[0]["id"] == "good"
+
+
+def test_image_size_limits_hold_at_load_time_too(tmp_path, img_dir, tok):
+    # without the header check, loading refuses them (a 65000x750 strip's padded square is 4.2 G pixels)
+    for name, words in (("huge.png", "more than the limit of 67108864"),
+                        ("strip.png", "padding it to a square makes a 65000x65000 canvas")):
+        rec = {"id": "x", "image": name, "conversations": conv("<image>\nWhat?", "red")}
+        d = ds(write_json(tmp_path / "d.json", [rec]), str(img_dir), tok, check_images="none")
+        with pytest.raises(DataError, match=words) as e:
+            d[0]
+        assert "(id 'x')" in str(e.value)
+
+
 def test_skip_bad_counts_and_never_substitutes(tmp_path, img_dir, tok):
     records = [GOOD] + [BAD_CASES[c] for c in sorted(BAD_CASES)] + [dict(GOOD, id="good2", image="b.png")]
     path = write_json(tmp_path / "data.json", records)
     d = ds(path, str(img_dir), tok, skip_bad=True)
     assert len(d) == 2
     assert d.num_bad == len(BAD_CASES)
-    assert d.bad_counts["missing_image"] == 1 and d.bad_counts["unreadable_image"] == 1
+    assert d.bad_counts["missing_image"] == 1 and d.bad_counts["unreadable_image"] == 3
     assert d.bad_counts["too_long"] == 1 and d.bad_counts["placeholder_mismatch"] == 4
     assert [d[i]["id"] for i in range(len(d))] == ["good", "good2"]
 
@@ -1090,6 +1117,41 @@ def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_p
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="asks for FSDP"):
         train(recipe_from_dict(tiny_recipe(data, tok_dir, tmp_path / "o4", **base)), progress=False)
+
+
+def test_damaged_trainer_state_is_refused_naming_the_file(tmp_path, tok_dir):
+    import json
+    import shutil
+
+    from fastvlm.errors import CheckpointError
+    from fastvlm.train.trainer import train
+
+    data = make_dataset(tmp_path / "data", 8)
+    out = tmp_path / "out"
+    base = dict(train={"max_steps": 2, "global_batch_size": 4, "per_device_batch_size": 2, "seed": 0},
+                output={"dir": str(out), "save_every": 1, "log_every": 1, "eval_every": 0, "tensorboard": False,
+                        "export_apple": False})
+    train(recipe_from_dict(tiny_recipe(data, tok_dir, out, **base)), progress=False)
+    good = json.loads((out / "step_1" / "trainer_state.json").read_text())
+    cases = [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        (json.dumps({**good, "step": "four"}), "step must be a non-negative integer, got 'four'"),
+        (json.dumps({k: v for k, v in good.items() if k != "sampler"}), "sampler must be a JSON object"),
+        # values that once resumed silently: replayed or skipped batches, or an epoch far away
+        (json.dumps({**good, "step_in_epoch": -5}), "step_in_epoch must be a non-negative integer, got -5"),
+        (json.dumps({**good, "step_in_epoch": 100}), "does not fit epoch 0, step 100 of its 2 steps per epoch"),
+        (json.dumps({**good, "epoch": 1000000}), "step 1 does not fit epoch 1000000"),
+    ]
+    for i, (text, message) in enumerate(cases):
+        step = tmp_path / f"bad{i}"
+        shutil.copytree(out / "step_1", step)
+        (step / "trainer_state.json").write_text(text)
+        r = tiny_recipe(data, tok_dir, tmp_path / f"o{i}", **base)
+        r["output"] = {**base["output"], "dir": str(tmp_path / f"o{i}"), "resume": str(step)}
+        with pytest.raises(CheckpointError) as e:
+            train(recipe_from_dict(r), progress=False)
+        assert message in str(e.value) and "trainer_state.json" in str(e.value), str(e.value)
 
 
 def test_bundled_recipe_name_is_not_hidden_by_a_folder_of_that_name(tmp_path, monkeypatch):

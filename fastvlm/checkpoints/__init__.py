@@ -80,6 +80,9 @@ def resolve_path(path_or_repo: str, *, revision: Optional[str] = None) -> str:
         return path
     if os.path.exists(path):
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+    if os.path.lexists(path):  # a link whose target is missing or loops back on itself
+        raise CheckpointError(f"{path} is a symbolic link that leads nowhere (its target is missing, or the links "
+                              "loop); pass the checkpoint directory itself")
     if is_local_path(path_or_repo):
         raise CheckpointError(f"no model directory at {path}")
     try:
@@ -181,9 +184,11 @@ def load_checkpoint(cls, path_or_repo, *, device=None, dtype=None, revision=None
     except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as e:
         raise CheckpointError(f"{cfg_path}: cannot build a model from this config "
                               f"({type(e).__name__}: {e})") from None
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     try:
-        check_keys(expected, state, source=f"{directory} ({layout.NAME} layout)")
+        check_keys(expected, state, source=f"{directory} ({layout.NAME} layout)",
+                   floating=[k for k, v in own.items() if v.is_floating_point()])
     except CheckpointError:
         _refuse_apple_app_export(directory)
         raise

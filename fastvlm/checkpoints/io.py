@@ -46,8 +46,16 @@ def safetensors_files(directory: str) -> list[str]:
         return [single]
     others = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if others:
-        return [os.path.join(directory, f) for f in others]
+        paths = [os.path.join(directory, f) for f in others]
+        # a FIFO would block the read for ever; a directory, a device or a looping link cannot be weights either
+        odd = [p for p in paths if not os.path.isfile(p)]
+        if odd:
+            raise CheckpointError(f"{odd[0]} is not a regular file ({_file_kind(odd[0])}), so it cannot hold weights")
+        return paths
     pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
+    if os.path.isfile(os.path.join(directory, "trainer_state.json")):  # its .pt files are the trainer's own state
+        raise CheckpointError(f"{directory} is a training checkpoint without its weights ({SAFE_SINGLE} is missing); "
+                              "it is damaged: resume from an earlier step folder (--resume PATH)")
     if pickles:
         raise CheckpointError(
             f"{directory} holds only pickle weights ({', '.join(pickles[:3])}); fastvlm never unpickles files "
@@ -55,6 +63,27 @@ def safetensors_files(directory: str) -> list[str]:
             "(e.g. safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors'))."
         )
     raise CheckpointError(f"no model weights (*.safetensors) in {directory}")
+
+
+def _file_kind(path: str) -> str:
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"it cannot be opened: {e.strerror or e}"
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def load_state_dict(directory: str, *, device: str | torch.device = "cpu", progress: bool = True) -> dict[str, torch.Tensor]:
@@ -65,10 +94,11 @@ def load_state_dict(directory: str, *, device: str | torch.device = "cpu", progr
     files = safetensors_files(directory)
     state: dict[str, torch.Tensor] = {}
     bar = None
-    if progress and len(files) > 1 or progress and os.path.getsize(files[0]) > 200 * 2**20:
+    sizes = {f: _size(f) for f in files}
+    if progress and (len(files) > 1 or sizes[files[0]] > 200 * 2**20):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True,
+        bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True,
                    desc="loading weights", leave=False)
     try:
         for path in files:
@@ -83,7 +113,7 @@ def load_state_dict(directory: str, *, device: str | torch.device = "cpu", progr
             except OSError as e:
                 raise CheckpointError(f"cannot read {path}: {e}") from None
             if bar is not None:
-                bar.update(os.path.getsize(path))
+                bar.update(sizes[path])
     finally:
         if bar is not None:
             bar.close()
@@ -198,9 +228,11 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def check_keys(
-    expected: dict[str, tuple], got: dict[str, torch.Tensor], *, source: str, ignore: Iterable[str] = ()
+    expected: dict[str, tuple], got: dict[str, torch.Tensor], *, source: str, ignore: Iterable[str] = (),
+    floating: Iterable[str] = (),
 ) -> None:
-    """Raise one CheckpointError that names every missing, unexpected and mis-shaped tensor."""
+    """Raise one CheckpointError that names every missing, unexpected and mis-shaped tensor, and every tensor
+    of `floating` (the model's weights) that the checkpoint holds as integers or booleans."""
     ignore = set(ignore)
     missing = sorted(k for k in expected if k not in got and k not in ignore)
     unexpected = sorted(k for k in got if k not in expected and k not in ignore)
@@ -209,7 +241,9 @@ def check_keys(
         for k in expected
         if k in got and tuple(got[k].shape) != tuple(expected[k])
     )
-    if not (missing or unexpected or bad_shape):
+    bad_dtype = sorted(f"{k}: {str(got[k].dtype).replace('torch.', '')}" for k in floating
+                       if k in got and not (got[k].is_floating_point() or got[k].is_complex()))
+    if not (missing or unexpected or bad_shape or bad_dtype):
         return
     parts = [f"checkpoint {source} does not match the model:"]
 
@@ -221,4 +255,5 @@ def check_keys(
     show("missing tensors", missing)
     show("unexpected tensors", unexpected)
     show("wrong shapes", bad_shape)
+    show("not floating-point (weights must be)", bad_dtype)
     raise CheckpointError("\n".join(parts))

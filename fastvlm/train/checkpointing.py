@@ -160,7 +160,8 @@ def load_torch(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read {path} (weights_only=True): {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read {path} (weights_only=True): {type(e).__name__}: {e}; if the checkpoint "
+                              "is damaged, resume from an earlier step folder (--resume PATH)") from None
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -180,8 +181,32 @@ def read_state(path: str) -> dict:
         hint = (f"; it is a run's output directory: give one of its step folders ({os.path.basename(steps[-1][1])}"
                 " is the latest), or --resume auto with that --output-dir") if steps else ""
         raise CheckpointError(f"{path} is not a complete training checkpoint (no {STATE_FILE}){hint}")
-    with open(state_path) as f:
-        return json.load(f)
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_path} is not valid JSON ({e}); the checkpoint is damaged: resume from an "
+                              "earlier step folder (--resume PATH)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {state_path}: {e.strerror or e}") from None
+    problem = state_problem(state)
+    if problem:
+        raise CheckpointError(f"{state_path}: {problem}; the checkpoint is damaged: resume from an earlier step "
+                              "folder (--resume PATH)")
+    return state
+
+
+def state_problem(state: Any) -> Optional[str]:
+    """What is wrong with a trainer_state.json's content, or None."""
+    if not isinstance(state, dict):
+        return f"expected a JSON object, got {type(state).__name__}"
+    for key in ("step", "epoch", "step_in_epoch", "samples_seen"):
+        v = state.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"{key} must be a non-negative integer, got {v!r}"
+    if not isinstance(state.get("sampler"), dict):
+        return f"sampler must be a JSON object (the data order), got {state.get('sampler')!r}"
+    return None
 
 
 def begin(out_dir: str, step: int) -> str:

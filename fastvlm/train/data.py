@@ -107,6 +107,8 @@ def parse_record(record: Any, *, path: str, index: int, image_folder: Optional[s
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise bad(f"turn {k} must be an object with 'from' and 'value'", "bad_turn")
         who, value = turn["from"], turn["value"]
+        if not isinstance(who, str):
+            raise bad(f"turn {k} has unknown role {who!r} (expected 'human' or 'gpt')", "bad_roles")
         if not isinstance(value, str):
             raise bad(f"turn {k} ({who}): 'value' must be a string, got {type(value).__name__}", "bad_turn")
         if who == "system":
@@ -170,8 +172,21 @@ def parse_record(record: Any, *, path: str, index: int, image_folder: Optional[s
                         placeholder_added=added)
 
 
-def check_image_file(path: str, how: str) -> Optional[tuple[str, str]]:
-    """None if the image passes the check, else (kind, problem)."""
+def load_training_image(path: str, image_size: int, image_aspect_ratio: str):
+    """An image file as the model's input tensor, under the same size limits as inference: the pixel limit
+    (checked before decoding) and the working canvas of the pad or crop (a long strip's padded square)."""
+    from ..processing import DEFAULT_MAX_PIXELS, check_padded_size, load_image, preprocess_image
+
+    image = load_image(path)
+    check_padded_size(image, image_aspect_ratio, DEFAULT_MAX_PIXELS, name=f"image {path}", image_size=image_size)
+    return preprocess_image(image, image_size, image_aspect_ratio)
+
+
+def check_image_file(path: str, how: str, image_size: Optional[int] = None,
+                     image_aspect_ratio: Optional[str] = None) -> Optional[tuple[str, str]]:
+    """None if the image passes the check, else (kind, problem). With ``how="open"`` the header's size is held
+    to the limits loading applies (so an image over them is found before training, not at its step); the
+    canvas limit needs the model's `image_size` and `image_aspect_ratio`."""
     if how == "none":
         return None
     if not os.path.exists(path):
@@ -184,8 +199,20 @@ def check_image_file(path: str, how: str) -> Optional[tuple[str, str]]:
         try:
             with Image.open(path) as im:
                 w, h = im.size
-            if w <= 0 or h <= 0:
-                return "unreadable_image", f"image {path} has no pixels"
+                if w <= 0 or h <= 0:
+                    return "unreadable_image", f"image {path} has no pixels"
+                from ..errors import ImageError
+                from ..processing import DEFAULT_MAX_PIXELS, check_padded_size
+
+                if w * h > DEFAULT_MAX_PIXELS:
+                    return ("unreadable_image", f"image {path} is {w}x{h} = {w * h} pixels, more than the limit of "
+                                                f"{DEFAULT_MAX_PIXELS}")
+                if image_size and image_aspect_ratio:
+                    try:
+                        check_padded_size(im, image_aspect_ratio, DEFAULT_MAX_PIXELS, name=f"image {path}",
+                                          image_size=image_size)
+                    except ImageError as e:
+                        return "unreadable_image", str(e)
         except Exception as e:  # noqa: BLE001 - PIL raises many types on bad files
             return "unreadable_image", f"image {path} is unreadable ({type(e).__name__}: {e})"
     return None
@@ -202,7 +229,7 @@ def _index_json_list(path: str) -> tuple[bytearray, np.ndarray]:
     DataLoader workers share without copying (a list of dicts is copied page by page as its reference counts
     change). Each record is parsed again when it is read."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is dropped, as for .jsonl files
             text = f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e}); give a LLaVA-format .json or .jsonl file") from None
@@ -423,7 +450,7 @@ class ConversationDataset:
         where = _where(src.path, ri, record)
         if check:
             for p in conv.images:
-                problem = check_image_file(p, self.check_images)
+                problem = check_image_file(p, self.check_images, self.image_size, self.image_aspect_ratio)
                 if problem:
                     raise DataError(f"{where}: {problem[1]}", problem[0])
         system = conv.system if conv.system is not None else self.system_prompt
@@ -459,14 +486,13 @@ class ConversationDataset:
         import torch
 
         from ..errors import ImageError
-        from ..processing import load_image, preprocess_image
 
         conv, tok = self.load_tokens(i)
         pixels = None
         if conv.images:
             try:
                 pixels = torch.stack([
-                    preprocess_image(load_image(p), self.image_size, self.image_aspect_ratio) for p in conv.images
+                    load_training_image(p, self.image_size, self.image_aspect_ratio) for p in conv.images
                 ])
             except ImageError as e:
                 msg = f"{self.describe(i)}: {e}"
@@ -477,4 +503,5 @@ class ConversationDataset:
         return {"input_ids": tok.input_ids, "labels": tok.labels, "pixel_values": pixels, "id": conv.id, "index": i}
 
 
-__all__ = ["CHECK_IMAGES", "Conversation", "ConversationDataset", "DataError", "check_image_file", "parse_record"]
+__all__ = ["CHECK_IMAGES", "Conversation", "ConversationDataset", "DataError", "check_image_file",
+           "load_training_image", "parse_record"]

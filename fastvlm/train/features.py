@@ -62,7 +62,7 @@ class FeatureCache:
         """``workers`` > 1 decodes and preprocesses the images in that many threads (PIL releases the GIL
         while it decodes and resizes), in the same order as one thread: the same features in the same rows.
         ``first_use``: `first_uses(datasets)` when the caller has it already (it reads every record)."""
-        from ..processing import load_image, preprocess_image
+        from .data import load_training_image
 
         if vlm.vision_tower.training or any(p.requires_grad for p in vlm.vision_tower.parameters()):
             raise ConfigError("data.cache_image_features needs a frozen encoder in eval mode")
@@ -91,7 +91,7 @@ class FeatureCache:
 
         def load(p: str):
             try:
-                return preprocess_image(load_image(p), ref.image_size, ref.image_aspect_ratio)
+                return load_training_image(p, ref.image_size, ref.image_aspect_ratio)
             except ImageError as e:
                 return e
 

@@ -648,7 +648,10 @@ class Trainer:
         out = r.output.dir
         if self.is_main:
             os.makedirs(out, exist_ok=True)
-            ckpt.remove_stale(out)
+            stale = ckpt.remove_stale(out)
+            if stale:  # a save that a crash cut short: the step before it is where the run resumes
+                logger.warning("removed %s in %s: checkpoint(s) a stopped run was still writing",
+                               ", ".join(sorted(stale)), out)
         acc.wait_for_everyone()
         resume_from = self._resume_target()
         resume_state = ckpt.read_state(resume_from) if resume_from else None
@@ -715,6 +718,13 @@ class Trainer:
         self.last_saved_step = None
         if resume_state is not None:
             self.sampler.check_compatible(resume_state["sampler"])
+            spe = self.steps_per_epoch
+            where = (int(resume_state["epoch"]), int(resume_state["step_in_epoch"]))
+            if where[1] > spe or int(resume_state["step"]) != where[0] * spe + where[1]:
+                raise CheckpointError(
+                    f"{os.path.join(resume_from, ckpt.STATE_FILE)}: step {resume_state['step']} does not fit epoch "
+                    f"{where[0]}, step {where[1]} of its {spe} steps per epoch; the checkpoint is damaged or from "
+                    "another run: resume from an earlier step folder (--resume PATH)")
             new_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             optim_state = ckpt.load_torch(os.path.join(resume_from, ckpt.OPTIMIZER_FILE))
             changed = restored_optim_changes(new_groups, optim_state.get("param_groups", []))
