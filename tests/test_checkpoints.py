@@ -230,8 +230,6 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
 def test_integer_weights_and_odd_weight_files_are_named(tmp_path, tiny_model):
     import os
 
-    from safetensors.torch import load_file, save_file
-
     d = tmp_path / "ints"
     tiny_model.save_pretrained(str(d), layout="fastvlm")
     state = load_file(str(d / "model.safetensors"))
@@ -307,22 +305,14 @@ def test_malformed_configs_are_checkpoint_errors_naming_the_file(tmp_path, tiny_
     tiny_model.save_pretrained(str(d), layout="fastvlm")
     good = json.loads((d / "config.json").read_text())
     no_text = {k: v for k, v in good.items() if k != "text"}
+    vis, text = good["vision"], good["text"]
     cases = [
         ([1, 2], "a config must be a JSON object, got list"),
         ({**good, "vision": {**good["vision"], "image_size": "256"}}, "vision.image_size must be int, got '256'"),
         ({**good, "vision": None}, "vision must be a mapping"),
         (no_text, "text (the language model's config) lacks hidden_size"),
-    ]
-    for cfg, message in cases:
-        (d / "config.json").write_text(json.dumps(cfg))
-        for load in (read_config, FastVLM.from_pretrained):
-            with pytest.raises(CheckpointError) as e:
-                load(str(d))
-            assert message in str(e.value) and str(d / "config.json") in str(e.value), str(e.value)
-    # sizes of the wrong type, sign or scale: named before anything is allocated (262144 px once reached a
-    # MemoryError in PIL's resize; a negative width a torch traceback; a 3*2^30 hidden size a storage overflow)
-    vis, text = good["vision"], good["text"]
-    cases = [
+        # sizes of the wrong type, sign or scale: named before anything is allocated (262144 px once reached a
+        # MemoryError in PIL's resize; a negative width a torch traceback; a 3*2^30 hidden size a storage overflow)
         ({**good, "text": {**text, "hidden_size": "big"}}, "text.hidden_size (the language model's hidden_size) "
                                                             "must be a positive int, got 'big'"),
         ({**good, "text": {**text, "vocab_size": -5}}, "text.vocab_size (the language model's vocab_size) must be"),

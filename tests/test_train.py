@@ -1068,8 +1068,8 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, tok_dir, 
     assert capsys.readouterr().err.strip().splitlines()[-1] == expected.format(out=out)
 
 
-def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_path, tok_dir, monkeypatch, caplog):
-    from fastvlm.errors import CheckpointError
+def _two_step_run(tmp_path, tok_dir):
+    """A finished two-step tiny run that saved every step: (data, output dir, the recipe's overrides)."""
     from fastvlm.train.trainer import train
 
     data = make_dataset(tmp_path / "data", 8)
@@ -1078,6 +1078,14 @@ def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_p
                 output={"dir": str(out), "save_every": 1, "log_every": 1, "eval_every": 0, "tensorboard": False,
                         "export_apple": False})
     train(recipe_from_dict(tiny_recipe(data, tok_dir, out, **base)), progress=False)
+    return data, out, base
+
+
+def test_resume_of_another_model_or_other_trainable_parts_is_a_clear_error(tmp_path, tok_dir, monkeypatch, caplog):
+    from fastvlm.errors import CheckpointError
+    from fastvlm.train.trainer import train
+
+    data, out, base = _two_step_run(tmp_path, tok_dir)
     step = str(out / "step_2")
     # another model (a wider LM): one CheckpointError naming the checkpoint, not torch's size mismatch
     wider = tiny_recipe(data, tok_dir, tmp_path / "o2", **base,
@@ -1126,12 +1134,7 @@ def test_damaged_trainer_state_is_refused_naming_the_file(tmp_path, tok_dir):
     from fastvlm.errors import CheckpointError
     from fastvlm.train.trainer import train
 
-    data = make_dataset(tmp_path / "data", 8)
-    out = tmp_path / "out"
-    base = dict(train={"max_steps": 2, "global_batch_size": 4, "per_device_batch_size": 2, "seed": 0},
-                output={"dir": str(out), "save_every": 1, "log_every": 1, "eval_every": 0, "tensorboard": False,
-                        "export_apple": False})
-    train(recipe_from_dict(tiny_recipe(data, tok_dir, out, **base)), progress=False)
+    data, out, base = _two_step_run(tmp_path, tok_dir)
     good = json.loads((out / "step_1" / "trainer_state.json").read_text())
     cases = [
         ("{not json", "is not valid JSON"),
