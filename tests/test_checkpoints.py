@@ -192,6 +192,22 @@ def test_convert_round_trips_bit_exactly(apple_dir, tmp_path):
     assert h1.keys() == h2.keys() and all(torch.equal(h1[k], h2[k]) for k in h1)
 
 
+
+def test_convert_to_apple_says_when_it_adds_the_mobileclip_head(tmp_path, capsys):
+    assert cli(["init", "--preset", "fastvlm-tiny", "--out", str(tmp_path / "own"), "--dtype", "fp32"]) == 0
+    cfg = json.loads((tmp_path / "own" / "config.json").read_text())
+    cfg["vision"]["projection_dim"] = None
+    (tmp_path / "own" / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    w = {k: v for k, v in load_file(str(tmp_path / "own" / "model.safetensors")).items() if "head.proj" not in k}
+    save_file(w, str(tmp_path / "own" / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert cli(["convert", str(tmp_path / "own"), str(tmp_path / "apple"), "--to", "apple"]) == 0
+    out = capsys.readouterr()
+    assert "an all-zero one was written" in out.out + out.err
+
+
 def test_own_layout_round_trip_keeps_train_form(tmp_path, tiny_tokenizer):
     cfg = get_preset("fastvlm-tiny")
     cfg.vision.inference_mode = False

@@ -215,6 +215,45 @@ def test_chat_refuses_unknown_command_and_explains_bare_image(monkeypatch, capsy
     assert model.sent == ["/hello", "hi"]  # nothing of the refused commands reached the model
 
 
+def test_chat_ctrl_c_stops_the_answer_or_clears_the_line_and_the_chat_goes_on(monkeypatch, capsys):
+    closed, histories = [], []
+
+    class Interrupted:
+        last_timings = None
+
+        def chat(self, images, messages, stream=False, **kwargs):
+            histories.append([m["content"] if isinstance(m["content"], str) else m["content"][-1]["text"]
+                              for m in messages])
+
+            def gen():
+                try:
+                    yield "par"
+                    yield "tial"
+                    if len(histories) == 1:
+                        raise KeyboardInterrupt  # Ctrl-C while the first answer streams
+                    yield "!"
+                finally:
+                    closed.append(len(histories))
+            return gen()
+
+    monkeypatch.setattr("fastvlm.commands.chat.load_model", lambda args: Interrupted())
+    feed = iter(["one", KeyboardInterrupt, "two"])
+
+    def fake_input(prompt=""):
+        item = next(feed, EOFError)
+        if isinstance(item, type) and issubclass(item, BaseException):
+            raise item
+        return item
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    assert main(["chat"]) == 0  # neither Ctrl-C ended the session
+    out = capsys.readouterr()
+    assert "(stopped; the answer so far is kept)" in out.err and "(Ctrl-D or /quit leaves)" in out.err
+    assert histories[1] == ["one", "partial", "two"]  # the stopped answer stayed in the conversation
+    assert closed == [1, 2]  # each stream was closed: the interrupted one at once
+    assert out.out.count("fastvlm> ") == 2
+
+
 # --- 7. generate's default prompt is documented ---------------------------------------------------
 
 

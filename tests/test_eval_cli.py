@@ -125,6 +125,50 @@ def test_rerun_with_other_settings_is_refused_before_ttft(tiny_dir, data_file, t
     assert measured == []  # refused before the (slow) TTFT measurement
 
 
+def test_weights_changed_in_place_are_refused_and_the_same_weights_resume(
+        tiny_dir, data_file, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir, model)
+    out = tmp_path / "run"
+    assert run_eval(model, data_file, out, "--limit", "2", "--ttft-samples", "0") == 0
+    # the same path, other weights (retrained or converted in place): its predictions are not this model's
+    w = load_file(str(model / "model.safetensors"))
+    w["mm_projector.0.bias"] = w["mm_projector.0.bias"] + 1.0
+    save_file(w, str(model / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert run_eval(model, data_file, out, "--ttft-samples", "0") == 1
+    err = capsys.readouterr().err
+    assert "other settings (weights_sha256: " in err, err
+    # the weights as they were: resumed
+    w["mm_projector.0.bias"] = w["mm_projector.0.bias"] - 1.0
+    assert torch.equal(w["mm_projector.0.bias"], load_file(str(tiny_dir / "model.safetensors"))["mm_projector.0.bias"])
+    shutil.copy(tiny_dir / "model.safetensors", model / "model.safetensors")
+    assert run_eval(model, data_file, out, "--ttft-samples", "0") == 0
+    assert "(5 predicted this run, 2 resumed)" in capsys.readouterr().out
+
+
+def test_out_that_is_a_file_and_duplicate_keys_are_one_line_errors(tiny_dir, data_file, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, words in ((afile, "exists and is not a directory"), (afile / "sub", "is a file, so the folder")):
+        assert run_eval(tiny_dir, data_file, out) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert words in err[-1] and "Traceback" not in "\n".join(err), err
+    gqa = tmp_path / "gqa.json"
+    (tmp_path / "0.png").write_bytes((data_file.parent / "images" / "0.png").read_bytes())
+    gqa.write_text('{"g1": {"imageId": "0", "question": "a?", "answer": "x"}, '
+                   '"g1": {"imageId": "0", "question": "b?", "answer": "y"}}')
+    from fastvlm.errors import FastVLMError
+
+    with pytest.raises(FastVLMError, match="the key 'g1' appears twice"):
+        TASKS["gqa"].load(gqa, tmp_path)
+
+
 def test_resume_after_interruption(tiny_dir, data_file, tmp_path, monkeypatch):
     from fastvlm.model import FastVLM
 

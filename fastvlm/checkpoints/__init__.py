@@ -348,6 +348,9 @@ def convert(src: str, dst: str, layout: str, *, dtype=None, max_shard_size: Opti
     model = FastVLM.from_pretrained(directory, device="cpu", dtype=keep)
     model.save_pretrained(dst, layout=layout, max_shard_size=max_shard_size)
     notes = []
+    if layout == "apple" and not has_head:
+        notes.append("the apple layout always holds MobileCLIP's head (vision_tower head.proj, unused by FastVLM); "
+                     "the source has none, so an all-zero one was written (converting back keeps it)")
     if layout == "hf" and has_head:
         notes.append("the hf layout has no place for Apple's MobileCLIP head (vision_tower head.proj, unused by "
                      "FastVLM; transformers' port deletes it too): it was dropped")

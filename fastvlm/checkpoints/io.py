@@ -120,6 +120,24 @@ def load_state_dict(directory: str, *, device: str | torch.device = "cpu", progr
     return state
 
 
+def weights_fingerprint(directory: str) -> str:
+    """SHA-256 over the names and bytes of the checkpoint's safetensors files: the same weights give the same
+    value wherever they lie, and weights rewritten in place (retrained, converted) a new one. Reads every byte
+    (about 1-2 s per GB from the page cache, where loading the model has just put them)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in safetensors_files(directory):
+        h.update(os.path.basename(path).encode() + b"\0")
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 23):
+                    h.update(chunk)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    return h.hexdigest()
+
+
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 

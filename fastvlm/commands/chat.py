@@ -6,7 +6,9 @@ Type a message and press Enter. Commands:
   /quit         leave (Ctrl-D works too; /exit also)
 Any other line that starts with "/" and a letter is refused as an unknown command and not sent;
 start a message with "//" to send it with one leading "/".
-The answer streams as it is generated; timings follow each answer.
+The answer streams as it is generated; timings follow each answer. Ctrl-C stops an answer (what came
+is kept in the conversation) and returns to the prompt; at the prompt it clears the line. The text
+"<image>" in a message is a placeholder for an attached image, as in the reference's prompts.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def run(args) -> int:
         except EOFError:
             print()
             return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /quit leaves)", file=sys.stderr)
+            continue
         if not line:
             continue
         if line.startswith("//"):
@@ -73,19 +78,32 @@ def run(args) -> int:
             continue
         content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]
         turn_images = images + pending
+        answer, started, stopped = "", False, False
+        stream = None
         try:
-            sys.stdout.write("fastvlm> ")
-            answer = ""
-            for piece in model.chat(turn_images, messages + [{"role": "user", "content": content}],
-                                    stream=True, **kwargs):
+            stream = model.chat(turn_images, messages + [{"role": "user", "content": content}], stream=True, **kwargs)
+            for piece in stream:
+                if not started:  # the prefix only once there is an answer: a refused prompt prints no stray one
+                    sys.stdout.write("fastvlm> ")
+                    started = True
                 answer += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-            sys.stdout.write("\n")
+            sys.stdout.write("\n" if started else "fastvlm> \n")
         except FastVLMError as e:
-            print(f"\nerror: {e}", file=sys.stderr)
+            print(("\n" if started else "") + f"error: {e}", file=sys.stderr)
             continue
+        except KeyboardInterrupt:
+            stopped = True
+            sys.stdout.write("\n")
+            if not answer.strip():
+                print("(stopped; nothing was said, so this message is not kept)", file=sys.stderr)
+                continue
+            print("(stopped; the answer so far is kept)", file=sys.stderr)
+        finally:
+            if stream is not None and hasattr(stream, "close"):
+                stream.close()  # ends the generation at once, also when Ctrl-C stopped it
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer.strip()}]
         images, pending = turn_images, []
-        if model.last_timings is not None:
+        if model.last_timings is not None and not stopped:
             print(f"[{model.last_timings.summary()}]", file=sys.stderr)

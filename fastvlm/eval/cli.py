@@ -88,7 +88,8 @@ def add_arguments(p) -> None:
                    help="output folder: predictions.jsonl (resume state), scores.jsonl, summary.json")
     g.add_argument("--batch-size", "-b", type=_positive_int, default=8,
                    help="samples per batched generate call (default 8)")
-    g.add_argument("--limit", type=_non_negative_int, default=None, help="evaluate only the first N samples")
+    g.add_argument("--limit", type=_positive_int, default=None,
+                   help="evaluate only the first N samples, N >= 1 (default: all)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="most answer tokens (default per task: " +
                         ", ".join(f"{k} {v}" for k, v in _default_tokens().items()) + ")")
@@ -228,6 +229,12 @@ def run(args) -> int:
                                         "image_root", "decoding", "system_prompt")}
     if os.path.isdir(settings["model"]):
         settings["model"] = os.path.abspath(settings["model"])
+    # the weights themselves, not only their path: weights retrained or converted in place must not resume
+    # onto predictions the old ones made
+    if getattr(model, "checkpoint_path", None):
+        from ..checkpoints.io import weights_fingerprint
+
+        settings["weights_sha256"] = weights_fingerprint(model.checkpoint_path)
     recorded = _recorded_data(args.out)
     if recorded and recorded != settings["data"] and _data_file(task.name, recorded) == settings["data"]:
         settings["data"] = details["data"] = recorded  # a run recorded (before session 22) under its folder's name

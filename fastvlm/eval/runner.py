@@ -132,6 +132,13 @@ def check_run_file(out: Union[str, os.PathLike], task: Union[str, Task], setting
     """Refuse an output folder that holds another task's run, or predictions made with other
     ``settings``; record the task and settings for the first run. Returns the first start's time."""
     out, task = Path(out), get_task(task)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory; give a folder for the predictions")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {out}: {parent} is a file, so the folder cannot be created")
+            break
     run_file = out / RUN_FILE
     meta: Any = {}
     if run_file.exists():

@@ -109,11 +109,24 @@ def _not_a_folder(path: Path) -> None:
         raise FastVLMError(f"{path} is a folder; this task reads one file (a JSON or JSON-lines benchmark file)")
 
 
+def _no_duplicate_keys(path: Path):
+    """An object_pairs_hook that refuses a key given twice in one object (json keeps the last silently: two
+    GQA questions under one id would be one)."""
+    def hook(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise FastVLMError(f"{path}: the key {k!r} appears twice in one JSON object (a duplicate sample id?)")
+            out[k] = v
+        return out
+    return hook
+
+
 def _load_json(path: Path) -> Any:
     _not_a_folder(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=_no_duplicate_keys(path))
     except json.JSONDecodeError as e:
         raise FastVLMError(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError as e:
@@ -129,7 +142,7 @@ def _load_json_or_lines(path: Path) -> Any:
         raise FastVLMError(f"{path}: not UTF-8 text ({e})") from None
     if path.suffix != ".jsonl":
         try:
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=_no_duplicate_keys(path))
         except json.JSONDecodeError as e:
             if not text.lstrip().startswith("{") or e.msg != "Extra data":
                 raise FastVLMError(f"{path}: not valid JSON ({e})") from None
@@ -614,8 +627,9 @@ def read_llava(data: PathLike, image_root: Optional[PathLike] = None) -> list[Sa
             if human[-1] > 0:
                 extra["history"] = [{"from": t["from"], "value": t["value"]} for t in conv[: human[-1]]]
         else:
-            qkey = "question" if "question" in raw else "text"
-            question = r.get(qkey, str)
+            if "question" not in raw and "text" not in raw:
+                raise r.fail("missing field 'question' (or 'text', or a 'conversations' list)")
+            question = r.get("question" if "question" in raw else "text", str)
             if "answers" in raw:
                 references = r.answers("answers")
             elif "answer" in raw:
