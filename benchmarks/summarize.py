@@ -169,7 +169,10 @@ def main() -> int:
     ]
     print("Sizes in MiB (2^20 bytes; the JSON's `peak_mb` fields too); GB/s and GFLOP/s in powers of ten. int8 rows "
           "get no TTFT / roofline or prefill % of peak: their LLM runs int8 matmuls, whose peak is not measured "
-          "(files written before 2026-11-28 hold such figures, against the float peak; the tables leave them out).\n")
+          "(files written before 2026-11-28 hold such figures, against the float peak; the tables leave them out). "
+          "Every run below was timed with a thread sampling memory every 2 ms beside the timed call (in an A/B "
+          "run it slowed a tiny model's decode by about a third; its effect at 0.5B was not measured); "
+          "`fastvlm bench` now reads the kernel's peak-RSS mark instead, so a rerun may be faster.\n")
     for name, title, fns in sections:
         r = load(d, name)
         if r is None:

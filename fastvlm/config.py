@@ -88,7 +88,7 @@ class VisionConfig:
             raise ConfigError(f"vision.expansion_ratio must be a positive number, got {self.expansion_ratio}")
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ConfigError(f"vision.projection_dim must be a positive int or null, got {self.projection_dim}")
-        if not 0 < self.image_size <= MAX_IMAGE_SIZE:
+        if not self.patch_size <= self.image_size <= MAX_IMAGE_SIZE:
             raise ConfigError(f"vision.image_size must be from {self.patch_size} to {MAX_IMAGE_SIZE} pixels, got "
                               f"{self.image_size} (the released models use 1024)")
         for m in self.token_mixers:

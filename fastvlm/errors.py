@@ -53,3 +53,7 @@ def missing_package_hint(error: ModuleNotFoundError) -> "str | None":
     if extra is None:
         return None
     return f"the optional package '{root}', which is not installed: {install_hint(extra)}"
+
+
+# The way out of a damaged training checkpoint, said by every error that finds one.
+EARLIER_STEP_HINT = "resume from an earlier step folder (--resume PATH)"

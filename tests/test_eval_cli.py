@@ -143,12 +143,22 @@ def test_weights_changed_in_place_are_refused_and_the_same_weights_resume(
     capsys.readouterr()
     assert run_eval(model, data_file, out, "--ttft-samples", "0") == 1
     err = capsys.readouterr().err
-    assert "other settings (weights_sha256: " in err, err
-    # the weights as they were: resumed
+    assert "other settings (weights_files: " in err, err
+    # a folder from before the weight files were recorded: resumed, and they are recorded from then on
+    run = json.loads((out / "run.json").read_text())
+    del run["settings"]["weights_files"]
+    (out / "run.json").write_text(json.dumps(run))
+    assert run_eval(model, data_file, out, "--ttft-samples", "0", "--limit", "3") == 0
+    assert "(1 predicted this run, 2 resumed)" in capsys.readouterr().out
+    assert "weights_files" in json.loads((out / "run.json").read_text())["settings"]
+    # the weights as they were (the file's times too, as a copy that keeps them): resumed
     w["mm_projector.0.bias"] = w["mm_projector.0.bias"] - 1.0
     assert torch.equal(w["mm_projector.0.bias"], load_file(str(tiny_dir / "model.safetensors"))["mm_projector.0.bias"])
-    shutil.copy(tiny_dir / "model.safetensors", model / "model.safetensors")
-    assert run_eval(model, data_file, out, "--ttft-samples", "0") == 0
+    shutil.copy2(tiny_dir / "model.safetensors", model / "model.safetensors")
+    out2 = tmp_path / "run2"
+    assert run_eval(model, data_file, out2, "--limit", "2", "--ttft-samples", "0") == 0
+    shutil.copy2(tiny_dir / "model.safetensors", model / "model.safetensors")  # rewritten, times kept
+    assert run_eval(model, data_file, out2, "--ttft-samples", "0") == 0
     assert "(5 predicted this run, 2 resumed)" in capsys.readouterr().out
 
 

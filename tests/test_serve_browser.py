@@ -135,7 +135,9 @@ def test_page_sends_one_request_at_a_time_and_stop_cancels_it(browser, server):
         page.fill("#question", "Hello")
         page.click("#send")
         expect(page.locator("#stop")).to_be_enabled()
-        page.wait_for_timeout(300)
+        deadline = time.monotonic() + 30
+        while engine.queued() != 1 and time.monotonic() < deadline:  # the POST reached the engine
+            time.sleep(0.05)
         assert engine.queued() == 1
         # Ctrl+Enter in the question box and a double click must not start a second request
         page.focus("#question")
@@ -181,6 +183,10 @@ def test_page_refuses_undecodable_images_and_clears_the_error_for_a_good_one(bro
     page.set_input_files("#file", _png(tmp_path / "good.png"))
     expect(page.locator("#preview")).to_be_visible()
     expect(page.locator("#error")).to_be_empty()
+    # a refused file replaces the good one: nothing is left chosen that Ask could send
+    page.set_input_files("#file", str(fake))
+    expect(page.locator("#error")).to_contain_text("not an image the browser can read")
+    expect(page.locator("#preview")).to_be_hidden()
     page.close()
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..commands.common import _checked, _int_arg
+from ..commands.common import _checked, _int_arg, seconds_arg
 
 MODES = ("exact", "fast", "compile", "int8")
 DEFAULT_MODES = ["exact", "fast", "int8"]
@@ -38,16 +38,6 @@ def _dtype_arg(text: str) -> str:
         return _DTYPE_NAMES[text.lower()]
     except KeyError:
         raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of fp32, bf16, fp16, auto") from None
-
-
-def _seconds_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, at least 0, got {text}")
-    return value
 
 
 def _percent_arg(text: str) -> float:
@@ -163,7 +153,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep from_preset's training init for the encoder (default: trained-model scales)")
     p.add_argument("--threads", type=_at_least(1, "--threads"), default=None,
                    help="torch threads, >= 1 (default: torch's choice)")
-    p.add_argument("--quiet-wait", type=_seconds_arg, default=0.0,
+    p.add_argument("--quiet-wait", type=seconds_arg, default=0.0,
                    help="on a shared machine: before each timed run, wait up to this many seconds for the CPUs "
                         "to go idle (others using < --quiet-below %%); waits are recorded (default 0: off)")
     p.add_argument("--quiet-below", type=_percent_arg, default=15.0,

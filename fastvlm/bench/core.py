@@ -60,13 +60,15 @@ def rss_bytes() -> int:
 
 
 def _reset_rss_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that cannot be done (not Linux)."""
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where that cannot be done (not Linux,
+    or a sandbox that takes the write without resetting the mark: the mark must then be near the current RSS)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
         return False
+    peak = _rss_peak_bytes()
+    return peak is not None and peak <= rss_bytes() * 1.05 + (16 << 20)
 
 
 def _rss_peak_bytes() -> Optional[int]:
@@ -106,7 +108,7 @@ class PeakMemory:
             self.start = torch.cuda.memory_allocated(self.device)
             return self
         self.start = self.peak = rss_bytes()
-        self._kernel_peak = _reset_rss_peak() and _rss_peak_bytes() is not None
+        self._kernel_peak = _reset_rss_peak()
         if self._kernel_peak:
             return self
 

@@ -100,13 +100,16 @@ def _gb_text(gb: float) -> str:
 
 
 def busy_machine_note(machine: dict[str, Any]) -> Optional[str]:
-    """A note when the 1-minute load average was above the CPU count at the start or end of the run."""
-    cpus = os.cpu_count() or 1
-    loads = [machine.get(k) for k in ("load_average_start", "load_average_end")]
-    ones = [x[0] for x in loads if isinstance(x, (list, tuple)) and x]
-    if ones and max(ones) > cpus:
-        return (f"the machine was busy: 1-minute load average up to {max(ones):.1f} on {cpus} CPUs; other work "
-                "competed with these timings, so trust ratios measured within a round more than absolute times")
+    """A note when the 1-minute load average at the start of the run was above the CPUs this process may use
+    (the load at the end counts the benchmark's own threads, so it says nothing about other work)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    start = machine.get("load_average_start")
+    if isinstance(start, (list, tuple)) and start and start[0] > cpus:
+        return (f"the machine was busy: 1-minute load average {start[0]:.1f} at the start on {cpus} CPUs; other "
+                "work competed with these timings, so trust ratios measured within a round more than absolute times")
     return None
 
 

@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import EARLIER_STEP_HINT, CheckpointError
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -55,7 +55,7 @@ def safetensors_files(directory: str) -> list[str]:
     pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
     if os.path.isfile(os.path.join(directory, "trainer_state.json")):  # its .pt files are the trainer's own state
         raise CheckpointError(f"{directory} is a training checkpoint without its weights ({SAFE_SINGLE} is missing); "
-                              "it is damaged: resume from an earlier step folder (--resume PATH)")
+                              f"it is damaged: {EARLIER_STEP_HINT}")
     if pickles:
         raise CheckpointError(
             f"{directory} holds only pickle weights ({', '.join(pickles[:3])}); fastvlm never unpickles files "
@@ -120,22 +120,20 @@ def load_state_dict(directory: str, *, device: str | torch.device = "cpu", progr
     return state
 
 
-def weights_fingerprint(directory: str) -> str:
-    """SHA-256 over the names and bytes of the checkpoint's safetensors files: the same weights give the same
-    value wherever they lie, and weights rewritten in place (retrained, converted) a new one. Reads every byte
-    (about 1-2 s per GB from the page cache, where loading the model has just put them)."""
+def weights_signature(directory: str) -> str:
+    """A short hash of the names, sizes and modification times of the checkpoint's safetensors files: weights
+    rewritten in place (retrained, converted) get a new one, at no cost (no byte is read; a 7B checkpoint's
+    SHA-256 would take seconds at every start). Links are followed, as loading follows them."""
     import hashlib
 
     h = hashlib.sha256()
     for path in safetensors_files(directory):
-        h.update(os.path.basename(path).encode() + b"\0")
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 23):
-                    h.update(chunk)
+            st = os.stat(path)
         except OSError as e:
             raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    return h.hexdigest()
+        h.update(f"{os.path.basename(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -68,6 +68,7 @@ _temperature_arg = _checked(_float_arg, lambda v: v >= 0, "temperature must be >
 _top_p_arg = _checked(_float_arg, lambda v: 0 <= v <= 1, "top_p must be in [0, 1]")
 _top_k_arg = _checked(_int_arg, lambda v: v >= 0, "top_k must be >= 0")
 _repetition_penalty_arg = _checked(_float_arg, lambda v: v > 0, "repetition_penalty must be > 0")
+seconds_arg = _checked(_float_arg, lambda v: v >= 0, "must be a number of seconds, at least 0")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

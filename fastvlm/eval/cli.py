@@ -229,12 +229,12 @@ def run(args) -> int:
                                         "image_root", "decoding", "system_prompt")}
     if os.path.isdir(settings["model"]):
         settings["model"] = os.path.abspath(settings["model"])
-    # the weights themselves, not only their path: weights retrained or converted in place must not resume
-    # onto predictions the old ones made
+    # the weight files, not only their path: weights retrained or converted in place must not resume onto
+    # predictions the old ones made
     if getattr(model, "checkpoint_path", None):
-        from ..checkpoints.io import weights_fingerprint
+        from ..checkpoints.io import weights_signature
 
-        settings["weights_sha256"] = weights_fingerprint(model.checkpoint_path)
+        settings["weights_files"] = weights_signature(model.checkpoint_path)
     recorded = _recorded_data(args.out)
     if recorded and recorded != settings["data"] and _data_file(task.name, recorded) == settings["data"]:
         settings["data"] = details["data"] = recorded  # a run recorded (before session 22) under its folder's name

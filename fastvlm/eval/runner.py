@@ -162,8 +162,12 @@ def check_run_file(out: Union[str, os.PathLike], task: Union[str, Task], setting
                 "them as this run's. Use another output folder (--out), or delete this one to start over"
             )
     created = meta["created_at"] if isinstance(meta.get("created_at"), str) else _now()
+    if settings is not None and isinstance(old, dict) and set(settings) - set(old):
+        # a folder from before some settings were recorded: add them, so the next resume checks them too
+        settings = {**old, **settings}
+        old = None
     if not run_file.exists() or (settings is not None and old is None):
-        # the first run, or a folder from before settings were recorded: record them now
+        # the first run, or a folder from before (some) settings were recorded: record them now
         out.mkdir(parents=True, exist_ok=True)
         _write_json_atomic(run_file, {"task": task.name, "created_at": created,
                                       **({"settings": settings} if settings is not None else {})})

@@ -67,7 +67,7 @@ class ServeSettings:
     allow_remote_images: bool = False
     remote_image_timeout_s: float = 10.0
     remote_image_max_redirects: int = 3
-    body_timeout_s: float = 60.0  # the time a client has to send its whole body (408 after it)
+    body_timeout_s: float = 60.0  # the longest pause between pieces of a request body (408 after it)
     # Browser pages on these origins may call the API (CORS); empty: only same-origin pages (the bundled one).
     allowed_origins: tuple[str, ...] = ()
 
@@ -78,7 +78,8 @@ def _static_dir() -> str:
 
 async def read_body(request, limit: int, timeout_s: Optional[float] = None) -> bytes:
     """The request body, refusing (413) more than `limit` bytes without reading past it, and (408) a body
-    that takes more than `timeout_s` seconds to arrive (a client trickling bytes holds its memory and socket)."""
+    that stalls: no bytes for `timeout_s` seconds (a stalled client holds its memory and socket). A slow upload
+    that keeps moving is not cut, whatever its total time."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -90,17 +91,19 @@ async def read_body(request, limit: int, timeout_s: Optional[float] = None) -> b
 
     buf = bytearray()
 
-    async def receive_all() -> None:
-        async for piece in request.stream():
+    pieces = request.stream().__aiter__()
+    try:
+        while True:
+            try:
+                piece = await asyncio.wait_for(pieces.__anext__(), timeout_s)
+            except StopAsyncIteration:
+                break
             buf.extend(piece)
             if len(buf) > limit:
                 raise APIError(413, f"request body is more than the limit of {limit} bytes",
                                code="request_too_large")
-
-    try:
-        await asyncio.wait_for(receive_all(), timeout_s)
     except asyncio.TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s ({len(buf)} bytes came)",
+        raise APIError(408, f"the request body stalled: no bytes for {timeout_s:g} s ({len(buf)} bytes came)",
                        code="request_timeout", headers={"Connection": "close"}) from None
     except ClientDisconnect:  # the client left while sending: nobody to answer, nothing to log
         raise APIError(400, "the client disconnected while sending the request",
@@ -420,8 +423,6 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
         if not engine.alive:
             raise APIError(503, "the generation engine is not running", type="server_error",
                            code="engine_unavailable")
-        if engine.draining:
-            raise APIError(503, "the server is shutting down", type="server_error", code="engine_unavailable")
         if engine.is_full():  # refuse early, before decoding any image
             raise busy_error(f"the server is busy ({engine.max_queue} requests waiting); retry later")
         with engine.preparing(t_arrival):
@@ -518,11 +519,11 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
 def uvicorn_server(app, *, grace_s: float = 10.0, **config):
     """A uvicorn server for `app` (from `create_app`) that shuts down without cutting answers off.
 
-    Told to stop (SIGTERM, Ctrl-C, `should_exit`), it stops listening and drains: requests already running or
-    queued go on for up to `grace_s` seconds, new ones are refused (503) and /health says "draining". Whatever
-    is still unfinished then ends as the engine's own error (a JSON 503, or an error event and ``[DONE]`` in a
-    stream), not uvicorn's plain-text 500 after its own timeout, which is set a little later so that those
-    answers are written. A second Ctrl-C quits at once, as in uvicorn.
+    Told to stop (SIGTERM, Ctrl-C, `should_exit`), it stops listening (uvicorn closes the socket and idle
+    connections) and drains: requests already running, queued or still arriving go on for up to `grace_s`
+    seconds. Whatever is still unfinished then ends as the engine's own error (a JSON 503, or an error event and
+    ``[DONE]`` in a stream), not uvicorn's plain-text 500 after its own timeout, which is set a little later so
+    that those answers are written. A second Ctrl-C quits at once, as in uvicorn.
     """
     import uvicorn
 

@@ -5,8 +5,7 @@
 Endpoints:
   POST /v1/chat/completions   OpenAI chat completions; text and image_url parts; stream: true for SSE
   GET  /v1/models             the served model (its id is --served-model-name, default the directory name)
-  GET  /health                200 {"status": "ok", ...} while the engine runs, else 503 ("draining" when
-                              shutting down, "unavailable" when the engine has stopped)
+  GET  /health                200 {"status": "ok", ...} while the engine runs, else 503
   GET  /                      web page: pick or paste an image, ask, watch the answer stream
   GET  /docs, /openapi.json   the API's schema (FastAPI); not served when an API key is set
 
@@ -36,9 +35,8 @@ to floating-point rounding (a padded batch sums in another order; where two toke
 nearly tied, a later token can differ). A client that disconnects stops its generation.
 At most --max-queue requests wait; more get 429.
 
-Shutdown: SIGTERM or Ctrl-C stops listening; running and queued requests get --shutdown-grace
-seconds to finish (/health says "draining", 503), then end with a 503 error. A second Ctrl-C
-quits at once.
+Shutdown: SIGTERM or Ctrl-C stops listening; requests running, queued or still arriving get
+--shutdown-grace seconds to finish, then end with a 503 error. A second Ctrl-C quits at once.
 
 Security: with --api-key (or FASTVLM_API_KEY) every /v1 request needs
 "Authorization: Bearer KEY". Without a key the server refuses to listen on a non-loopback
@@ -75,7 +73,7 @@ import ipaddress
 import os
 import sys
 
-from ..commands.common import add_model_args, int_arg, parse_size
+from ..commands.common import add_model_args, int_arg, parse_size, seconds_arg
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
@@ -136,7 +134,7 @@ def add_arguments(p):
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--no-access-log", action="store_true", help="do not log every request")
     g.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before listening")
-    g.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+    g.add_argument("--shutdown-grace", type=seconds_arg, default=10.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, stop listening and give the requests already running or queued "
                         "this long to finish; those still unfinished then end with a 503 error (an error event "
                         "in a stream). A second Ctrl-C quits at once (default 10)")
@@ -165,10 +163,11 @@ def add_arguments(p):
                      help="temperature when a request gives none (default 0: greedy)")
     lim.add_argument("--allow-remote-images", action="store_true",
                      help="fetch http(s) image URLs (off by default; the server fetches any address a client names)")
-    lim.add_argument("--remote-image-timeout", type=float, default=10.0,
+    lim.add_argument("--remote-image-timeout", type=seconds_arg, default=10.0,
                      help="seconds allowed for fetching one remote image (default 10)")
-    lim.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
-                     help="seconds a client has to send its whole request body, else 408; 0: no limit "
+    lim.add_argument("--body-timeout", type=seconds_arg, default=60.0, metavar="SECONDS",
+                     help="longest pause, in seconds, between the pieces of a request body before it is "
+                          "refused with 408 (a stalled upload; a slow but moving one is not cut); 0: no limit "
                           "(default 60)")
 
 
@@ -178,10 +177,6 @@ def settings_from_args(args, model_name: str):
     for name in ("max_batch_size", "max_queue", "max_images", "max_tokens_limit", "default_max_tokens"):
         if getattr(args, name) < 1:
             raise _config_error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("shutdown_grace", "body_timeout", "remote_image_timeout"):
-        value = getattr(args, name, None)
-        if value is not None and not (value >= 0 and value != float("inf")):
-            raise _config_error(f"--{name.replace('_', '-')} must be a finite number of seconds, at least 0")
     return ServeSettings(
         model_name=model_name,
         api_key=args.api_key or os.environ.get("FASTVLM_API_KEY") or None,

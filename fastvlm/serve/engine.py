@@ -254,19 +254,24 @@ class Engine:
         self._running.clear()
         self._unpaused.set()
         for job in list(self.active):  # end the running batch at its next step
-            if not job.done:
-                job.emit(("error", EngineStopped("the server is shutting down")))
-            job.cancel()
+            self._end_stopped(job)
         if self._thread is not None:
             self._thread.join(timeout)
         # Anything still waiting will never run.
         for job in self._drain():
             job.emit(("error", EngineStopped("the server is shutting down")))
 
-    def drain(self) -> None:
-        """Take no new requests: `submit` refuses them (EngineStopped); the running and queued ones go on.
+    @staticmethod
+    def _end_stopped(job: Job) -> None:
+        if not job.done:
+            job.done = True
+            job.emit(("error", EngineStopped("the server is shutting down")))
+        job.cancel()
 
-        The server drains when told to shut down, and `stop`s after its grace period."""
+    def drain(self) -> None:
+        """Mark the engine as draining (/health says so): the server stopped listening and will `stop` the
+        engine after its grace period. Requests already arriving are still taken, and the running and queued
+        ones go on."""
         self._draining.set()
 
     @property
@@ -294,8 +299,6 @@ class Engine:
     def submit(self, job: Job) -> None:
         if not self.alive:
             raise EngineStopped("the generation engine is not running")
-        if self.draining:
-            raise EngineStopped("the server is shutting down")
         with self._lock:
             if self._waiting >= self.max_queue:
                 self.stats["rejected_queue_full"] += 1
@@ -458,6 +461,13 @@ class Engine:
                     if not batch:
                         continue
                     self.active = batch
+                    # `stop` clears _running, then ends the jobs in `active`: a batch formed while it ran is
+                    # ended here (a job may get both, and its handler reads the first)
+                    if not self._running.is_set():
+                        for job in batch:
+                            self._end_stopped(job)
+                        self.active = []
+                        break
                     try:
                         self._run_batch(batch)
                     except Exception as e:  # noqa: BLE001 - reported to every request of the batch

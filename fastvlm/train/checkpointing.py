@@ -32,7 +32,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import EARLIER_STEP_HINT, CheckpointError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -161,7 +161,7 @@ def load_torch(path: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read {path} (weights_only=True): {type(e).__name__}: {e}; if the checkpoint "
-                              "is damaged, resume from an earlier step folder (--resume PATH)") from None
+                              f"is damaged, {EARLIER_STEP_HINT}") from None
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -185,14 +185,13 @@ def read_state(path: str) -> dict:
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{state_path} is not valid JSON ({e}); the checkpoint is damaged: resume from an "
-                              "earlier step folder (--resume PATH)") from None
+        raise CheckpointError(f"{state_path} is not valid JSON ({e}); the checkpoint is damaged: "
+                              f"{EARLIER_STEP_HINT}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {state_path}: {e.strerror or e}") from None
     problem = state_problem(state)
     if problem:
-        raise CheckpointError(f"{state_path}: {problem}; the checkpoint is damaged: resume from an earlier step "
-                              "folder (--resume PATH)")
+        raise CheckpointError(f"{state_path}: {problem}; the checkpoint is damaged: {EARLIER_STEP_HINT}")
     return state
 
 

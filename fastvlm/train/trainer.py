@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import EARLIER_STEP_HINT, CheckpointError, ConfigError
 from . import build
 from . import checkpointing as ckpt
 from .collate import DataCollator, GlobalBatchSampler, eval_batches
@@ -724,7 +724,7 @@ class Trainer:
                 raise CheckpointError(
                     f"{os.path.join(resume_from, ckpt.STATE_FILE)}: step {resume_state['step']} does not fit epoch "
                     f"{where[0]}, step {where[1]} of its {spe} steps per epoch; the checkpoint is damaged or from "
-                    "another run: resume from an earlier step folder (--resume PATH)")
+                    f"another run: {EARLIER_STEP_HINT}")
             new_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             optim_state = ckpt.load_torch(os.path.join(resume_from, ckpt.OPTIMIZER_FILE))
             changed = restored_optim_changes(new_groups, optim_state.get("param_groups", []))

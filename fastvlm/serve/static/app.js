@@ -69,7 +69,8 @@ function askForKey() {
 }
 
 // ---- image: click, drop or paste -------------------------------------------------------
-function refuseImage(msg) { showError(msg); }
+// A refused file also drops the image chosen before it, so that Ask cannot send an image the user replaced.
+function refuseImage(msg) { clearImage(); showError(msg); }
 
 function setImage(file) {
   const seq = ++imageSeq;
@@ -117,7 +118,11 @@ function mb(bytes) { return `${(bytes / 1048576).toFixed(1)} MiB`; }
 
 els.drop.addEventListener("click", (e) => { if (e.target !== els.clear) els.file.click(); });
 els.drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); els.file.click(); } });
-els.file.addEventListener("change", () => els.file.files[0] && setImage(els.file.files[0]));
+els.file.addEventListener("change", () => {
+  const file = els.file.files[0];
+  els.file.value = ""; // choosing the same file again fires "change" again
+  if (file) setImage(file);
+});
 els.clear.addEventListener("click", (e) => { e.stopPropagation(); clearImage(); });
 els.drop.addEventListener("dragover", (e) => { e.preventDefault(); els.drop.classList.add("over"); });
 els.drop.addEventListener("dragleave", () => els.drop.classList.remove("over"));
