@@ -24,6 +24,10 @@ def __getattr__(name):
         from .processing import load_image
 
         return load_image
+    if name == "bundled_model_path":
+        from .commands.common import bundled_model_path
+
+        return bundled_model_path
     raise AttributeError(f"module 'fastvlm' has no attribute {name!r}")
 
 
@@ -32,6 +36,7 @@ __all__ = [
     "FastVLMProcessor",
     "FastViTHD",
     "load_image",
+    "bundled_model_path",
     "FastVLMConfig",
     "VisionConfig",
     "PRESETS",

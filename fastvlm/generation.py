@@ -410,7 +410,8 @@ def _generate_steps(
     consumer_s = 0.0
     for step in range(params.max_new_tokens):
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
-        newly_done = torch.isin(next_tokens, eos) & ~finished
+        # a comparison, not torch.isin: isin's MPS kernel gives wrong answers on macOS 13 (pytorch #151600)
+        newly_done = (next_tokens.unsqueeze(1) == eos).any(1) & ~finished
         timings.new_tokens += int((~finished).sum())
         finished = finished | newly_done
         timings.decode_s = time.perf_counter() - t_first - consumer_s

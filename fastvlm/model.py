@@ -85,13 +85,24 @@ _DTYPES = {
 }
 
 
+def cuda_has_native_bf16(device: Union[torch.device, int, None] = None) -> bool:
+    """Whether the GPU computes in bf16 natively (NVIDIA Ampere and later). `torch.cuda.is_bf16_supported()`
+    also says yes for older GPUs (T4, V100), where bf16 is emulated and slow; fp16 is their fast type."""
+    if not torch.cuda.is_available():
+        return False
+    if getattr(torch.version, "hip", None):  # ROCm: its own answer (bf16 on the MI series)
+        return bool(torch.cuda.is_bf16_supported())
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """`None`/"auto": bf16 on CUDA (fp16 if unsupported), fp16 on MPS, bf16 on CPUs with native bf16, else fp32."""
+    """`None`/"auto": bf16 on CUDA GPUs that compute in it natively (Ampere and later), else fp16; fp16 on MPS;
+    bf16 on CPUs with native bf16, else fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
         if device.type == "mps":
             return torch.float16
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
@@ -196,6 +207,25 @@ class FastVLM(nn.Module):
                 module.weight.fill_(1.0)  # RMSNorm / LayerNorm gains
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(dtype)`, `.half()` and the like leave the LLM's rotary tables (non-persistent buffers of modules
+        without parameters, e.g. `inv_freq`) in fp32, as transformers' loading and the reference keep them: in
+        bf16, `inv_freq` is off by up to 0.4%, which turns the rotary angle at position 1000 by up to a radian."""
+        keep = []
+        for module in self.language_model.modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                continue
+            for name in module._non_persistent_buffers_set:
+                value = module._buffers.get(name)
+                if value is not None and value.dtype == torch.float32 and not value.is_meta:
+                    keep.append((module, name, value))
+        out = super()._apply(fn, recurse)
+        for module, name, value in keep:
+            now = module._buffers.get(name)
+            if now is not None and now.dtype != torch.float32 and now.is_floating_point():
+                module._buffers[name] = value.to(device=now.device)
+        return out
 
     def _restore_nonpersistent_buffers(self) -> None:
         """Rebuild modules whose only state is non-persistent buffers (rotary tables).

@@ -481,3 +481,23 @@ def test_table_shows_each_rows_share_of_the_roofline():
     got = dict(zip(cols, values))
     assert got["enc %peak"] == "43%" and got["prefill %peak"] == "87%" and got["dec %bound"] == "76%"
     assert got["TTFT/roof"] == "1.49" and got["peak MiB"] == "900" and got["dec %bound/run"] == "-"
+
+
+def test_strict_fp32_turns_tf32_off_on_cuda_and_restores_it():
+    from fastvlm.bench import core
+
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    with core.strict_fp32(torch.device("cuda")):
+        assert flags() == (False, False)  # cuDNN's default would run "fp32" convolutions in TF32
+    assert flags() == before
+    with core.strict_fp32(torch.device("cpu")):
+        assert flags() == before
+
+
+def test_free_memory_is_the_devices_own(monkeypatch):
+    from fastvlm.bench import suite
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 10**9, 24 * 10**9))
+    assert suite.free_memory_gb(torch.device("cuda")) == pytest.approx(3.0)
+    assert suite.free_memory_gb(torch.device("cpu")) > 0  # the machine's available RAM

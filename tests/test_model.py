@@ -405,3 +405,34 @@ def test_int8_model_cannot_be_saved_and_says_why(tmp_path):
     import fastvlm
 
     assert fastvlm.load_image is fastvlm.processing.load_image
+
+
+def test_rotary_tables_stay_fp32_in_a_bf16_model():
+    """transformers' loading and the reference keep `inv_freq` in fp32; a bf16 copy is off by up to 0.4%,
+    which turns the rotary angle at position 1000 by up to a radian (the bf16 rounding of cos itself is ~0.004)."""
+    m32 = FastVLM.from_preset("fastvlm-tiny", dtype=torch.float32)
+    m16 = FastVLM.from_preset("fastvlm-tiny", dtype=torch.bfloat16)
+    m16.to(torch.float16).to(torch.bfloat16)  # casting again keeps them too
+    for name, buf in m16.named_buffers():
+        if "inv_freq" in name:
+            assert buf.dtype == torch.float32, name
+    pos = torch.arange(0, 2000, 7)[None]
+    cos32, _ = m32.language_model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    cos16, _ = m16.language_model.model.rotary_emb(torch.zeros(1, dtype=torch.bfloat16), pos)
+    assert (cos16.float() - cos32).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("capability, hip, expected", [((7, 5), None, torch.float16), ((7, 0), None, torch.float16),
+                                                        ((8, 0), None, torch.bfloat16), ((9, 0), None, torch.bfloat16),
+                                                        ((9, 4), "6.2", torch.bfloat16)])
+def test_auto_dtype_on_cuda_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch, capability, hip, expected):
+    from fastvlm.model import resolve_dtype
+    from fastvlm.train.trainer import resolve_mixed_precision
+
+    # torch's is_bf16_supported() says yes on a T4 or V100 too (emulated bf16, slower than fp16 there)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", hip, raising=False)
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert resolve_mixed_precision("auto", cpu=False) == ("bf16" if expected == torch.bfloat16 else "no")

@@ -109,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "downloaded, as by `fastvlm generate`)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.add_argument("--dtypes", nargs="+", default=["auto"], type=_dtype_arg, metavar="DTYPE",
-                   help="fp32, bf16, fp16, auto (bf16 on CUDA and native-bf16 CPUs, fp16 on MPS, else fp32; "
+                   help="fp32, bf16, fp16, auto (bf16 on Ampere or later GPUs and native-bf16 CPUs, fp16 on older GPUs and "
+                        "MPS, else fp32; "
                         "default auto). The accuracy comparison needs fp32 here")
     p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
                    help="exact: reference arithmetic; fast: fused encoder, channels-last, SDPA, native decode "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -84,7 +85,8 @@ def _rss_peak_bytes() -> Optional[int]:
 
 class PeakMemory:
     """Peak memory during a block: CUDA's max_memory_allocated; on Linux CPUs the kernel's peak-RSS mark
-    (VmHWM, reset at entry), which costs nothing while the block runs; elsewhere RSS sampled every few ms.
+    (VmHWM, reset at entry), which costs nothing while the block runs; on MPS the memory Metal holds for
+    tensors, sampled every few ms; elsewhere RSS sampled every few ms.
 
     `peak` is the process's peak (every model loaded counts), `delta` the rise over the
     level at entry (what the measured call itself needed: activations, caches, workspaces).
@@ -107,14 +109,16 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
             return self
-        self.start = self.peak = rss_bytes()
-        self._kernel_peak = _reset_rss_peak()
+        # MPS tensors live in Metal buffers, which the process's RSS does not show: sample what Metal holds
+        self._read = torch.mps.current_allocated_memory if self.device.type == "mps" else rss_bytes
+        self.start = self.peak = self._read()
+        self._kernel_peak = self.device.type == "cpu" and _reset_rss_peak()
         if self._kernel_peak:
             return self
 
         def poll():
             while not self._stop.wait(self.interval_s):
-                self.peak = max(self.peak, rss_bytes())
+                self.peak = max(self.peak, self._read())
 
         self._thread = threading.Thread(target=poll, daemon=True)
         self._thread.start()
@@ -131,7 +135,7 @@ class PeakMemory:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, self._read())
 
     @property
     def delta(self) -> int:
@@ -182,6 +186,21 @@ def wait_for_quiet(max_wait_s: float, busy_below: float = 15.0, sample_s: float 
     while busy >= busy_below and time.perf_counter() - t0 < max_wait_s:
         busy = psutil.cpu_percent(interval=sample_s)
     return {"waited_s": time.perf_counter() - t0, "busy_percent": busy}
+
+
+@contextlib.contextmanager
+def strict_fp32(device: torch.device):
+    """On CUDA, TF32 off for convolutions (cuDNN's default is on) and matmuls while the block runs, so that
+    "fp32" rows, the fp32 matmul peak and the fp32 exact accuracy reference are fp32; restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def source_commit() -> Optional[str]:
@@ -242,6 +261,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         pass
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
+        info["tf32"] = {"cudnn_conv": torch.backends.cudnn.allow_tf32,
+                        "matmul": torch.backends.cuda.matmul.allow_tf32}
         info["gpu"] = props.name
         info["gpu_memory_gb"] = round(props.total_memory / 1e9, 1)
         info["cuda"] = torch.version.cuda

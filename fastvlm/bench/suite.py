@@ -382,12 +382,18 @@ def compare(probe: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def free_memory_gb() -> Optional[float]:
+def free_memory_gb(device: Optional[torch.device] = None) -> Optional[float]:
+    """GB the device can still take: free GPU memory on CUDA, what Metal recommends less what it holds on MPS,
+    available RAM on the CPU; None when unknown."""
     try:
+        if device is not None and device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0] / 1e9
+        if device is not None and device.type == "mps":
+            return (torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()) / 1e9
         import psutil
 
         return psutil.virtual_memory().available / 1e9
-    except ImportError:  # pragma: no cover
+    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - no psutil, or an older torch
         return None
 
 
@@ -405,6 +411,9 @@ def release(*objs) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
 
 
 def param_bytes(m: nn.Module) -> int:

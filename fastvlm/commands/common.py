@@ -26,7 +26,8 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False) 
                         "default: the small model bundled with the package")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (CUDA, then MPS, then CPU)")
     p.add_argument("--dtype", default="auto",
-                   help="fp32, bf16, fp16 or auto (bf16 on CUDA and on CPUs with native bf16, fp16 on MPS, else fp32)")
+                   help="fp32, bf16, fp16 or auto (bf16 on Ampere or later GPUs and on CPUs with native bf16, fp16 on older "
+                        "GPUs and on MPS, else fp32)")
     p.add_argument("--image-size", type=int, default=None,
                    help="run the encoder at this resolution instead of the checkpoint's (a multiple of 64)")
     p.add_argument("--exact", action="store_true",

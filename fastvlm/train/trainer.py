@@ -93,7 +93,9 @@ def _has_gpu() -> bool:
 def resolve_mixed_precision(value: str, cpu: bool) -> str:
     if value != "auto":
         return value
-    if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    from ..model import cuda_has_native_bf16
+
+    if not cpu and cuda_has_native_bf16():  # emulated bf16 (T4, V100) would be slower than fp32
         return "bf16"
     return "no"
 
