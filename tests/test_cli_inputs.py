@@ -510,3 +510,17 @@ def test_our_warnings_print_as_one_line(monkeypatch):
         "fastvlm generate: warning: the tokenizer is odd\n"
     other = warnings.formatwarning("library deprecation", FutureWarning, "/elsewhere/lib.py", 7, "")
     assert other.startswith("/elsewhere/lib.py:7: FutureWarning: library deprecation")  # others keep Python's
+
+
+def test_a_cpu_that_could_run_the_native_kernels_is_told_when_they_are_off(monkeypatch, capsys):
+    from fastvlm import kernels
+
+    monkeypatch.setattr(kernels, "_state", {"lib": None, "why": "no C compiler (gcc, cc or clang) on PATH"})
+    assert main(["generate", "--image", os.path.join(ROOT, "examples", "shapes.png"), "--prompt", "How many?",
+                 "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert "note: native decode kernels off (no C compiler (gcc, cc or clang) on PATH)" in capsys.readouterr().err
+    # a CPU they do not support is not told about them
+    monkeypatch.setattr(kernels, "_state", {"lib": None, "why": "needs Linux on an x86-64 CPU with AVX-512"})
+    assert main(["generate", "--image", os.path.join(ROOT, "examples", "shapes.png"), "--prompt", "How many?",
+                 "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert "native decode kernels" not in capsys.readouterr().err

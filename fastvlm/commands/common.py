@@ -123,6 +123,14 @@ def load_model(args):
     model.optimize_for_inference("exact" if getattr(args, "exact", False) else "fast")
     print(f"model: {path} | device {model.device} | dtype {str(model.dtype).replace('torch.', '')} | "
           f"{model.config.image_size}px -> {model.num_image_tokens} image tokens", file=sys.stderr)
+    if model.device.type == "cpu" and not getattr(args, "exact", False):
+        # a CPU that could run the native decode kernels but does not (no compiler, a failed build): say so once,
+        # as decoding is then markedly slower; CPUs they do not support are not told about them
+        kernels.load()
+        why = kernels._state.get("why", "")
+        if kernels._state.get("lib") is None and ("compiler" in why or why.startswith("build failed")):
+            print(f"note: {kernels.status()}; decoding uses PyTorch's kernels, which are slower on this CPU",
+                  file=sys.stderr)
     return model
 
 
