@@ -477,7 +477,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, *, stream
                           f"(put/end), got {type(streamer).__name__}")
     try:
         if hf_streamer:  # transformers' protocol: the prompt first (skip_prompt drops it), each step, then end()
-            ids = torch.as_tensor(input_ids).reshape(-1, torch.as_tensor(input_ids).shape[-1])
+            ids = torch.as_tensor(input_ids)
+            ids = ids.reshape(-1, ids.shape[-1])
             streamer.put(ids[:, ids[0] >= 0].cpu())  # image slots are no tokens
         for tokens, finished, timings in generate_steps(model, input_ids, attention_mask, pixel_values, **kwargs):
             steps.append(tokens)

@@ -195,18 +195,22 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), mode="L")
 
 
+def check_image_size(img: Image.Image, name: str, max_pixels: Optional[int]) -> None:
+    """Refuse an image with no pixels or more than `max_pixels`, from its header (before any pixel is decoded)."""
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name} has no pixels ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
+            "(refused as a possible decompression bomb)"
+        )
+
+
 def _finish(img: Image.Image, name: str, max_pixels: Optional[int], fixes: tuple, close: bool) -> Image.Image:
     exif, scale16 = fixes
     try:
-        w, h = img.size
-        if w <= 0 or h <= 0:
-            raise ImageError(f"{name} has no pixels ({w}x{h})")
-        # img.size comes from the header: refuse huge images before decoding any pixel data.
-        if max_pixels is not None and w * h > max_pixels:
-            raise ImageTooLargeError(
-                f"{name} is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
-                "(refused as a possible decompression bomb)"
-            )
+        check_image_size(img, name, max_pixels)
         try:
             # Decode now, inside the try, so truncated data fails here and not later.
             img.load()

@@ -158,7 +158,8 @@ def no_measuring(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("the benchmark ran before the bad input was refused")
 
-    monkeypatch.setattr("fastvlm.bench.runner.run_benchmark", fail)
+    # the measuring part: run_benchmark's own up-front checks still run
+    monkeypatch.setattr("fastvlm.bench.runner._run_benchmark", fail)
 
 
 @pytest.mark.parametrize("flag, value, minimum", [

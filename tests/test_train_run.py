@@ -159,7 +159,7 @@ def _assert_same_training(a: dict, b: dict, lr: float) -> None:
         d = (a[k] - b[k]).abs()
         n = int((d > 1e-5).sum())
         # Over the whole model (below), and per tensor with slack: an exported conv bias folds a BatchNorm of
-        # many such elements into each of its own (8 of 64 moved in one ZeRO-2 run), while a wrong update
+        # many such elements into each of its own, while a wrong update
         # confined to one tensor (the projector's learning rate, say) moves nearly all of its elements.
         assert n <= max(3, d.numel() // 4), (k, n, d.numel())
         assert float(d.max()) < 0.1 * lr, (k, float(d.max()))

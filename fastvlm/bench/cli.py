@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..commands.common import _checked, _int_arg, seconds_arg
+from ..commands.common import _checked, _float_arg, _int_arg, seconds_arg
 
 MODES = ("exact", "fast", "compile", "int8")
 DEFAULT_MODES = ["exact", "fast", "int8"]
@@ -40,14 +40,7 @@ def _dtype_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of fp32, bf16, fp16, auto") from None
 
 
-def _percent_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
-    if not (0 <= value <= 100):
-        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, got {text}")
-    return value
+_percent_arg = _checked(_float_arg, lambda v: 0 <= v <= 100, "must be a percentage from 0 to 100")
 
 
 def _at_least(minimum: int, what: str):
@@ -249,7 +242,7 @@ def _run(args) -> int:
     from ..model import resolve_device
     from . import report as rep
     from . import suite
-    from .runner import BenchConfig, check_resolutions, default_output_name, run_benchmark
+    from .runner import BenchConfig, default_output_name, run_benchmark
 
     # everything that can be refused is checked before any measurement
     device = resolve_device(args.device)
@@ -298,7 +291,6 @@ def _run(args) -> int:
         transformers_fresh=args.transformers_fresh_process,
         command=["fastvlm", "bench", *sys.argv[2:]] if len(sys.argv) > 1 and sys.argv[1] == "bench" else sys.argv,
     )
-    check_resolutions(cfg)
     report = run_benchmark(cfg)
     report["machine"]["allocator"] = "glibc, mmap/trim thresholds raised" if allocator_tuned else "default"
     name = args.name or default_output_name(cfg, device)

@@ -214,6 +214,7 @@ def check_resolutions(cfg: BenchConfig) -> None:
 def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     from ..model import resolve_device
 
+    check_resolutions(cfg)  # before anything is measured
     with core.strict_fp32(resolve_device(cfg.device)):  # fp32 rows are fp32 on CUDA too (TF32 off)
         return _run_benchmark(cfg)
 
@@ -223,7 +224,6 @@ def _run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     from ..config import get_preset
     from ..model import resolve_device, resolve_dtype, text_config_object
 
-    check_resolutions(cfg)
     device = resolve_device(cfg.device)
     dtypes = []
     for d in cfg.dtypes:
@@ -261,7 +261,8 @@ def _run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     }
     log(f"device {device} | {report['machine']['cpu_model']} | torch {torch.__version__} | "
         f"{torch.get_num_threads()} threads | load {report['machine']['load_average_start']}")
-    for note in settings_notes(cfg) + ([fp16_note] if fp16_note else []):
+    busy = busy_machine_note(report["machine"])  # from the load at the start: said before the timings
+    for note in settings_notes(cfg) + [n for n in (fp16_note, busy) if n]:
         log(f"note: {note}")
         report["notes"].append(note)
 
@@ -421,10 +422,6 @@ def _run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     finally:
         suite.remove(workdir)
     report["machine"]["load_average_end"] = core.load_average()
-    busy = busy_machine_note(report["machine"])
-    if busy:
-        log(f"note: {busy}")
-        report["notes"].append(busy)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return report
 

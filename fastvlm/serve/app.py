@@ -234,9 +234,8 @@ def create_app(model, settings: Optional[ServeSettings] = None, *, engine: Optio
 
     @app.get("/health")
     async def health():
-        ok = engine.alive and not engine.draining
-        status = "ok" if ok else ("draining" if engine.alive else "unavailable")
-        body = {"status": status, "model": settings.model_name,
+        ok = engine.alive
+        body = {"status": "ok" if ok else "unavailable", "model": settings.model_name,
                 "queued": engine.queued(), "running": len(engine.active),
                 "max_batch_size": engine.max_batch_size, "max_queue": engine.max_queue}
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -531,7 +530,6 @@ def uvicorn_server(app, *, grace_s: float = 10.0, **config):
 
     class _DrainingServer(uvicorn.Server):
         async def shutdown(self, sockets=None):
-            engine.drain()
             loop = asyncio.get_running_loop()
             timer = loop.call_later(max(0.0, grace_s), lambda: loop.run_in_executor(None, engine.stop))
             try:

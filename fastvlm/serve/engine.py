@@ -200,7 +200,7 @@ class Engine:
     """
 
     def __init__(self, model, *, max_batch_size: int = 8, max_queue: int = 64, batch_window_s: float = 0.01,
-                 prepare_wait_s: float = 0.2, tokenizer_lock: Optional[threading.Lock] = None):
+                 prepare_wait_s: float = 0.2):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_queue < 1:
@@ -210,7 +210,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batch_window_s = batch_window_s
-        self.tokenizer_lock = tokenizer_lock or threading.Lock()
+        self.tokenizer_lock = threading.Lock()  # the engine's own tokenizer; requests tokenize with a copy
         # Unbounded underneath: the bound is `_waiting`, which also counts jobs set aside
         # (deferred) because they could not join the batch being formed.
         self._queue: queue.Queue[Job] = queue.Queue()
@@ -223,7 +223,6 @@ class Engine:
         self._running = threading.Event()
         self._unpaused = threading.Event()
         self._unpaused.set()
-        self._draining = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.active: list[Job] = []
         self.error: Optional[BaseException] = None
@@ -259,7 +258,7 @@ class Engine:
             self._thread.join(timeout)
         # Anything still waiting will never run.
         for job in self._drain():
-            job.emit(("error", EngineStopped("the server is shutting down")))
+            self._end_stopped(job)
 
     @staticmethod
     def _end_stopped(job: Job) -> None:
@@ -267,16 +266,6 @@ class Engine:
             job.done = True
             job.emit(("error", EngineStopped("the server is shutting down")))
         job.cancel()
-
-    def drain(self) -> None:
-        """Mark the engine as draining (/health says so): the server stopped listening and will `stop` the
-        engine after its grace period. Requests already arriving are still taken, and the running and queued
-        ones go on."""
-        self._draining.set()
-
-    @property
-    def draining(self) -> bool:
-        return self._draining.is_set()
 
     def pause(self) -> None:
         """Stop taking new batches (the running one finishes). For tests and maintenance."""

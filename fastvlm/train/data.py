@@ -197,22 +197,17 @@ def check_image_file(path: str, how: str, image_size: Optional[int] = None,
         from PIL import Image
 
         try:
-            with Image.open(path) as im:
-                w, h = im.size
-                if w <= 0 or h <= 0:
-                    return "unreadable_image", f"image {path} has no pixels"
-                from ..errors import ImageError
-                from ..processing import DEFAULT_MAX_PIXELS, check_padded_size
+            from ..errors import ImageError
+            from ..processing import DEFAULT_MAX_PIXELS, check_image_size, check_padded_size
 
-                if w * h > DEFAULT_MAX_PIXELS:
-                    return ("unreadable_image", f"image {path} is {w}x{h} = {w * h} pixels, more than the limit of "
-                                                f"{DEFAULT_MAX_PIXELS}")
-                if image_size and image_aspect_ratio:
-                    try:
+            with Image.open(path) as im:
+                try:  # the limits loading applies (load_training_image), from the header
+                    check_image_size(im, f"image {path}", DEFAULT_MAX_PIXELS)
+                    if image_size and image_aspect_ratio:
                         check_padded_size(im, image_aspect_ratio, DEFAULT_MAX_PIXELS, name=f"image {path}",
                                           image_size=image_size)
-                    except ImageError as e:
-                        return "unreadable_image", str(e)
+                except ImageError as e:
+                    return "unreadable_image", str(e)
         except Exception as e:  # noqa: BLE001 - PIL raises many types on bad files
             return "unreadable_image", f"image {path} is unreadable ({type(e).__name__}: {e})"
     return None

@@ -149,7 +149,7 @@ def restored_optim_changes(new_groups: list, saved_groups: list) -> list[str]:
 
 def frozen_weights_fingerprint(model: nn.Module) -> Optional[dict]:
     """SHA-256 of the names and of the values of the parameters that do not train (in name order), or None if all
-    train. About a second per GB of weights on one core."""
+    train."""
     import hashlib
 
     frozen = sorted(((n, p) for n, p in model.named_parameters() if not p.requires_grad), key=lambda x: x[0])

@@ -192,7 +192,7 @@ class FastViTHD(nn.Module):
         `torch.inference_mode`, keeps a tensor's version: call this again after one). Training
         mode always runs the module tree, and so do forwards that need what only the tree gives:
         gradients for parameters that require them, forward hooks, modules swapped in by other
-        libraries (see `_fused_applies`).
+        libraries (see `_fused_key`).
         `onednn=False` uses plain torch ops instead of oneDNN's fused kernels (for
         torch.compile, which does its own fusion). `compile`: keyword arguments for
         `torch.compile` of the fused program (None: run it eagerly). `enabled=False`
@@ -225,11 +225,14 @@ class FastViTHD(nn.Module):
             key.append((t.data_ptr(), version, t.dtype, t.device))
         return tuple(key)
 
-    def _fused_applies(self) -> bool:
-        """Whether the fused program computes what the module tree would. It reads the weights, not the modules:
-        it cannot give the parameters gradients, run forward hooks, or see modules swapped in (peft's LoRA
-        layers, say), so those run the module tree."""
-        return not self._grads_needed() and self._tree_allows_fusion(self._state_key())
+    def _fused_key(self) -> Optional[tuple]:
+        """The state key of the fused program when it is on and computes what the module tree would, else None.
+        It reads the weights, not the modules: it cannot give the parameters gradients, run forward hooks, or see
+        modules swapped in (peft's LoRA layers, say), so those run the module tree."""
+        if not self._fused_enabled or self.training or self._grads_needed():
+            return None
+        key = self._state_key()
+        return key if self._tree_allows_fusion(key) else None
 
     def _grads_needed(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
@@ -341,10 +344,9 @@ class FastViTHD(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> conv_exp output [B, out_channels, H/patch, W/patch]."""
         self.check_input(x)
-        if self._fused_enabled and not self.training and not self._grads_needed():
-            key = self._state_key()
-            if self._tree_allows_fusion(key):
-                return self.fused_program(key)(x)
+        key = self._fused_key()
+        if key is not None:
+            return self.fused_program(key)(x)
         x = self.patch_embed(x)
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for module in self.network:
