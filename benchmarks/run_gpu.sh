@@ -2,6 +2,8 @@
 # GPU half of the benchmark (run on a CUDA machine from the repository root):
 #   bash benchmarks/run_gpu.sh small    # CUDA checks of the fast paths + the 0.5B architecture (+ compile)
 #   bash benchmarks/run_gpu.sh large    # the 1.5B and 7B architectures
+#   bash benchmarks/run_gpu.sh check    # one short lease (~9 min): CUDA tests, the 0.5B bench at 512-2048 px
+#                                       # with CUDA graphs, the encoder's per-option A/B and a TTFT profile
 # Results go to $OUT (default benchmarks/results), named after the GPU (e.g. bench-0.5b-h100.json).
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 set -u -o pipefail
@@ -20,6 +22,15 @@ small)
       --resolutions 256 512 768 1024 1536 2048 --baseline-dtypes bf16 --name "bench-0.5b-$GPU"
   timeout 100 $BENCH --preset fastvlm-0.5b --dtypes bf16 --modes exact fast compile --resolutions 1024 \
       --baselines none --no-accuracy --no-roofline --no-plots --name "bench-0.5b-compile-$GPU"
+  ;;
+check)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -k "cuda or gpu" --durations=8 -rs \
+      tests/test_fast_paths.py tests/test_bundled_model.py tests/test_train_gpu.py 2>&1 | tee "$OUT/gpu-tests-$GPU.log"
+  timeout 210 $BENCH --preset fastvlm-0.5b --dtypes fp32 bf16 --modes exact fast graphs --resolutions 512 1024 2048 \
+      --baseline-dtypes bf16 --name "bench-0.5b-$GPU" 2>&1 | tee "$OUT/bench-0.5b-$GPU.log"
+  timeout 100 python3 benchmarks/gpu_encoder_ab.py --dtypes bf16 fp16 --compile default \
+      --out "$OUT/gpu-encoder-ab-$GPU.json" 2>&1 | tail -50
+  timeout 45 python3 benchmarks/profile_ttft.py --device cuda --dtype bf16 --out "$OUT/profile-ttft-$GPU.txt"
   ;;
 large)
   timeout 560 $BENCH --preset fastvlm-1.5b fastvlm-7b --dtypes bf16 --modes exact fast --resolutions 512 1024 2048 \

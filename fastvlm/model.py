@@ -321,6 +321,7 @@ class FastVLM(nn.Module):
         quantize: Optional[str] = None,
         decode_kernels: Optional[bool] = None,
         channels_last: Optional[bool] = None,
+        cuda_graphs: Optional[bool] = None,
     ) -> "FastVLM":
         """Choose the inference path; returns self. Weights, dtype and state dict are unchanged unless `quantize`.
 
@@ -340,7 +341,9 @@ class FastVLM(nn.Module):
         quantize "int8": int8 dynamic quantization of the language model's linear layers
         (CPU only; the LM then computes in fp32 with int8 weights, the encoder keeps its
         dtype). Irreversible: reload the checkpoint to save or train.
-        decode_kernels / channels_last: override the mode's choice.
+        cuda_graphs: on a CUDA GPU, replay the fused encoder as a CUDA graph per input shape
+        (`FastViTHD.optimize_for_inference`); "fast" mode only, and not with `compile`.
+        decode_kernels / channels_last / cuda_graphs: override the mode's choice.
         """
         if mode not in ("exact", "fast"):
             raise ConfigError(f"inference mode must be 'exact' or 'fast', got {mode!r}")
@@ -348,6 +351,8 @@ class FastVLM(nn.Module):
             raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
         if compile and mode != "fast":
             raise ConfigError("compile=True needs mode 'fast' (it compiles the fused encoder)")
+        if cuda_graphs and (mode != "fast" or compile):
+            raise ConfigError("cuda_graphs=True needs mode 'fast' without compile (it replays the fused encoder)")
         fast = mode == "fast"
         device = self.device
         if channels_last is None:
@@ -357,7 +362,11 @@ class FastVLM(nn.Module):
         compile_opts = None
         if compile:
             compile_opts = {"options": {"freezing": True}} if device.type == "cpu" else {}
-        self.vision_tower.optimize_for_inference(fast, onednn=not compile, compile=compile_opts)
+        if cuda_graphs is None:
+            cuda_graphs = False
+        cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
+        self.vision_tower.optimize_for_inference(fast, onednn=not compile, compile=compile_opts,
+                                                 cuda_graphs=cuda_graphs)
         if quantize == "int8":
             self._quantize_int8()
         from . import kernels
@@ -376,6 +385,7 @@ class FastVLM(nn.Module):
             "encoder": "fused" if fast else "reference",
             "attention": "sdpa" if fast else "eager",
             "compile": bool(compile),
+            "cuda_graphs": cuda_graphs,
             "quantize": quantize or self.inference_settings.get("quantize"),
             "decode_kernels": bool(decode_kernels) and n_kernels > 0,
             "decode_attention": "packed-gqa sdpa" if packed_gqa else "sdpa",

@@ -121,3 +121,33 @@ def test_native_decode_loop_answers_as_transformers_loop(test_split, tmp_path, m
         assert used == [True]
         monkeypatch.setattr(generation, "native_decoder", lambda lm, capacity: None)
         assert got.tolist() == model.generate(**dict(inputs), max_new_tokens=24, eos_token_id=[]).tolist()
+
+
+@pytest.fixture(scope="module")
+def cpu_fp32_answers(test_split, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpu-fp32")
+    assert main(["eval", "--task", "synth", "--data", str(test_split / "test.json"), "--out", str(out), "--device",
+                 "cpu", "--dtype", "fp32", "--exact", "--no-progress", "--ttft-samples", "1", "--batch-size", "35"]) == 0
+    return _predictions(out)
+
+
+def _predictions(folder):
+    with open(os.path.join(folder, "predictions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["id"]: r["prediction"] for r in rows}
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,exact,batch", [("fp32", True, 35), ("bf16", False, 35), ("fp16", False, 35),
+                                               ("bf16", False, 1)])
+def test_cuda_answers_as_the_cpu(test_split, cpu_fp32_answers, tmp_path, dtype, exact, batch):
+    """The trained model on a CUDA GPU, batched (padded prompts) and at batch 1, in each dtype: the answers the
+    CPU's fp32 reference arithmetic gives. fp32 on the GPU differs from the CPU's only in summation order; bf16
+    and fp16 round, so a near-tie may flip an answer or two of the 140."""
+    args = ["eval", "--task", "synth", "--data", str(test_split / "test.json"), "--out", str(tmp_path / "gpu"),
+            "--device", "cuda", "--dtype", dtype, "--no-progress", "--ttft-samples", "1", "--batch-size", str(batch)]
+    assert main(args + (["--exact"] if exact else [])) == 0
+    got = _predictions(tmp_path / "gpu")
+    assert got.keys() == cpu_fp32_answers.keys()
+    differ = [(k, cpu_fp32_answers[k], got[k]) for k in got if got[k] != cpu_fp32_answers[k]]
+    assert len(differ) <= (1 if dtype == "fp32" else 4), differ

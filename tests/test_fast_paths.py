@@ -429,6 +429,43 @@ def test_cuda_compiled_encoder(exact_fp32):
     assert cosine(f.cpu(), feats) >= 0.999 and tk.cpu().tolist() == tokens.tolist()
 
 
+@cuda
+def test_cuda_graph_encoder_replays_the_fused_program(exact_fp32):
+    ref, ids, px, feats, logits, tokens = exact_fp32
+    model = build(torch.bfloat16).to("cuda").optimize_for_inference("fast", cuda_graphs=True)
+    assert model.inference_settings["cuda_graphs"]
+    tower = model.vision_tower
+    plain = copy.deepcopy(tower).optimize_for_inference(True)  # the same fused program, run eagerly
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.rand(b, 3, s, s, generator=gen).to("cuda", torch.bfloat16) for b, s in ((1, 64), (1, 64), (2, 64), (1, 128))]
+    with torch.inference_mode():
+        outs = [tower(x) for x in xs]
+        for x, out in zip(xs, outs):  # each call's own input, not the last one captured, and an output kept
+            assert torch.allclose(out.float(), plain(x).float(), atol=1e-2, rtol=1e-2)
+        assert len(tower._fused_cache["cuda_graphs"]) == 3  # one graph per shape, reused for the repeat
+        assert not torch.equal(outs[0], outs[1])
+        for i in range(tower.MAX_CUDA_GRAPHS + 2):  # more shapes than kept: the least recent are dropped
+            tower(torch.rand(1, 3, 64 * (i + 3), 64, generator=gen).to("cuda", torch.bfloat16))
+        assert len(tower._fused_cache["cuda_graphs"]) == tower.MAX_CUDA_GRAPHS
+        with torch.no_grad():
+            tower.patch_embed[0].reparam_conv.weight.mul_(0.5)  # new weights: program and graphs rebuilt
+        plain.patch_embed[0].reparam_conv.weight.data.mul_(0.5)
+        plain.optimize_for_inference(True)
+        assert torch.allclose(tower(xs[0]).float(), plain(xs[0]).float(), atol=1e-2, rtol=1e-2)
+    f, lg, tk = probe(model, ids, px)  # through generate, as the CLI runs it
+    assert cosine(f.cpu(), feats) >= 0.999 and tk.cpu().tolist() == tokens.tolist()
+
+
+def test_cuda_graphs_option_is_checked_and_ignored_off_cuda(exact_fp32):
+    ref, ids, px, feats, logits, tokens = exact_fp32
+    with pytest.raises(ConfigError, match="cuda_graphs=True needs mode 'fast'"):
+        build().optimize_for_inference("exact", cuda_graphs=True)
+    model = build().optimize_for_inference("fast", cuda_graphs=True)  # on the CPU: the eager fused program
+    assert model.inference_settings["cuda_graphs"] is False
+    f, lg, tk = probe(model, ids, px)
+    assert rel_diff(f, feats) < 1e-4 and tk.tolist() == tokens.tolist()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_packed_gqa_decode_attention_matches_sdpa(dtype):
     from fastvlm.generation import PACKED_GQA_ATTENTION, use_packed_gqa_attention

@@ -137,6 +137,7 @@ class FastViTHD(nn.Module):
         self._fused_enabled = False
         self._fused_onednn = True
         self._fused_compile: Optional[dict] = None
+        self._fused_cuda_graphs = False
         self._fused_cache: dict = {}
 
     @staticmethod
@@ -183,7 +184,7 @@ class FastViTHD(nn.Module):
                 m.attn_impl = mode
 
     def optimize_for_inference(self, enabled: bool = True, *, onednn: bool = True,
-                               compile: Optional[dict] = None) -> "FastViTHD":
+                               compile: Optional[dict] = None, cuda_graphs: bool = False) -> "FastViTHD":
         """Run a fused program in eval mode: BN and layer scales folded, GELU and residual adds fused, SDPA.
 
         The parameters, buffers and `state_dict()` are unchanged (the checkpoint layout is
@@ -195,12 +196,16 @@ class FastViTHD(nn.Module):
         libraries (see `_fused_key`).
         `onednn=False` uses plain torch ops instead of oneDNN's fused kernels (for
         torch.compile, which does its own fusion). `compile`: keyword arguments for
-        `torch.compile` of the fused program (None: run it eagerly). `enabled=False`
+        `torch.compile` of the fused program (None: run it eagerly). `cuda_graphs`: on CUDA inputs,
+        replay the fused program as a CUDA graph, captured on the first call per input shape, dtype and
+        layout (the last `MAX_CUDA_GRAPHS` kept); at small batches a GPU otherwise waits on the host
+        issuing hundreds of small kernels. Ignored with `compile` and on other devices. `enabled=False`
         returns to the module tree.
         """
         self._fused_enabled = enabled
         self._fused_onednn = onednn
         self._fused_compile = None if compile is None else dict(compile)
+        self._fused_cuda_graphs = bool(cuda_graphs)
         self._fused_cache.clear()
         return self
 
@@ -270,6 +275,26 @@ class FastViTHD(nn.Module):
                 program = torch.compile(program, **self._fused_compile)
             self._fused_cache.update(program=program, key=key)
         return program
+
+    MAX_CUDA_GRAPHS = 4  # input shapes whose graphs (and their activation memory) are kept, least recent dropped
+
+    def _replay_cuda_graph(self, program, x: torch.Tensor) -> torch.Tensor:
+        """program(x) replayed from a CUDA graph captured for x's shape, dtype, layout and device.
+        The graphs live in the fused cache, so a change to the weights drops them with the program."""
+        if torch.cuda.is_current_stream_capturing():  # inside someone else's capture: just record the kernels
+            return program(x)
+        graphs = self._fused_cache.setdefault("cuda_graphs", {})
+        gkey = (tuple(x.shape), x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled())
+        entry = graphs.pop(gkey, None)
+        if entry is None:
+            entry = _capture_cuda_graph(program, x)
+            while len(graphs) >= self.MAX_CUDA_GRAPHS:
+                graphs.pop(next(iter(graphs)))  # dicts keep insertion order: the least recently used
+        graphs[gkey] = entry
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()  # the next replay overwrites static_out
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage's activations in backward: ~1 extra forward, far less memory at 1024 px."""
@@ -346,7 +371,10 @@ class FastViTHD(nn.Module):
         self.check_input(x)
         key = self._fused_key()
         if key is not None:
-            return self.fused_program(key)(x)
+            program = self.fused_program(key)
+            if self._fused_cuda_graphs and x.is_cuda and self._fused_compile is None:
+                return self._replay_cuda_graph(program, x)
+            return program(x)
         x = self.patch_embed(x)
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for module in self.network:
@@ -361,6 +389,23 @@ class FastViTHD(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> tokens [B, (H/patch)*(W/patch), out_channels], row-major, no CLS token."""
         return self.forward_features(x).flatten(2).transpose(1, 2)
+
+
+def _capture_cuda_graph(program, x: torch.Tensor):
+    """(graph, input buffer, output buffer) for program on x's shape. Two runs on a side stream first, so that
+    cuDNN's algorithm search and lazy initialisations happen outside the capture."""
+    with torch.cuda.device(x.device):
+        static_in = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                program(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU
+            static_out = program(static_in)
+    return graph, static_in, static_out
 
 
 def build_encoder(config: Optional[VisionConfig] = None, *, attn_impl: str = "eager",
