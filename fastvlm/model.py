@@ -329,8 +329,8 @@ class FastVLM(nn.Module):
         tree with its unfused softmax attention, PyTorch's linear layers.
         mode "fast" (the default of the CLI): channels-last convolutions (not on MPS), the
         encoder's fused program (BatchNorm and layer scales folded, GELU and residual adds
-        fused into oneDNN convolutions on CPU, SDPA attention; see `fastvlm.vision.fused`)
-        and, on CPUs, a faster single-query GQA attention for decode steps
+        fused into oneDNN convolutions on CPU, SDPA attention; see `fastvlm.vision.fused`),
+        on CUDA GPUs replayed as a CUDA graph per input shape (`cuda_graphs`), and, on CPUs, a faster single-query GQA attention for decode steps
         (`generation.use_packed_gqa_attention`) plus, on AVX-512 CPUs with a C compiler,
         native matrix-vector kernels for batch-1 decoding (`fastvlm.kernels`) and, in bf16,
         Qwen2 decode steps as three native calls per layer (`fastvlm.kernels.decode_layer`); `generate`
@@ -342,7 +342,9 @@ class FastVLM(nn.Module):
         (CPU only; the LM then computes in fp32 with int8 weights, the encoder keeps its
         dtype). Irreversible: reload the checkpoint to save or train.
         cuda_graphs: on a CUDA GPU, replay the fused encoder as a CUDA graph per input shape
-        (`FastViTHD.optimize_for_inference`); "fast" mode only, and not with `compile`.
+        (`FastViTHD.optimize_for_inference`); "fast" mode only, and not with `compile`. On by default
+        there: at batch 1 the encoder otherwise waits on the host issuing its kernels (H200, bf16,
+        1024 px: 8.2 ms replayed against 22 ms; benchmarks/results/gpu-encoder-ab-h200.json).
         decode_kernels / channels_last / cuda_graphs: override the mode's choice.
         """
         if mode not in ("exact", "fast"):
@@ -363,7 +365,7 @@ class FastVLM(nn.Module):
         if compile:
             compile_opts = {"options": {"freezing": True}} if device.type == "cpu" else {}
         if cuda_graphs is None:
-            cuda_graphs = False
+            cuda_graphs = fast and not compile
         cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
         self.vision_tower.optimize_for_inference(fast, onednn=not compile, compile=compile_opts,
                                                  cuda_graphs=cuda_graphs)

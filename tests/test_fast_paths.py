@@ -432,8 +432,9 @@ def test_cuda_compiled_encoder(exact_fp32):
 @cuda
 def test_cuda_graph_encoder_replays_the_fused_program(exact_fp32):
     ref, ids, px, feats, logits, tokens = exact_fp32
-    model = build(torch.bfloat16).to("cuda").optimize_for_inference("fast", cuda_graphs=True)
+    model = build(torch.bfloat16).to("cuda").optimize_for_inference("fast")  # on by default on CUDA
     assert model.inference_settings["cuda_graphs"]
+    assert not build(torch.bfloat16).to("cuda").optimize_for_inference("fast", compile=True).inference_settings["cuda_graphs"]
     tower = model.vision_tower
     plain = copy.deepcopy(tower).optimize_for_inference(True)  # the same fused program, run eagerly
     gen = torch.Generator().manual_seed(3)
@@ -447,6 +448,38 @@ def test_cuda_graph_encoder_replays_the_fused_program(exact_fp32):
         for i in range(tower.MAX_CUDA_GRAPHS + 2):  # more shapes than kept: the least recent are dropped
             tower(torch.rand(1, 3, 64 * (i + 3), 64, generator=gen).to("cuda", torch.bfloat16))
         assert len(tower._fused_cache["cuda_graphs"]) == tower.MAX_CUDA_GRAPHS
+        tower.CUDA_GRAPH_MAX_PIXELS = 64 * 64  # larger inputs run eagerly, without a graph
+        big = torch.rand(1, 3, 128, 128, generator=gen).to("cuda", torch.bfloat16)
+        before = set(tower._fused_cache["cuda_graphs"])
+        assert torch.allclose(tower(big).float(), plain(big).float(), atol=1e-2, rtol=1e-2)
+        assert set(tower._fused_cache["cuda_graphs"]) == before
+        del tower.CUDA_GRAPH_MAX_PIXELS
+
+        # threads on their own streams share one graph's buffers: each gets its own input's answer
+        import threading
+
+        inputs = [torch.rand(1, 3, 64, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(4)]
+        expected = [plain(x) for x in inputs]
+        results, errors = {}, []
+
+        def worker(i):
+            try:
+                with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream()):
+                    outs = [tower(inputs[(i + k) % 4]) for k in range(20)]
+                    torch.cuda.current_stream().synchronize()
+                results[i] = outs
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for i, outs in results.items():
+            for k, out in enumerate(outs):
+                assert torch.allclose(out.float(), expected[(i + k) % 4].float(), atol=1e-2, rtol=1e-2), (i, k)
         with torch.no_grad():
             tower.patch_embed[0].reparam_conv.weight.mul_(0.5)  # new weights: program and graphs rebuilt
         plain.patch_embed[0].reparam_conv.weight.data.mul_(0.5)
@@ -460,6 +493,7 @@ def test_cuda_graphs_option_is_checked_and_ignored_off_cuda(exact_fp32):
     ref, ids, px, feats, logits, tokens = exact_fp32
     with pytest.raises(ConfigError, match="cuda_graphs=True needs mode 'fast'"):
         build().optimize_for_inference("exact", cuda_graphs=True)
+    assert build().optimize_for_inference("fast").inference_settings["cuda_graphs"] is False  # CUDA only
     model = build().optimize_for_inference("fast", cuda_graphs=True)  # on the CPU: the eager fused program
     assert model.inference_settings["cuda_graphs"] is False
     f, lg, tk = probe(model, ids, px)

@@ -24,7 +24,7 @@ import sys
 
 from ..commands.common import _checked, _float_arg, _int_arg, seconds_arg
 
-MODES = ("exact", "fast", "compile", "int8", "graphs")
+MODES = ("exact", "fast", "compile", "int8", "no-graphs")
 DEFAULT_MODES = ["exact", "fast", "int8"]
 RESOLUTION_STEP = 64  # STEP of a START:STOP range when left out
 
@@ -107,9 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default auto). The accuracy comparison needs fp32 here")
     p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
                    help="exact: reference arithmetic; fast: fused encoder, channels-last, SDPA, native decode "
-                        "kernels; compile: fast + torch.compile of the encoder (give --warmup >= 1, or TTFT "
-                        "includes the compilation); int8: fast + int8 LLM linears (CPU); graphs: fast + the encoder "
-                        "replayed as a CUDA graph per input shape (CUDA; warm-up captures it). "
+                        "kernels (CPU), the encoder replayed as a CUDA graph per input shape (CUDA); compile: fast + torch.compile of the encoder (give --warmup >= 1, or TTFT "
+                        "includes the compilation); int8: fast + int8 LLM linears (CPU); no-graphs: fast without "
+                        "the CUDA graphs (CUDA). "
                         f"Default: {' '.join(DEFAULT_MODES)}. The accuracy comparison needs exact here")
     p.add_argument("--resolutions", nargs="+", default=None,
                    help="square input sizes, multiples of 64, or ranges START:STOP[:STEP] (STOP included, "

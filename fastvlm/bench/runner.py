@@ -127,9 +127,10 @@ def settings_notes(cfg: BenchConfig) -> list[str]:
         notes.append("compile measured with --warmup 0: its first timed run at each resolution includes "
                      "torch.compile's compilation (unless the accuracy probe compiled that shape first), so its "
                      "encode and TTFT figures may be compile time, not inference; use --warmup 1 or more")
-    if "graphs" in cfg.modes and cfg.warmup == 0:
-        notes.append("graphs measured with --warmup 0: its first timed run at each resolution includes the CUDA "
-                     "graph's capture (three encoder runs); use --warmup 1 or more")
+    on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if on_cuda and "fast" in cfg.modes and cfg.warmup == 0:
+        notes.append("fast measured on CUDA with --warmup 0: its first timed run at each resolution includes the "
+                     "CUDA graph's capture (three encoder runs); use --warmup 1 or more")
     return notes
 
 
