@@ -66,7 +66,8 @@ def main_table(r, res=1024) -> str:
                      num(x.get("peak_mb"), "{:,.0f}")])
     return table(["model", "dtype", "mode", "encoder ms", "projector ms", "prefill ms", "TTFT ms", "decode tok/s",
                   "TTFT / transformers", "TTFT / transformers in a fresh process", "TTFT / roofline", "encoder % of matmul peak", "prefill % of peak",
-                  "decode % of bandwidth bound", "... of each run's own bound", "process peak RSS MiB"], rows)
+                  "decode % of bandwidth bound", "... of each run's own bound",
+                  "peak GPU memory MiB" if r["machine"].get("device") == "cuda" else "process peak RSS MiB"], rows)
 
 
 def accuracy_table(r) -> str:
@@ -147,6 +148,11 @@ def main() -> int:
          [lambda r: "At 512 px:\n\n" + main_table(r, 512), lambda r: "At 1024 px:\n\n" + main_table(r)]),
         ("bench-7b-cpu.json", "7B architecture, CPU", [main_table]),
         ("bench-0.5b-h100.json", "0.5B architecture, H100", [main_table, sweep_table, accuracy_table, baselines_table]),
+        ("bench-0.5b-h200.json", "0.5B architecture, H200 (session 25: its `fast` rows are the eager fused encoder, "
+         "its `graphs` rows the same program replayed as a CUDA graph, which `fast` has been on CUDA since)",
+         [main_table, sweep_table, accuracy_table, baselines_table]),
+        ("bench-0.5b-h200-graphs.json", "0.5B bf16, H200, CUDA graphs as fast's default (session 25; `no-graphs` "
+         "is the eager fused encoder)", [main_table]),
     ]
     # the same runs on a second CPU (SUFFIX=-intel bash benchmarks/run_cpu.sh ...) follow the first's
     sections += [(n.replace(".json", "-intel.json"), t.replace("CPU", "CPU (Intel Xeon with AMX)"), f)
@@ -170,7 +176,7 @@ def main() -> int:
     print("Sizes in MiB (2^20 bytes; the JSON's `peak_mb` fields too); GB/s and GFLOP/s in powers of ten. int8 rows "
           "get no TTFT / roofline or prefill % of peak: their LLM runs int8 matmuls, whose peak is not measured "
           "(files written before 2026-11-28 hold such figures, against the float peak; the tables leave them out). "
-          "Every run below was timed with a thread sampling memory every 2 ms beside the timed call (in an A/B "
+          "Every CPU run below was timed with a thread sampling memory every 2 ms beside the timed call (in an A/B "
           "run it slowed a tiny model's decode by about a third; its effect at 0.5B was not measured); "
           "`fastvlm bench` now reads the kernel's peak-RSS mark instead, so a rerun may be faster.\n")
     for name, title, fns in sections:

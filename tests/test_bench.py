@@ -130,6 +130,15 @@ def _tiny(out, *extra):
             "--baselines", "none", "--modes", "fast", "--no-plots", "--out", str(out), "--name", "t", *extra]
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the note of a machine without CUDA")
+def test_a_mode_this_device_cannot_run_is_noted_not_silently_dropped(tmp_path):
+    assert main(_tiny(tmp_path, "--modes", "fast", "no-graphs", "--dtypes", "fp32", "--resolutions", "128")) == 0
+    with open(tmp_path / "t.json") as f:
+        report = json.load(f)
+    assert {r["mode"] for r in report["results"]} == {"fast"}
+    assert "no-graphs: not run on cpu (fast uses CUDA graphs only on CUDA GPUs)" in report["notes"]
+
+
 def _argparse_error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as e:
         main(argv)

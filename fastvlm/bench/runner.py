@@ -341,6 +341,13 @@ def _run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                         modes.remove("int8")
                         report["notes"].append(f"{name} {dname}: int8 skipped (not enough memory for its copy)")
                 variants = suite.build_variants(base, modes)
+                for m in modes:
+                    if m not in variants:
+                        why = {"int8": "its dynamic int8 kernels are CPU-only",
+                               "no-graphs": "fast uses CUDA graphs only on CUDA GPUs"}.get(m, "not available")
+                        note = f"{m}: not run on {device.type} ({why})"
+                        if note not in report["notes"]:
+                            report["notes"].append(note)
                 kinds = {k: v.model.inference_settings for k, v in variants.items()}
                 log(f"variants: {', '.join(variants)}" + (" + transformers" if hf else ""))
 
