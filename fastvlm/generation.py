@@ -180,11 +180,20 @@ def use_packed_gqa_attention(language_model, enabled: bool = True) -> bool:
     return enabled
 
 
+# set on a language model (by `FastVLM.optimize_for_inference`) whose batch-1 CUDA decode steps replay a CUDA graph
+GRAPH_DECODE_FLAG = "_fastvlm_graph_decode"
+
+
 def native_decoder(language_model, capacity: int):
-    """The native whole-step decoder (`fastvlm.kernels.decode_model`) for a batch-1 generation of up to
-    `capacity` tokens where the language model's layers run on the native decode kernels (the `fast`
-    mode on AVX-512 CPUs, bf16 or fp32); None otherwise, and then transformers' model and DynamicCache
+    """The whole-step decoder for a batch-1 generation of up to `capacity` tokens: native
+    (`fastvlm.kernels.decode_model`) where the language model's layers run on the native decode kernels (the
+    `fast` mode on AVX-512 CPUs, bf16 or fp32), replayed as a CUDA graph (`fastvlm.kernels.graph_decode`) where
+    the `fast` mode set it up on a CUDA GPU; None otherwise, and then transformers' model and DynamicCache
     take the steps."""
+    if getattr(language_model, GRAPH_DECODE_FLAG, False):
+        from .kernels.graph_decode import GraphQwen2Decoder
+
+        return GraphQwen2Decoder.for_model(language_model, capacity)
     if not _on_decode_kernels(language_model):
         return None  # checked first: in every other mode nothing here loads or builds the kernels
     from .kernels.decode_model import NativeQwen2Decoder
@@ -194,6 +203,10 @@ def native_decoder(language_model, capacity: int):
 
 def native_decoding(language_model) -> bool:
     """Whether `generate` decodes batch-1 requests of this language model natively (nothing allocated)."""
+    if getattr(language_model, GRAPH_DECODE_FLAG, False):
+        from .kernels.graph_decode import GraphQwen2Decoder
+
+        return GraphQwen2Decoder.plan(language_model) is not None
     if not _on_decode_kernels(language_model):
         return False
     from .kernels.decode_model import NativeQwen2Decoder
@@ -393,7 +406,7 @@ def _generate_steps(
     out = None  # it referenced the cache; the native decoder below may take the cache over
     # batch-1 steps on the CPU may go to the native decoder, built at the first step after the first token
     # (so that TTFT does not pay for it, nor a reply that ends at its first token)
-    native, try_native = None, batch == 1 and device.type == "cpu" and bool(attention_mask.all())
+    native, try_native = None, batch == 1 and device.type in ("cpu", "cuda") and bool(attention_mask.all())
     # token history for the repetition penalty: the prompt's text ids (images and padding excluded)
     history = (input_ids.masked_fill((input_ids < 0) | (attention_mask == 0), -1)
                if params.repetition_penalty != 1.0 else None)

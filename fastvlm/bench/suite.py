@@ -80,9 +80,11 @@ class Variant:
 
     def activate(self) -> None:
         from .. import kernels
+        from ..generation import GRAPH_DECODE_FLAG
 
-        # the LLM may be shared with other variants: put its linears in this variant's form
+        # the LLM may be shared with other variants: put its linears and decode loop in this variant's form
         kernels.use_decode_kernels(self.model.language_model, self.decode_kernels)
+        setattr(self.model.language_model, GRAPH_DECODE_FLAG, bool(self.model.inference_settings.get("cuda_graphs")))
 
     def run(self, ids: torch.Tensor, px: torch.Tensor, new_tokens: int) -> dict[str, Any]:
         from ..generation import generate

@@ -44,14 +44,15 @@ def _kv_of(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.key_cache[i], cache.value_cache[i]
 
 
-def _ok(t, dtype: torch.dtype) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+def _ok(t, dtype: torch.dtype, device_type: str = "cpu") -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == dtype and t.device.type == device_type and t.is_contiguous()
 
 
-def _layer_shape(layer, dtype: torch.dtype) -> Optional[tuple]:
+def _layer_shape(layer, dtype: torch.dtype, device_type: str = "cpu") -> Optional[tuple]:
     """(H, I, nq, nkv, D, scaling, eps1, eps2) where `layer` has exactly the structure the native step
     implements (a Qwen2 decoder layer with plain or DecodeLinear projections and SiLU, no sliding window),
-    every tensor in `dtype` on the CPU; None otherwise (another architecture, a wrapped or quantized projection, say)."""
+    every tensor in `dtype` on a device of `device_type`; None otherwise (another architecture, a wrapped or
+    quantized projection, say). `graph_decode` uses it for CUDA too."""
     if type(layer) not in (Qwen2DecoderLayer, LeanQwen2DecoderLayer):
         return None  # look-alikes differ (Qwen3 normalises q and k per head before rotary, say)
     a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -62,10 +63,10 @@ def _layer_shape(layer, dtype: torch.dtype) -> Optional[tuple]:
         eps = (float(norms[0].variance_epsilon), float(norms[1].variance_epsilon))
     except (AttributeError, TypeError, ValueError):
         return None
-    if (not all(type(x) in (nn.Linear, DecodeLinear) and _ok(x.weight, dtype) and (x.bias is None or _ok(x.bias, dtype))
-                for x in lins)
+    if (not all(type(x) in (nn.Linear, DecodeLinear) and _ok(x.weight, dtype, device_type)
+                and (x.bias is None or _ok(x.bias, dtype, device_type)) for x in lins)
             or any(x.bias is not None for x in lins[3:])
-            or not all(_ok(getattr(x, "weight", None), dtype) for x in norms)
+            or not all(_ok(getattr(x, "weight", None), dtype, device_type) for x in norms)
             or getattr(a, "sliding_window", None) is not None
             or getattr(getattr(m, "config", None), "hidden_act", None) != "silu"
             or D % 2 or not 0 < D <= 512):  # the native rotary and attention keep a head in 512 floats

@@ -1,0 +1,192 @@
+"""Batch-1 decode steps of a Qwen2 model on a CUDA GPU, replayed as one CUDA graph per step.
+
+At batch 1 a GPU decode step through transformers' modules issues some 15 kernels per layer and
+waits on the host for every one of them (60 tokens/s for the 0.5B architecture on an H200,
+benchmarks/results/bench-0.5b-h200.json, where reading its weights once takes under a millisecond).
+`GraphQwen2Decoder` writes the step as a fixed sequence of tensor operations on buffers allocated once
+for the whole generation, so that it can be captured as a CUDA graph and replayed with one launch:
+
+- the KV cache is [layers, 1, kv heads, capacity, head dim] for keys and for values, zero-filled, and a
+  step writes its key and value at the slot held in a device tensor (`index_copy_`);
+- attention runs over the whole capacity with a mask of the slots filled so far, so every shape is fixed
+  (the single query's heads of one KV group are that group's queries, as grouped-query attention reads the
+  same keys for them);
+- the rotary tables come from the model's own rotary module, once for every position the generation can reach,
+  and are indexed by the position tensor.
+
+The arithmetic is transformers' Qwen2 modules' (RMSNorm in fp32 and rounded back, rotary in the model's dtype,
+the projections as `nn.Linear` computes them, SiLU-gated MLP); only the attention kernel differs (SDPA over the
+masked capacity, not over the filled slots), so the logits follow the module path's within the dtype's
+rounding (tests/test_graph_decode.py). The first steps of a generation run eagerly (short answers never pay for
+a capture); the graph is captured at the third.
+
+`generation.generate_steps` uses it after a prefill through transformers for batch-1 requests without padding on
+CUDA when the model runs in the `fast` mode (`FastVLM.optimize_for_inference`), copying the prefill's
+`DynamicCache` into its buffers once. On other devices it runs eagerly (the tests run it on the CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .decode_model import _kv_of, _layer_shape, _ok
+
+EAGER_STEPS = 2  # steps before the capture: answers of a few tokens never pay for one
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class GraphQwen2Decoder:
+    """One batch-1 generation's decode steps for a Qwen2ForCausalLM (see the module docstring).
+
+    Build it with `for_model` (None where the model does not qualify), fill its cache from the prefill with
+    `load_cache`, then call `step(token, position)` once per token.
+    """
+
+    def __init__(self, lm, capacity: int, shapes: list[tuple], graphs: bool = True) -> None:
+        base = lm.model
+        self.embed = base.embed_tokens.weight
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.L = len(shapes)
+        self.H, self.I, self.nq, self.nkv, self.D, self.scaling = shapes[0][:6]
+        self.capacity = int(capacity)
+        self.layers = []
+        for layer, shape in zip(base.layers, shapes):
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append((layer.input_layernorm.weight, shape[6], a.q_proj.weight, a.q_proj.bias,
+                                a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, a.o_proj.weight,
+                                layer.post_attention_layernorm.weight, shape[7], m.gate_proj.weight,
+                                m.up_proj.weight, m.down_proj.weight))
+        self.norm_w, self.norm_eps = base.norm.weight, float(base.norm.variance_epsilon)
+        self.lm_head = lm.lm_head.weight
+        with torch.no_grad():
+            positions = torch.arange(self.capacity, device=self.device).unsqueeze(0)
+            cos, sin = base.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
+        self.cos, self.sin = cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
+        shape = (self.L, 1, self.nkv, self.capacity, self.D)
+        # zeros, not garbage: masked slots get no weight, but 0 x NaN would still be NaN
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.slots = torch.arange(self.capacity, device=self.device)
+        self.token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.length = 0  # tokens in the cache
+        self.steps = 0
+        self.graphs = bool(graphs) and self.device.type == "cuda"
+        self._graph = None
+        self._logits: Optional[torch.Tensor] = None
+
+    @classmethod
+    def for_model(cls, lm, capacity: int, graphs: bool = True) -> Optional["GraphQwen2Decoder"]:
+        """A decoder for `lm` with room for `capacity` tokens, or None where the step does not apply (`plan`)."""
+        shapes = cls.plan(lm)
+        return None if shapes is None else cls(lm, capacity, shapes, graphs=graphs)
+
+    @staticmethod
+    def plan(lm) -> Optional[list]:
+        """Every layer's shape where the step applies to `lm`, else None: weights in another dtype than fp32,
+        bf16 or fp16 or on several devices, a layer the step does not implement (`decode_model._layer_shape`:
+        Qwen2 layers of plain linears and SiLU, no sliding window), layers of different shapes, a rotary
+        scaling other than the default, a bias on the LM head, training mode or forward hooks."""
+        base = getattr(lm, "model", None)
+        layers = getattr(base, "layers", None)
+        embed = getattr(getattr(base, "embed_tokens", None), "weight", None)
+        if not layers or getattr(lm, "lm_head", None) is None or not isinstance(embed, torch.Tensor):
+            return None
+        dtype, device = embed.dtype, embed.device
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        if lm.training or any(mod._forward_hooks or mod._forward_pre_hooks for mod in lm.modules()):
+            return None
+        shapes = [_layer_shape(layer, dtype, device.type) for layer in layers]
+        if any(x is None for x in shapes) or len({x[:6] for x in shapes}) != 1:
+            return None
+        if any(p.device != device for p in lm.parameters()):
+            return None  # one device: a model split across GPUs runs transformers' steps
+        rotary = getattr(base, "rotary_emb", None)
+        if rotary is None or getattr(rotary, "rope_type", "default") != "default":
+            return None
+        head, norm = lm.lm_head, getattr(base, "norm", None)
+        tensors = [getattr(head, "weight", None), getattr(norm, "weight", None), embed]
+        if (getattr(head, "bias", None) is not None or norm is None
+                or not all(_ok(t, dtype, device.type) for t in tensors)
+                or not tensors[0].shape[1] == tensors[2].shape[1] == tensors[1].shape[0] == shapes[0][0]):
+            return None
+        return shapes
+
+    def load_cache(self, cache, length: int) -> None:
+        """Copy the first `length` positions of a transformers cache (batch 1) into the buffers."""
+        if length > self.capacity:
+            raise ValueError(f"the cache holds {length} tokens, more than this decoder's capacity of {self.capacity}")
+        for i in range(self.L):
+            k, v = _kv_of(cache, i)
+            self.keys[i, 0, :, :length].copy_(k[0, :, :length])
+            self.values[i, 0, :, :length].copy_(v[0, :, :length])
+        self.length = length
+
+    @torch.no_grad()
+    def _compute(self) -> torch.Tensor:
+        """One step on the device tensors token, pos and slot: the next token's logits [1, vocab] (fp32)."""
+        groups = self.nq // self.nkv
+        h = F.embedding(self.token, self.embed)  # [1, H]
+        cos = self.cos.index_select(0, self.pos)  # [1, D]
+        sin = self.sin.index_select(0, self.pos)
+        mask = (self.slots <= self.slot).view(1, 1, 1, -1)  # the slots filled, this step's included
+        for i, (ln1, eps1, wq, bq, wk, bk, wv, bv, wo, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
+            x = _rms(h, ln1, eps1)
+            q = _rotate(F.linear(x, wq, bq).view(self.nkv, groups, self.D), cos, sin)
+            k = _rotate(F.linear(x, wk, bk).view(1, self.nkv, 1, self.D), cos, sin)
+            v = F.linear(x, wv, bv).view(1, self.nkv, 1, self.D)
+            self.keys[i].index_copy_(2, self.slot, k)
+            self.values[i].index_copy_(2, self.slot, v)
+            a = F.scaled_dot_product_attention(q.unsqueeze(0), self.keys[i], self.values[i], attn_mask=mask,
+                                               scale=self.scaling)
+            h = h + F.linear(a.reshape(1, self.nq * self.D), wo)
+            x = _rms(h, ln2, eps2)
+            h = h + F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+        return F.linear(_rms(h, self.norm_w, self.norm_eps), self.lm_head).float()
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the step being captured, once eagerly: it rewrites the same slot
+            self._compute()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._logits = self._compute()
+        self._graph = graph
+
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """Append `token` at rotary `position`; returns the next token's logits [1, vocab] (fp32)."""
+        if self.length >= self.capacity or not 0 <= position < self.capacity:
+            raise ValueError(f"decoder full: {self.length} tokens cached, capacity {self.capacity}, position {position}")
+        if not 0 <= token < self.embed.shape[0]:
+            raise ValueError(f"token id {token} is outside the vocabulary of {self.embed.shape[0]}")
+        self.token.fill_(token)
+        self.pos.fill_(position)
+        self.slot.fill_(self.length)
+        if self.graphs and self.steps >= EAGER_STEPS:
+            with torch.cuda.device(self.device):
+                if self._graph is None:
+                    self._capture()
+                self._graph.replay()
+            logits = self._logits.clone()  # the next replay overwrites it
+        else:
+            logits = self._compute()
+        self.length += 1
+        self.steps += 1
+        return logits
