@@ -26,7 +26,7 @@ small)
 check)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -k "cuda or gpu" --durations=8 -rs \
       tests/test_fast_paths.py tests/test_bundled_model.py tests/test_train_gpu.py 2>&1 | tee "$OUT/gpu-tests-$GPU.log"
-  timeout 210 $BENCH --preset fastvlm-0.5b --dtypes fp32 bf16 --modes exact fast no-graphs --resolutions 512 1024 2048 \
+  timeout 210 $BENCH --preset fastvlm-0.5b --dtypes fp32 bf16 --modes exact fast no-graphs graph-decode --resolutions 512 1024 2048 \
       --baseline-dtypes bf16 --name "bench-0.5b-$GPU" 2>&1 | tee "$OUT/bench-0.5b-$GPU.log"
   timeout 100 python3 benchmarks/gpu_encoder_ab.py --dtypes bf16 fp16 --compile default \
       --out "$OUT/gpu-encoder-ab-$GPU.json" 2>&1 | tail -50

@@ -322,6 +322,7 @@ class FastVLM(nn.Module):
         decode_kernels: Optional[bool] = None,
         channels_last: Optional[bool] = None,
         cuda_graphs: Optional[bool] = None,
+        graph_decode: bool = False,
     ) -> "FastVLM":
         """Choose the inference path; returns self. Weights, dtype and state dict are unchanged unless `quantize`.
 
@@ -342,10 +343,12 @@ class FastVLM(nn.Module):
         (CPU only; the LM then computes in fp32 with int8 weights, the encoder keeps its
         dtype). Irreversible: reload the checkpoint to save or train.
         cuda_graphs: on a CUDA GPU, replay the fused encoder as a CUDA graph per input shape
-        (`FastViTHD.optimize_for_inference`; not with `compile`) and `generate`'s batch-1 decode steps as
-        one graph per step (`fastvlm.kernels.graph_decode`); "fast" mode only. On by default there: at
-        batch 1 the GPU otherwise waits on the host issuing kernels (H200, bf16, 1024 px: the encoder
-        8.2 ms replayed against 22 ms; benchmarks/results/gpu-encoder-ab-h200.json).
+        (`FastViTHD.optimize_for_inference`); "fast" mode only, and not with `compile`. On by default
+        there: at batch 1 the encoder otherwise waits on the host issuing its kernels (H200, bf16,
+        1024 px: 8.2 ms replayed against 22 ms; benchmarks/results/gpu-encoder-ab-h200.json).
+        graph_decode: on a CUDA GPU, run `generate`'s batch-1 decode steps as a lean Qwen2 step replayed
+        as a CUDA graph (`fastvlm.kernels.graph_decode`); "fast" mode only. Off by default: its
+        arithmetic is tested against transformers' steps on the CPU, but no GPU has run it yet.
         decode_kernels / channels_last / cuda_graphs: override the mode's choice.
         """
         if mode not in ("exact", "fast"):
@@ -354,8 +357,10 @@ class FastVLM(nn.Module):
             raise ConfigError(f"quantize must be None or 'int8', got {quantize!r}")
         if compile and mode != "fast":
             raise ConfigError("compile=True needs mode 'fast' (it compiles the fused encoder)")
-        if cuda_graphs and mode != "fast":
-            raise ConfigError("cuda_graphs=True needs mode 'fast' (it replays the fused encoder and lean decode steps)")
+        if cuda_graphs and (mode != "fast" or compile):
+            raise ConfigError("cuda_graphs=True needs mode 'fast' without compile (it replays the fused encoder)")
+        if graph_decode and mode != "fast":
+            raise ConfigError("graph_decode=True needs mode 'fast'")
         fast = mode == "fast"
         device = self.device
         if channels_last is None:
@@ -366,17 +371,17 @@ class FastVLM(nn.Module):
         if compile:
             compile_opts = {"options": {"freezing": True}} if device.type == "cpu" else {}
         if cuda_graphs is None:
-            cuda_graphs = fast
+            cuda_graphs = fast and not compile  # a compiled encoder is inductor's to schedule
         cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
-        encoder_graphs = cuda_graphs and not compile  # a compiled encoder is inductor's to schedule
+        graph_decode = bool(graph_decode) and device.type == "cuda" and quantize is None
         self.vision_tower.optimize_for_inference(fast, onednn=not compile, compile=compile_opts,
-                                                 cuda_graphs=encoder_graphs)
+                                                 cuda_graphs=cuda_graphs)
         if quantize == "int8":
             self._quantize_int8()
         from . import kernels
         from .generation import GRAPH_DECODE_FLAG, native_decoding, use_packed_gqa_attention
 
-        setattr(self.language_model, GRAPH_DECODE_FLAG, cuda_graphs and quantize is None)
+        setattr(self.language_model, GRAPH_DECODE_FLAG, graph_decode)
 
         if decode_kernels is None:
             decode_kernels = fast and device.type == "cpu" and kernels.available(self.dtype)
@@ -388,16 +393,17 @@ class FastVLM(nn.Module):
         self.inference_settings = {
             "mode": mode,
             "channels_last": bool(channels_last),
-            "encoder": ("fused, a CUDA graph per input shape" if encoder_graphs else "fused") if fast else "reference",
+            "encoder": ("fused, a CUDA graph per input shape" if cuda_graphs else "fused") if fast else "reference",
             "attention": "sdpa" if fast else "eager",
             "compile": bool(compile),
             "cuda_graphs": cuda_graphs,
+            "graph_decode": graph_decode,
             "quantize": quantize or self.inference_settings.get("quantize"),
             "decode_kernels": bool(decode_kernels) and n_kernels > 0,
             "decode_attention": "packed-gqa sdpa" if packed_gqa else "sdpa",
             "decode_layers": "native bf16 steps" if n_lean else "transformers",
             # what generate's batch-1 decode steps run on
-            "decode_loop": ((("CUDA graph of a lean step" if cuda_graphs else "native whole-model step")
+            "decode_loop": ((("CUDA graph of a lean step" if graph_decode else "native whole-model step")
                              + ", preallocated KV cache (batch 1)")
                             if native_decoding(self.language_model) else "transformers"),
         }

@@ -132,11 +132,13 @@ def _tiny(out, *extra):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the note of a machine without CUDA")
 def test_a_mode_this_device_cannot_run_is_noted_not_silently_dropped(tmp_path):
-    assert main(_tiny(tmp_path, "--modes", "fast", "no-graphs", "--dtypes", "fp32", "--resolutions", "128")) == 0
+    assert main(_tiny(tmp_path, "--modes", "fast", "no-graphs", "graph-decode", "--dtypes", "fp32",
+                      "--resolutions", "128")) == 0
     with open(tmp_path / "t.json") as f:
         report = json.load(f)
     assert {r["mode"] for r in report["results"]} == {"fast"}
     assert "no-graphs: not run on cpu (fast uses CUDA graphs only on CUDA GPUs)" in report["notes"]
+    assert "graph-decode: not run on cpu (CUDA graphs need a CUDA GPU)" in report["notes"]
 
 
 def _argparse_error(capsys, argv) -> str:

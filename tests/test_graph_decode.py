@@ -78,6 +78,16 @@ def test_generate_uses_it_where_the_flag_is_set_and_answers_the_same(monkeypatch
     assert torch.equal(lean, plain)
 
 
+def test_graph_decode_is_opt_in_and_cuda_only():
+    model = _model()
+    with pytest.raises(Exception, match="graph_decode=True needs mode 'fast'"):
+        model.optimize_for_inference("exact", graph_decode=True)
+    assert not model.optimize_for_inference("fast").inference_settings["graph_decode"]
+    model.optimize_for_inference("fast", graph_decode=True)  # on the CPU: transformers' steps, as before
+    assert not model.inference_settings["graph_decode"]
+    assert not getattr(model.language_model, GRAPH_DECODE_FLAG)
+
+
 def test_it_steps_aside_where_the_step_does_not_apply():
     lm = _model().language_model
     assert GraphQwen2Decoder.plan(lm) is not None
@@ -137,7 +147,7 @@ def test_cuda_fast_mode_generates_as_transformers_loop():
     assert model.inference_settings["decode_loop"] == "transformers"
     with torch.inference_mode():
         plain = model.generate(input_ids=ids, max_new_tokens=20, eos_token_id=[])
-    model.optimize_for_inference("fast")
+    model.optimize_for_inference("fast", graph_decode=True)
     assert model.inference_settings["decode_loop"].startswith("CUDA graph of a lean step")
     with torch.inference_mode():
         graphed = model.generate(input_ids=ids, max_new_tokens=20, eos_token_id=[])

@@ -24,7 +24,7 @@ import sys
 
 from ..commands.common import _checked, _float_arg, _int_arg, seconds_arg
 
-MODES = ("exact", "fast", "compile", "int8", "no-graphs")
+MODES = ("exact", "fast", "compile", "int8", "no-graphs", "graph-decode")
 DEFAULT_MODES = ["exact", "fast", "int8"]
 RESOLUTION_STEP = 64  # STEP of a START:STOP range when left out
 
@@ -109,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exact: reference arithmetic; fast: fused encoder, channels-last, SDPA, native decode "
                         "kernels (CPU), the encoder replayed as a CUDA graph per input shape (CUDA); compile: fast + torch.compile of the encoder (give --warmup >= 1, or TTFT "
                         "includes the compilation); int8: fast + int8 LLM linears (CPU); no-graphs: fast without "
-                        "the CUDA graphs (CUDA). "
+                        "the CUDA graphs; graph-decode: fast + batch-1 decode steps as a CUDA graph (CUDA, "
+                        "experimental). "
                         f"Default: {' '.join(DEFAULT_MODES)}. The accuracy comparison needs exact here")
     p.add_argument("--resolutions", nargs="+", default=None,
                    help="square input sizes, multiples of 64, or ranges START:STOP[:STEP] (STOP included, "

@@ -344,7 +344,8 @@ def _run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 for m in modes:
                     if m not in variants:
                         why = {"int8": "its dynamic int8 kernels are CPU-only",
-                               "no-graphs": "fast uses CUDA graphs only on CUDA GPUs"}.get(m, "not available")
+                               "no-graphs": "fast uses CUDA graphs only on CUDA GPUs",
+                               "graph-decode": "CUDA graphs need a CUDA GPU"}.get(m, "not available")
                         note = f"{m}: not run on {device.type} ({why})"
                         if note not in report["notes"]:
                             report["notes"].append(note)

@@ -24,7 +24,7 @@ from . import core
 
 IMAGE_TOKEN = -200  # fastvlm.config.IMAGE_TOKEN_INDEX
 TEXT_TOKENS = 32  # text around the image in the prompt: 288 tokens at 1024 px, as in targets.md
-OUR_MODES = ("exact", "fast", "compile", "int8", "no-graphs")
+OUR_MODES = ("exact", "fast", "compile", "int8", "no-graphs", "graph-decode")
 
 
 def log(msg: str) -> None:
@@ -84,7 +84,7 @@ class Variant:
 
         # the LLM may be shared with other variants: put its linears and decode loop in this variant's form
         kernels.use_decode_kernels(self.model.language_model, self.decode_kernels)
-        setattr(self.model.language_model, GRAPH_DECODE_FLAG, bool(self.model.inference_settings.get("cuda_graphs")))
+        setattr(self.model.language_model, GRAPH_DECODE_FLAG, bool(self.model.inference_settings.get("graph_decode")))
 
     def run(self, ids: torch.Tensor, px: torch.Tensor, new_tokens: int) -> dict[str, Any]:
         from ..generation import generate
@@ -132,7 +132,7 @@ def build_variants(base, modes: list[str], log_fn=log) -> dict[str, Variant]:
     if "exact" in modes:
         base.optimize_for_inference("exact")
         variants["exact"] = Variant("exact", base, decode_kernels=False)
-    if any(m in modes for m in ("fast", "compile", "int8", "no-graphs")):
+    if any(m in modes for m in ("fast", "compile", "int8", "no-graphs", "graph-decode")):
         fast_tower = copy.deepcopy(base.vision_tower)
         fast = _view(base, vision_tower=fast_tower)
         fast.optimize_for_inference("fast")
@@ -155,6 +155,11 @@ def build_variants(base, modes: list[str], log_fn=log) -> dict[str, Variant]:
                 eager.optimize_for_inference("fast", cuda_graphs=False)
                 kernels.use_decode_kernels(base.language_model, False)
                 variants["no-graphs"] = Variant("no-graphs", eager, decode_kernels=dk)
+        if "graph-decode" in modes and device.type == "cuda":
+            gd = _view(base, vision_tower=fast_tower)  # the fast encoder, shared
+            gd.optimize_for_inference("fast", graph_decode=True)
+            kernels.use_decode_kernels(base.language_model, False)
+            variants["graph-decode"] = Variant("graph-decode", gd, decode_kernels=dk)
         if "int8" in modes:
             if device.type != "cpu":
                 log_fn("int8: skipped (PyTorch's dynamic int8 kernels are CPU-only)")

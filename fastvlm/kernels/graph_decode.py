@@ -21,8 +21,10 @@ rounding (tests/test_graph_decode.py). The first steps of a generation run eager
 a capture); the graph is captured at the third.
 
 `generation.generate_steps` uses it after a prefill through transformers for batch-1 requests without padding on
-CUDA when the model runs in the `fast` mode (`FastVLM.optimize_for_inference`), copying the prefill's
-`DynamicCache` into its buffers once. On other devices it runs eagerly (the tests run it on the CPU).
+CUDA when the model was set up with `FastVLM.optimize_for_inference("fast", graph_decode=True)`, copying the
+prefill's `DynamicCache` into its buffers once. Experimental: no GPU has run it yet (the CUDA tests in
+tests/test_graph_decode.py are written for the next one). On other devices it runs eagerly, which is how the
+tests check its arithmetic on the CPU.
 """
 
 from __future__ import annotations
