@@ -188,12 +188,12 @@ def native_decoder(language_model, capacity: int):
     """The whole-step decoder for a batch-1 generation of up to `capacity` tokens: native
     (`fastvlm.kernels.decode_model`) where the language model's layers run on the native decode kernels (the
     `fast` mode on AVX-512 CPUs, bf16 or fp32), replayed as a CUDA graph (`fastvlm.kernels.graph_decode`) where
-    the `fast` mode set it up on a CUDA GPU; None otherwise, and then transformers' model and DynamicCache
-    take the steps."""
+    `optimize_for_inference("fast", graph_decode=True)` set it up on a CUDA GPU; None otherwise, and then
+    transformers' model and DynamicCache take the steps."""
     if getattr(language_model, GRAPH_DECODE_FLAG, False):
         from .kernels.graph_decode import GraphQwen2Decoder
 
-        return GraphQwen2Decoder.for_model(language_model, capacity)
+        return GraphQwen2Decoder.for_model(language_model, capacity)  # also eagerly off CUDA, as the tests run it
     if not _on_decode_kernels(language_model):
         return None  # checked first: in every other mode nothing here loads or builds the kernels
     from .kernels.decode_model import NativeQwen2Decoder
@@ -404,9 +404,10 @@ def _generate_steps(
     )
     logits = out.logits[:, -1, :].float()
     out = None  # it referenced the cache; the native decoder below may take the cache over
-    # batch-1 steps on the CPU may go to the native decoder, built at the first step after the first token
-    # (so that TTFT does not pay for it, nor a reply that ends at its first token)
-    native, try_native = None, batch == 1 and device.type in ("cpu", "cuda") and bool(attention_mask.all())
+    # batch-1 steps on the CPU (or on CUDA with graph_decode) may go to a whole-step decoder, built at the first
+    # step after the first token (so that TTFT does not pay for it, nor a reply that ends at its first token)
+    lean = device.type == "cpu" or (device.type == "cuda" and getattr(model.language_model, GRAPH_DECODE_FLAG, False))
+    native, try_native = None, batch == 1 and lean and bool(attention_mask.all())
     # token history for the repetition penalty: the prompt's text ids (images and padding excluded)
     history = (input_ids.masked_fill((input_ids < 0) | (attention_mask == 0), -1)
                if params.repetition_penalty != 1.0 else None)

@@ -107,8 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default auto). The accuracy comparison needs fp32 here")
     p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
                    help="exact: reference arithmetic; fast: fused encoder, channels-last, SDPA, native decode "
-                        "kernels (CPU), the encoder replayed as a CUDA graph per input shape (CUDA); compile: fast + torch.compile of the encoder (give --warmup >= 1, or TTFT "
-                        "includes the compilation); int8: fast + int8 LLM linears (CPU); no-graphs: fast without "
+                        "kernels (CPU), the encoder replayed as a CUDA graph per input shape (CUDA); compile: "
+                        "fast + torch.compile of the encoder (give --warmup >= 1, or TTFT includes the "
+                        "compilation); int8: fast + int8 LLM linears (CPU); no-graphs: fast without "
                         "the CUDA graphs; graph-decode: fast + batch-1 decode steps as a CUDA graph (CUDA, "
                         "experimental). "
                         f"Default: {' '.join(DEFAULT_MODES)}. The accuracy comparison needs exact here")

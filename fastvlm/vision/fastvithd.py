@@ -386,7 +386,8 @@ class FastViTHD(nn.Module):
             program = self.fused_program(key)
             if (self._fused_cuda_graphs and x.is_cuda and self._fused_compile is None
                     and x.shape[0] * x.shape[2] * x.shape[3] <= self.CUDA_GRAPH_MAX_PIXELS
-                    and not (x.requires_grad and torch.is_grad_enabled())):
+                    and not (x.requires_grad and torch.is_grad_enabled())
+                    and not torch.is_autocast_enabled()):  # a graph replays the kernels of its capture's dtypes
                 return self._replay_cuda_graph(program, x)
             return program(x)
         x = self.patch_embed(x)
