@@ -9,6 +9,7 @@ so images are consumed in the order their placeholders appear across the batch.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
@@ -345,7 +346,8 @@ class FastVLM(nn.Module):
         cuda_graphs: on a CUDA GPU, replay the fused encoder as a CUDA graph per input shape
         (`FastViTHD.optimize_for_inference`); "fast" mode only, and not with `compile`. On by default
         there: at batch 1 the encoder otherwise waits on the host issuing its kernels (H200, bf16,
-        1024 px: 8.2 ms replayed against 22 ms; benchmarks/results/gpu-encoder-ab-h200.json).
+        1024 px: 8.2 ms replayed against 22 ms; benchmarks/results/gpu-encoder-ab-h200.json); the
+        environment variable FASTVLM_NO_CUDA_GRAPHS=1 turns that default off (for the CLI, say).
         graph_decode: on a CUDA GPU, run `generate`'s batch-1 decode steps as a lean Qwen2 step replayed
         as a CUDA graph (`fastvlm.kernels.graph_decode`); "fast" mode only. Off by default: its
         arithmetic is tested against transformers' steps on the CPU, but no GPU has run it yet.
@@ -370,8 +372,8 @@ class FastVLM(nn.Module):
         compile_opts = None
         if compile:
             compile_opts = {"options": {"freezing": True}} if device.type == "cpu" else {}
-        if cuda_graphs is None:
-            cuda_graphs = fast and not compile  # a compiled encoder is inductor's to schedule
+        if cuda_graphs is None:  # a compiled encoder is inductor's to schedule
+            cuda_graphs = fast and not compile and os.environ.get("FASTVLM_NO_CUDA_GRAPHS", "") in ("", "0")
         cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
         graph_decode = bool(graph_decode) and device.type == "cuda" and quantize is None
         self.vision_tower.optimize_for_inference(fast, onednn=not compile, compile=compile_opts,

@@ -490,6 +490,24 @@ def test_cuda_graph_encoder_replays_the_fused_program(exact_fp32):
     assert cosine(f.cpu(), feats) >= 0.999 and tk.cpu().tolist() == tokens.tolist()
 
 
+def test_cuda_graphs_default_on_cuda_unless_compiled_or_turned_off(monkeypatch):
+    """The settings `optimize_for_inference` picks on a CUDA device (the device is only reported as CUDA here:
+    nothing runs)."""
+    model = build()
+    monkeypatch.setattr(FastVLM, "device", property(lambda self: torch.device("cuda")))
+    assert model.optimize_for_inference("fast").vision_tower._fused_cuda_graphs
+    assert model.inference_settings["cuda_graphs"] and model.inference_settings["encoder"].endswith("per input shape")
+    assert not model.inference_settings["graph_decode"]  # opt-in until a GPU has run it
+    assert not model.optimize_for_inference("fast", compile=True).vision_tower._fused_cuda_graphs
+    assert not model.optimize_for_inference("exact").vision_tower._fused_cuda_graphs
+    with pytest.raises(ConfigError, match="without compile"):
+        model.optimize_for_inference("fast", compile=True, cuda_graphs=True)
+    monkeypatch.setenv("FASTVLM_NO_CUDA_GRAPHS", "1")
+    assert not model.optimize_for_inference("fast").inference_settings["cuda_graphs"]
+    assert model.optimize_for_inference("fast", cuda_graphs=True).inference_settings["cuda_graphs"]  # asked for
+    assert model.optimize_for_inference("fast", graph_decode=True).inference_settings["graph_decode"]
+
+
 def test_cuda_graphs_option_is_checked_and_ignored_off_cuda(exact_fp32):
     ref, ids, px, feats, logits, tokens = exact_fp32
     with pytest.raises(ConfigError, match="cuda_graphs=True needs mode 'fast'"):
