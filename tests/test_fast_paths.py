@@ -508,6 +508,24 @@ def test_cuda_graphs_default_on_cuda_unless_compiled_or_turned_off(monkeypatch):
     assert model.optimize_for_inference("fast", graph_decode=True).inference_settings["graph_decode"]
 
 
+def test_a_failed_graph_capture_falls_back_to_the_eager_program(monkeypatch):
+    from fastvlm.vision import fastvithd
+
+    tower = build().vision_tower.optimize_for_inference(True, cuda_graphs=True)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def fail(program, x):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(fastvithd, "_capture_cuda_graph", fail)
+    with torch.inference_mode():
+        program = tower.fused_program()
+        with pytest.warns(RuntimeWarning, match="capture failed .*operation not permitted.*runs eagerly"):
+            out = tower._replay_cuda_graph(program, x)
+        assert torch.equal(out, program(x)) and not tower._fused_cuda_graphs
+
+
 def test_cuda_graphs_option_is_checked_and_ignored_off_cuda(exact_fp32):
     ref, ids, px, feats, logits, tokens = exact_fp32
     with pytest.raises(ConfigError, match="cuda_graphs=True needs mode 'fast'"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -296,7 +297,14 @@ class FastViTHD(nn.Module):
             if entry is None:
                 while len(graphs) >= self.MAX_CUDA_GRAPHS:
                     graphs.pop(next(iter(graphs)))  # dicts keep insertion order: the least recently used
-                entry = _capture_cuda_graph(program, x)
+                try:
+                    entry = _capture_cuda_graph(program, x)
+                except RuntimeError as e:  # a GPU, driver or build whose capture fails: run eagerly from now on
+                    self._fused_cuda_graphs = False
+                    warnings.warn(f"the encoder's CUDA graph capture failed ({str(e).strip()[:200]}); it runs eagerly "
+                                  "from now on (FASTVLM_NO_CUDA_GRAPHS=1 skips the attempt)", RuntimeWarning,
+                                  stacklevel=2)
+                    return program(x)
             graphs[gkey] = entry
             graph, static_in, static_out, done = entry
             with torch.cuda.device(x.device):
