@@ -102,6 +102,29 @@ def test_it_steps_aside_where_the_step_does_not_apply():
     assert GraphQwen2Decoder.plan(lm) is None
 
 
+def test_a_failed_capture_decodes_eagerly(monkeypatch):
+    import contextlib
+
+    lm = _model().language_model
+    with torch.inference_mode():
+        cache, tok = _prefill(lm, 10)
+        dec, eager = GraphQwen2Decoder.for_model(lm, 40), GraphQwen2Decoder.for_model(lm, 40)
+        dec.load_cache(cache, 10)
+        eager.load_cache(cache, 10)
+        dec.graphs = True  # as on a GPU whose capture then fails
+
+        def fail():
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+        monkeypatch.setattr(dec, "_capture", fail)
+        for i in range(EAGER_STEPS):
+            assert torch.equal(dec.step(tok, 10 + i), eager.step(tok, 10 + i))
+        with pytest.warns(RuntimeWarning, match="capture failed .*this generation decodes eagerly"):
+            got = dec.step(tok, 10 + EAGER_STEPS)
+        assert torch.equal(got, eager.step(tok, 10 + EAGER_STEPS)) and not dec.graphs
+
+
 def test_full_decoder_and_bad_tokens_are_refused():
     lm = _model().language_model
     with torch.inference_mode():

@@ -29,6 +29,7 @@ tests check its arithmetic on the CPU.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -181,10 +182,16 @@ class GraphQwen2Decoder:
         self.token.fill_(token)
         self.pos.fill_(position)
         self.slot.fill_(self.length)
-        if self.graphs and self.steps >= EAGER_STEPS:
-            with torch.cuda.device(self.device):
-                if self._graph is None:
+        if self.graphs and self.steps >= EAGER_STEPS and self._graph is None:
+            try:
+                with torch.cuda.device(self.device):
                     self._capture()
+            except RuntimeError as e:  # a driver or build whose capture fails: this generation steps eagerly
+                self.graphs = False
+                warnings.warn(f"the decode step's CUDA graph capture failed ({str(e).strip()[:200]}); this "
+                              "generation decodes eagerly", RuntimeWarning, stacklevel=2)
+        if self._graph is not None and self.graphs:
+            with torch.cuda.device(self.device):
                 self._graph.replay()
             logits = self._logits.clone()  # the next replay overwrites it
         else:
