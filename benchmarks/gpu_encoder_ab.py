@@ -51,7 +51,9 @@ def configure(enc, fused: bool, channels_last: bool, attn: str):
 
 
 def as_graph(fn, x: torch.Tensor):
-    """fn(x) captured once as a CUDA graph; returns a replay function (same input buffer)."""
+    """fn(x) captured once as a CUDA graph; returns a replay function (same input buffer). The capture is the one
+    `fastvlm.vision.fastvithd._capture_cuda_graph` makes (which took this one's place in the package), kept here as
+    the code that made benchmarks/results/gpu-encoder-ab-h200.json."""
     static = x.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -44,6 +44,17 @@ def _kv_of(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.key_cache[i], cache.value_cache[i]
 
 
+def copy_cache(keys: torch.Tensor, values: torch.Tensor, cache, length: int) -> None:
+    """Copy the first `length` positions of a transformers cache (batch 1) into buffers [layers, kv heads,
+    capacity, head dim]."""
+    if length > keys.shape[2]:
+        raise ValueError(f"the cache holds {length} tokens, more than this decoder's capacity of {keys.shape[2]}")
+    for i in range(keys.shape[0]):
+        k, v = _kv_of(cache, i)
+        keys[i, :, :length].copy_(k[0, :, :length])
+        values[i, :, :length].copy_(v[0, :, :length])
+
+
 def _ok(t, dtype: torch.dtype, device_type: str = "cpu") -> bool:
     return isinstance(t, torch.Tensor) and t.dtype == dtype and t.device.type == device_type and t.is_contiguous()
 
@@ -81,6 +92,36 @@ def _layer_shape(layer, dtype: torch.dtype, device_type: str = "cpu") -> Optiona
     if nq % nkv:
         return None
     return (H, inter, nq, nkv, D, scaling) + eps
+
+
+def qwen2_plan(lm, dtypes: tuple, device_type: Optional[str] = None) -> Optional[list]:
+    """Every layer's shape (`_layer_shape`) where a whole-model step applies to `lm` (the native one here and
+    `graph_decode`'s), else None: weights in a dtype not in `dtypes` or on a device other than `device_type`
+    (default: the embedding's), a layer the step does not implement, layers of different shapes, a rotary
+    scaling other than the default, a bias on the LM head, training mode (dropout) or forward hooks."""
+    base = getattr(lm, "model", None)
+    layers = getattr(base, "layers", None)
+    embed = getattr(getattr(base, "embed_tokens", None), "weight", None)
+    if not layers or getattr(lm, "lm_head", None) is None or not isinstance(embed, torch.Tensor):
+        return None
+    dtype, device_type = embed.dtype, device_type or embed.device.type
+    if dtype not in dtypes:
+        return None
+    if lm.training or any(mod._forward_hooks or mod._forward_pre_hooks for mod in lm.modules()):
+        return None  # dropout, or hooks that expect the modules' forwards to run
+    shapes = [_layer_shape(layer, dtype, device_type) for layer in layers]
+    if any(x is None for x in shapes) or len({x[:6] for x in shapes}) != 1:
+        return None  # every layer must qualify, all of one shape (the steps loop over them as such)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", "default") != "default":
+        return None
+    head, norm = lm.lm_head, getattr(base, "norm", None)
+    tensors = [getattr(head, "weight", None), getattr(norm, "weight", None), embed]
+    if (getattr(head, "bias", None) is not None or norm is None
+            or not all(_ok(t, dtype, device_type) for t in tensors)
+            or not tensors[0].shape[1] == tensors[2].shape[1] == tensors[1].shape[0] == shapes[0][0]):
+        return None
+    return shapes
 
 
 class NativeQwen2Decoder:
@@ -139,37 +180,12 @@ class NativeQwen2Decoder:
         no native kernels for its dtype (bf16 needs AVX512-BF16; fp32 AVX-512), weights in another dtype or
         not on the CPU, a layer the step does not implement (`_layer_shape`), layers of different shapes,
         a rotary scaling other than the default, or a bias on the LM head."""
-        base = getattr(lm, "model", None)
-        layers = getattr(base, "layers", None)
-        embed = getattr(getattr(base, "embed_tokens", None), "weight", None)
-        if not layers or getattr(lm, "lm_head", None) is None or not isinstance(embed, torch.Tensor):
-            return None
-        dtype = embed.dtype
-        if dtype not in (torch.bfloat16, torch.float32) or not available(dtype):
-            return None
-        if lm.training or any(mod._forward_hooks or mod._forward_pre_hooks for mod in lm.modules()):
-            return None  # dropout, or hooks that expect the modules' forwards to run
-        shapes = [_layer_shape(layer, dtype) for layer in layers]
-        if any(x is None for x in shapes) or len({x[:6] for x in shapes}) != 1:
-            return None  # every layer must qualify, all of one shape (the native step loops over them as such)
-        rotary = getattr(base, "rotary_emb", None)
-        if rotary is None or getattr(rotary, "rope_type", "default") != "default":
-            return None
-        head, norm = lm.lm_head, getattr(base, "norm", None)
-        tensors = [getattr(head, "weight", None), getattr(norm, "weight", None), embed]
-        if (getattr(head, "bias", None) is not None or norm is None or not all(_ok(t, dtype) for t in tensors)
-                or not tensors[0].shape[1] == tensors[2].shape[1] == tensors[1].shape[0] == shapes[0][0]):
-            return None
-        return shapes
+        shapes = qwen2_plan(lm, (torch.bfloat16, torch.float32), "cpu")
+        return shapes if shapes is not None and available(lm.model.embed_tokens.weight.dtype) else None
 
     def load_cache(self, cache, length: int) -> None:
         """Copy the first `length` positions of a transformers cache (batch 1) into the buffers."""
-        if length > self.capacity:
-            raise ValueError(f"the cache holds {length} tokens, more than this decoder's capacity of {self.capacity}")
-        for i in range(self.L):
-            k, v = _kv_of(cache, i)
-            self.keys[i, :, :length].copy_(k[0, :, :length])
-            self.values[i, :, :length].copy_(v[0, :, :length])
+        copy_cache(self.keys, self.values, cache, length)
         self.length = length
 
     def step(self, token: int, position: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ benchmarks/results/bench-0.5b-h200.json, where reading its weights once takes un
 `GraphQwen2Decoder` writes the step as a fixed sequence of tensor operations on buffers allocated once
 for the whole generation, so that it can be captured as a CUDA graph and replayed with one launch:
 
-- the KV cache is [layers, 1, kv heads, capacity, head dim] for keys and for values, zero-filled, and a
+- the KV cache is [layers, kv heads, capacity, head dim] for keys and for values, zero-filled, and a
   step writes its key and value at the slot held in a device tensor (`index_copy_`);
 - attention runs over the whole capacity with a mask of the slots filled so far, so every shape is fixed
   (the single query's heads of one KV group are that group's queries, as grouped-query attention reads the
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .decode_model import _kv_of, _layer_shape, _ok
+from .decode_model import copy_cache, qwen2_plan
 
 EAGER_STEPS = 2  # steps before the capture: answers of a few tokens never pay for one
 
@@ -78,7 +78,7 @@ class GraphQwen2Decoder:
             positions = torch.arange(self.capacity, device=self.device).unsqueeze(0)
             cos, sin = base.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
-        shape = (self.L, 1, self.nkv, self.capacity, self.D)
+        shape = (self.L, self.nkv, self.capacity, self.D)
         # zeros, not garbage: masked slots get no weight, but 0 x NaN would still be NaN
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -100,44 +100,18 @@ class GraphQwen2Decoder:
 
     @staticmethod
     def plan(lm) -> Optional[list]:
-        """Every layer's shape where the step applies to `lm`, else None: weights in another dtype than fp32,
-        bf16 or fp16 or on several devices, a layer the step does not implement (`decode_model._layer_shape`:
-        Qwen2 layers of plain linears and SiLU, no sliding window), layers of different shapes, a rotary
-        scaling other than the default, a bias on the LM head, training mode or forward hooks."""
-        base = getattr(lm, "model", None)
-        layers = getattr(base, "layers", None)
-        embed = getattr(getattr(base, "embed_tokens", None), "weight", None)
-        if not layers or getattr(lm, "lm_head", None) is None or not isinstance(embed, torch.Tensor):
+        """Every layer's shape where the step applies to `lm`, else None (`decode_model.qwen2_plan`: weights in
+        fp32, bf16 or fp16, Qwen2 layers of plain linears and SiLU, no sliding window, no hooks, eval mode), and
+        None for a model split across devices."""
+        shapes = qwen2_plan(lm, (torch.float32, torch.bfloat16, torch.float16))
+        if shapes is None:
             return None
-        dtype, device = embed.dtype, embed.device
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return None
-        if lm.training or any(mod._forward_hooks or mod._forward_pre_hooks for mod in lm.modules()):
-            return None
-        shapes = [_layer_shape(layer, dtype, device.type) for layer in layers]
-        if any(x is None for x in shapes) or len({x[:6] for x in shapes}) != 1:
-            return None
-        if any(p.device != device for p in lm.parameters()):
-            return None  # one device: a model split across GPUs runs transformers' steps
-        rotary = getattr(base, "rotary_emb", None)
-        if rotary is None or getattr(rotary, "rope_type", "default") != "default":
-            return None
-        head, norm = lm.lm_head, getattr(base, "norm", None)
-        tensors = [getattr(head, "weight", None), getattr(norm, "weight", None), embed]
-        if (getattr(head, "bias", None) is not None or norm is None
-                or not all(_ok(t, dtype, device.type) for t in tensors)
-                or not tensors[0].shape[1] == tensors[2].shape[1] == tensors[1].shape[0] == shapes[0][0]):
-            return None
-        return shapes
+        device = lm.model.embed_tokens.weight.device
+        return shapes if all(p.device == device for p in lm.parameters()) else None
 
     def load_cache(self, cache, length: int) -> None:
         """Copy the first `length` positions of a transformers cache (batch 1) into the buffers."""
-        if length > self.capacity:
-            raise ValueError(f"the cache holds {length} tokens, more than this decoder's capacity of {self.capacity}")
-        for i in range(self.L):
-            k, v = _kv_of(cache, i)
-            self.keys[i, 0, :, :length].copy_(k[0, :, :length])
-            self.values[i, 0, :, :length].copy_(v[0, :, :length])
+        copy_cache(self.keys, self.values, cache, length)
         self.length = length
 
     @torch.no_grad()
@@ -151,12 +125,12 @@ class GraphQwen2Decoder:
         for i, (ln1, eps1, wq, bq, wk, bk, wv, bv, wo, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
             x = _rms(h, ln1, eps1)
             q = _rotate(F.linear(x, wq, bq).view(self.nkv, groups, self.D), cos, sin)
-            k = _rotate(F.linear(x, wk, bk).view(1, self.nkv, 1, self.D), cos, sin)
-            v = F.linear(x, wv, bv).view(1, self.nkv, 1, self.D)
-            self.keys[i].index_copy_(2, self.slot, k)
-            self.values[i].index_copy_(2, self.slot, v)
-            a = F.scaled_dot_product_attention(q.unsqueeze(0), self.keys[i], self.values[i], attn_mask=mask,
-                                               scale=self.scaling)
+            k = _rotate(F.linear(x, wk, bk).view(self.nkv, 1, self.D), cos, sin)
+            v = F.linear(x, wv, bv).view(self.nkv, 1, self.D)
+            self.keys[i].index_copy_(1, self.slot, k)
+            self.values[i].index_copy_(1, self.slot, v)
+            a = F.scaled_dot_product_attention(q.unsqueeze(0), self.keys[i].unsqueeze(0), self.values[i].unsqueeze(0),
+                                               attn_mask=mask, scale=self.scaling)
             h = h + F.linear(a.reshape(1, self.nq * self.D), wo)
             x = _rms(h, ln2, eps2)
             h = h + F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
