@@ -5,8 +5,11 @@ The first GPU run (H100, 2026-11-25) found the fast path slower than the exact o
 batch 1. This measures the encoder alone, at the 0.5B preset's size with trained-model weight scales, in
 each combination: the module tree or the fused program, NCHW or channels-last, eager or SDPA attention,
 and the fused program replayed as one CUDA graph. For each: the GPU time (CUDA events, median), the host
-time to issue the call (when it exceeds the GPU time the call is launch-bound), and the feature cosine
-against the fp32 exact path (TF32 off).
+time to issue the call (when it exceeds the GPU time the call is launch-bound), the feature cosine
+against the fp32 exact path (TF32 off), and the first call's time (the H200 bench's first `fast` call at a new
+shape took 1.6-2.1 s; one-time costs fall on the first variant, in the order of VARIANTS, that needs them; for a
+graph variant the first call is a replay, its capture having run before). gpu-encoder-ab-h200.json predates
+first_call_ms.
 
   python benchmarks/gpu_encoder_ab.py --out benchmarks/results/gpu-encoder-ab-h200.json
   python benchmarks/gpu_encoder_ab.py --preset fastvlm-tiny --device cpu --resolutions 256   # a smoke test
@@ -72,10 +75,18 @@ def as_graph(fn, x: torch.Tensor):
 
 
 def timed(fn, x, device: torch.device, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    out = fn(x)  # the first call: one-time costs (kernel selection or compilation) land here
+    sync()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         out = fn(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     gpu, host = [], []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -94,6 +105,7 @@ def timed(fn, x, device: torch.device, warmup: int, repeats: int) -> dict:
             host.append(time.perf_counter() - t0)
             gpu.append(host[-1])
     return {"device_ms": round(statistics.median(gpu) * 1e3, 3), "host_issue_ms": round(statistics.median(host) * 1e3, 3),
+            "first_call_ms": round(first * 1e3, 1),
             "device_ms_min": round(min(gpu) * 1e3, 3), "out": out}
 
 
@@ -187,13 +199,13 @@ def main() -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    print(f"{'dtype':5} {'variant':24} {'res':>5} {'device ms':>10} {'host ms':>8} {'cosine':>9}")
+    print(f"{'dtype':5} {'variant':24} {'res':>5} {'device ms':>10} {'host ms':>8} {'first ms':>9} {'cosine':>9}")
     for row in rows:
         if "error" in row:
             print(f"{row['dtype']:5} {row['variant']:24} {row['resolution']:5} {row['error']}")
         else:
             print(f"{row['dtype']:5} {row['variant']:24} {row['resolution']:5} {row['device_ms']:10.2f} "
-                  f"{row['host_issue_ms']:8.2f} {row['cosine_vs_fp32_exact']:9.6f}")
+                  f"{row['host_issue_ms']:8.2f} {row['first_call_ms']:9.1f} {row['cosine_vs_fp32_exact']:9.6f}")
     return 0
 
 
