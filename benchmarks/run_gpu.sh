@@ -25,9 +25,13 @@ small)
   ;;
 check)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -k "cuda or gpu" --durations=8 -rs \
-      tests/test_fast_paths.py tests/test_bundled_model.py tests/test_train_gpu.py 2>&1 | tee "$OUT/gpu-tests-$GPU.log"
-  timeout 210 $BENCH --preset fastvlm-0.5b --dtypes fp32 bf16 --modes exact fast no-graphs graph-decode --resolutions 512 1024 2048 \
+      tests/test_fast_paths.py tests/test_graph_decode.py tests/test_bundled_model.py tests/test_train_gpu.py 2>&1 \
+      | tee "$OUT/gpu-tests-$GPU.log"
+  timeout 210 $BENCH --preset fastvlm-0.5b --dtypes fp32 bf16 --modes exact fast no-graphs --resolutions 512 1024 2048 \
       --baseline-dtypes bf16 --name "bench-0.5b-$GPU" 2>&1 | tee "$OUT/bench-0.5b-$GPU.log"
+  # the experimental decode graphs: each generation captures its own at its third step, so decode 64 tokens
+  timeout 60 $BENCH --preset fastvlm-0.5b --dtypes bf16 --modes fast graph-decode --resolutions 1024 --new-tokens 64 \
+      --baselines transformers --no-accuracy --no-roofline --no-plots --name "bench-0.5b-decode-$GPU" 2>&1 | tail -12
   timeout 100 python3 benchmarks/gpu_encoder_ab.py --dtypes bf16 fp16 --compile default \
       --out "$OUT/gpu-encoder-ab-$GPU.json" 2>&1 | tail -50
   timeout 45 python3 benchmarks/profile_ttft.py --device cuda --dtype bf16 --out "$OUT/profile-ttft-$GPU.txt"
@@ -37,7 +41,7 @@ large)
       --baselines transformers --no-accuracy --name "bench-1.5b-7b-$GPU"
   ;;
 *)
-  echo "run_gpu.sh: unknown step '$1' (use small or large)" >&2
+  echo "run_gpu.sh: unknown step '$1' (use small, check or large)" >&2
   exit 2
   ;;
 esac

@@ -9,7 +9,7 @@ of every mode against the fp32 exact path is measured only when the run has both
 --dtypes and exact in --modes (the default dtype is bf16 on CPUs with native bf16, so add
 e.g. --dtypes fp32 bf16). Random weights (no download) unless --model is given.
 
-  fastvlm bench --preset fastvlm-tiny                       # seconds: a smoke test
+  fastvlm bench --preset fastvlm-tiny                       # under a minute: a smoke test
   fastvlm bench --preset fastvlm-0.5b --dtypes fp32 bf16    # the 0.5B architecture at 1024 px, with accuracy
   fastvlm bench --preset fastvlm-0.5b --modes fast --resolutions 256:2048:64 --baselines none
   fastvlm bench --model DIR --device cuda --dtypes bf16 fp16

@@ -128,6 +128,10 @@ def settings_notes(cfg: BenchConfig) -> list[str]:
                      "torch.compile's compilation (unless the accuracy probe compiled that shape first), so its "
                      "encode and TTFT figures may be compile time, not inference; use --warmup 1 or more")
     on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if on_cuda and "graph-decode" in cfg.modes:
+        notes.append("graph-decode: each generation captures its decode graph at its third step, and the decode "
+                     f"rate counts that capture over the {cfg.new_tokens} tokens generated; use --new-tokens 64 or "
+                     "more to see the replay rate")
     if on_cuda and "fast" in cfg.modes and cfg.warmup == 0:
         notes.append("fast measured on CUDA with --warmup 0: its first timed run at each resolution includes the "
                      "CUDA graph's capture (three encoder runs); use --warmup 1 or more")

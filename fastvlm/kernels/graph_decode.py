@@ -4,7 +4,8 @@ At batch 1 a GPU decode step through transformers' modules issues some 15 kernel
 waits on the host for every one of them (60 tokens/s for the 0.5B architecture on an H200,
 benchmarks/results/bench-0.5b-h200.json, where reading its weights once takes under a millisecond).
 `GraphQwen2Decoder` writes the step as a fixed sequence of tensor operations on buffers allocated once
-for the whole generation, so that it can be captured as a CUDA graph and replayed with one launch:
+for the whole generation, so that it can be captured as a CUDA graph and replayed with one launch per step
+(the loop around it still copies the token in, the logits out, and samples):
 
 - the KV cache is [layers, kv heads, capacity, head dim] for keys and for values, zero-filled, and a
   step writes its key and value at the slot held in a device tensor (`index_copy_`);

@@ -198,11 +198,11 @@ class FastViTHD(nn.Module):
         libraries (see `_fused_key`).
         `onednn=False` uses plain torch ops instead of oneDNN's fused kernels (for
         torch.compile, which does its own fusion). `compile`: keyword arguments for
-        `torch.compile` of the fused program (None: run it eagerly). `cuda_graphs`: on CUDA inputs of at
-        most `CUDA_GRAPH_MAX_PIXELS` (batch x height x width) with no gradient wanted, replay the fused program
-        as a CUDA graph, captured on the first call per input shape, dtype and layout (the last
-        `MAX_CUDA_GRAPHS` kept, each holding its activations' memory); at small batches a GPU otherwise
-        waits on the host issuing hundreds of small kernels. Ignored with `compile` and on other devices.
+        `torch.compile` of the fused program (None: run it eagerly). `cuda_graphs`: for a single image on
+        CUDA of at most `CUDA_GRAPH_MAX_PIXELS` (height x width), with no gradient wanted and autocast off,
+        replay the fused program as a CUDA graph, captured on the first call per input shape, dtype and
+        layout (the last `MAX_CUDA_GRAPHS` kept, each holding its activations' memory); at batch 1 a GPU
+        otherwise waits on the host issuing hundreds of small kernels. Ignored with `compile` and on other devices.
         `enabled=False` returns to the module tree.
         """
         self._fused_enabled = enabled
@@ -280,8 +280,9 @@ class FastViTHD(nn.Module):
         return program
 
     MAX_CUDA_GRAPHS = 4  # input shapes whose graphs (and their activation memory) are kept, least recent dropped
-    # Larger inputs run eagerly: their kernels are long enough to hide the host's launches, and a graph would
-    # keep their activation memory from the LLM. 2048x2048 at batch 1 still gains (H200, bf16: 27 against 38 ms).
+    # Batches and larger images run eagerly: their kernels are long enough to hide the host's launches, a graph
+    # would keep their activation memory from the LLM, and a server's varying batch sizes would keep capturing.
+    # One 2048x2048 image still gains (H200, bf16: 27 against 38 ms).
     CUDA_GRAPH_MAX_PIXELS = 2048 * 2048
     _graph_lock = threading.Lock()
 
@@ -392,8 +393,8 @@ class FastViTHD(nn.Module):
         key = self._fused_key()
         if key is not None:
             program = self.fused_program(key)
-            if (self._fused_cuda_graphs and x.is_cuda and self._fused_compile is None
-                    and x.shape[0] * x.shape[2] * x.shape[3] <= self.CUDA_GRAPH_MAX_PIXELS
+            if (self._fused_cuda_graphs and x.is_cuda and self._fused_compile is None and x.shape[0] == 1
+                    and x.shape[2] * x.shape[3] <= self.CUDA_GRAPH_MAX_PIXELS
                     and not (x.requires_grad and torch.is_grad_enabled())
                     and not torch.is_autocast_enabled()):  # a graph replays the kernels of its capture's dtypes
                 return self._replay_cuda_graph(program, x)
