@@ -265,6 +265,12 @@ def test_generate_help_states_default_prompt(capsys):
     assert "--prompt TEXT, -p TEXT the question or instruction (default: 'Describe the image.')" in out
 
 
+def test_generate_without_a_prompt_on_the_bundled_model_says_what_it_can_answer(capsys):
+    assert main(["generate", "--image", os.path.join(ROOT, "examples", "shapes.png"), "--no-timings"]) == 0
+    err = capsys.readouterr().err
+    assert "no --prompt given, so the question is 'Describe the image.'" in err and "How many shapes" in err
+
+
 def test_readme_command_table_shows_prompt_optional():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()

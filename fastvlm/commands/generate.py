@@ -19,7 +19,7 @@ DEFAULT_PROMPT = "Describe the image."
 def add_arguments(p):
     add_model_args(p)
     p.add_argument("--image", "-i", action="append", default=[], help="image file (repeat for several images)")
-    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, metavar="TEXT",
+    p.add_argument("--prompt", "-p", default=None, metavar="TEXT",
                    help=f"the question or instruction (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--system", default=None, help="system prompt (default: the reference's 'You are a helpful assistant.')")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
@@ -32,6 +32,12 @@ def run(args) -> int:
     from ..errors import PromptError
     from ..processing import count_placeholders, load_image
 
+    if args.prompt is None:
+        args.prompt = DEFAULT_PROMPT
+        if not args.model:
+            print("note: no --prompt given, so the question is 'Describe the image.'; the bundled model answers only "
+                  "the short questions of its synthetic training scenes (like examples/), e.g. --prompt 'How many "
+                  "shapes are there?'", file=sys.stderr)
     # fail on a bad image or a placeholder miscount before loading the model
     n_ph = count_placeholders([args.prompt])
     if n_ph and n_ph != len(args.image):
