@@ -332,9 +332,10 @@ class FastVLM(nn.Module):
         mode "fast" (the default of the CLI): channels-last convolutions (not on MPS), the
         encoder's fused program (BatchNorm and layer scales folded, GELU and residual adds
         fused into oneDNN convolutions on CPU, SDPA attention; see `fastvlm.vision.fused`),
-        on CUDA GPUs replayed as a CUDA graph per input shape (`cuda_graphs`), and, on CPUs, a faster single-query GQA attention for decode steps
-        (`generation.use_packed_gqa_attention`) plus, on AVX-512 CPUs with a C compiler,
-        native matrix-vector kernels for batch-1 decoding (`fastvlm.kernels`) and, in bf16,
+        on CUDA GPUs replayed as a CUDA graph per image shape (`cuda_graphs`), and, on CPUs, a
+        faster single-query GQA attention for decode steps (`generation.use_packed_gqa_attention`)
+        plus, on AVX-512 CPUs with a C compiler, native matrix-vector kernels for batch-1 decoding
+        (`fastvlm.kernels`) and, in bf16,
         Qwen2 decode steps as three native calls per layer (`fastvlm.kernels.decode_layer`); `generate`
         decodes batch-1 requests (bf16 or fp32) with one native call per token over a preallocated KV
         cache (`fastvlm.kernels.decode_model`).
@@ -343,8 +344,8 @@ class FastVLM(nn.Module):
         quantize "int8": int8 dynamic quantization of the language model's linear layers
         (CPU only; the LM then computes in fp32 with int8 weights, the encoder keeps its
         dtype). Irreversible: reload the checkpoint to save or train.
-        cuda_graphs: on a CUDA GPU, replay the fused encoder as a CUDA graph per input shape
-        (`FastViTHD.optimize_for_inference`); "fast" mode only, and not with `compile`. On by default
+        cuda_graphs: on a CUDA GPU, replay the fused encoder as a CUDA graph per image shape for single
+        images (batches run it eagerly; `FastViTHD.optimize_for_inference`); "fast" mode only, and not with `compile`. On by default
         there: at batch 1 the encoder otherwise waits on the host issuing its kernels (H200, bf16,
         1024 px: 8.2 ms replayed against 22 ms; benchmarks/results/gpu-encoder-ab-h200.json); the
         environment variable FASTVLM_NO_CUDA_GRAPHS=1 turns that default off (for the CLI, say).
@@ -395,7 +396,7 @@ class FastVLM(nn.Module):
         self.inference_settings = {
             "mode": mode,
             "channels_last": bool(channels_last),
-            "encoder": ("fused, a CUDA graph per input shape" if cuda_graphs else "fused") if fast else "reference",
+            "encoder": ("fused, CUDA graphs for single images" if cuda_graphs else "fused") if fast else "reference",
             "attention": "sdpa" if fast else "eager",
             "compile": bool(compile),
             "cuda_graphs": cuda_graphs,

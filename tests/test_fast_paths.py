@@ -496,7 +496,7 @@ def test_cuda_graphs_default_on_cuda_unless_compiled_or_turned_off(monkeypatch):
     model = build()
     monkeypatch.setattr(FastVLM, "device", property(lambda self: torch.device("cuda")))
     assert model.optimize_for_inference("fast").vision_tower._fused_cuda_graphs
-    assert model.inference_settings["cuda_graphs"] and model.inference_settings["encoder"].endswith("per input shape")
+    assert model.inference_settings["cuda_graphs"] and model.inference_settings["encoder"].endswith("CUDA graphs for single images")
     assert not model.inference_settings["graph_decode"]  # opt-in until a GPU has run it
     assert not model.optimize_for_inference("fast", compile=True).vision_tower._fused_cuda_graphs
     assert not model.optimize_for_inference("exact").vision_tower._fused_cuda_graphs
