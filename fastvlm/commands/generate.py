@@ -32,12 +32,9 @@ def run(args) -> int:
     from ..errors import PromptError
     from ..processing import count_placeholders, load_image
 
-    if args.prompt is None:
+    default_prompt = args.prompt is None
+    if default_prompt:
         args.prompt = DEFAULT_PROMPT
-        if not args.model:
-            print("note: no --prompt given, so the question is 'Describe the image.'; the bundled model answers only "
-                  "the short questions of its synthetic training scenes (like examples/), e.g. --prompt 'How many "
-                  "shapes are there?'", file=sys.stderr)
     # fail on a bad image or a placeholder miscount before loading the model
     n_ph = count_placeholders([args.prompt])
     if n_ph and n_ph != len(args.image):
@@ -45,6 +42,10 @@ def run(args) -> int:
                           f"{len(args.image)} --image {'was' if len(args.image) == 1 else 'were'} given (without "
                           "placeholders, each --image goes before the prompt)")
     images = [load_image(path) for path in args.image]
+    if default_prompt and not args.model:
+        print("note: no --prompt given, so the question is 'Describe the image.'; the bundled model answers only "
+              "the short questions of its synthetic training scenes (like examples/), e.g. --prompt 'How many "
+              "shapes are there?'", file=sys.stderr)
     model = load_model(args)
     kwargs = sampling_kwargs(args)
     if args.stream and not args.json:
