@@ -88,6 +88,22 @@ def test_graph_decode_is_opt_in_and_cuda_only():
     assert not getattr(model.language_model, GRAPH_DECODE_FLAG)
 
 
+def test_sampling_and_repetition_penalty_go_through_it_unchanged():
+    model = _model()
+    lm = model.language_model
+    ids = torch.randint(3, 500, (1, 20), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=16, eos_token_id=[], do_sample=True, temperature=0.8, top_k=40, top_p=0.95,
+              repetition_penalty=1.2, seed=5)
+    with torch.inference_mode():
+        plain = model.generate(input_ids=ids, **kw)
+        setattr(lm, GRAPH_DECODE_FLAG, True)
+        try:
+            lean = model.generate(input_ids=ids, **kw)
+        finally:
+            setattr(lm, GRAPH_DECODE_FLAG, False)
+    assert torch.equal(lean, plain)
+
+
 def test_it_steps_aside_where_the_step_does_not_apply():
     lm = _model().language_model
     assert GraphQwen2Decoder.plan(lm) is not None
