@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -459,6 +460,36 @@ def test_run_cpu_script_refuses_an_unknown_step():
     r = subprocess.run(["bash", os.path.join(root, "benchmarks", "run_cpu.sh"), "mian"], capture_output=True,
                        text=True, cwd=root, timeout=60)
     assert r.returncode == 2 and "unknown step 'mian'" in r.stderr and "main" in r.stderr
+
+
+def _script(name, *args, timeout=240):
+    """Run a script of benchmarks/ as the GPU check does (python3 benchmarks/NAME ...), on the CPU."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", name), *args], capture_output=True,
+                       text=True, cwd=root, timeout=timeout, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_gpu_check_scripts_run_on_the_cpu(tmp_path):
+    """The scripts run_gpu.sh's check step runs (they are first run on a lent GPU, with minutes to spare): a
+    tiny CPU run of each, so that a change here does not break them unseen."""
+    ab = tmp_path / "ab.json"
+    _script("gpu_encoder_ab.py", "--preset", "fastvlm-tiny", "--device", "cpu", "--resolutions", "128",
+            "--dtypes", "fp32", "--repeats", "1", "--warmup", "1", "--out", str(ab))
+    rows = json.loads(ab.read_text())["rows"]
+    variants = {r["variant"] for r in rows}
+    assert variants == {"exact", "tree-sdpa", "tree-sdpa-cl", "fused-nchw", "fused-cl (fast)"}  # no graphs off CUDA
+    for r in rows:
+        assert r["first_call_ms"] > 0 and r["device_ms"] > 0 and r["cosine_vs_fp32_exact"] > 0.9999
+    prof = tmp_path / "prof.txt"
+    _script("profile_ttft.py", "--preset", "fastvlm-tiny", "--device", "cpu", "--resolution", "128", "--dtype",
+            "fp32", "--out", str(prof))
+    text = prof.read_text()
+    assert "=== mode exact" in text and "=== mode fast" in text and "no-graphs" not in text  # CUDA only
+    assert "by host time" in text
 
 
 def test_accuracy_comparison_measures_a_known_perturbation():
