@@ -17,6 +17,7 @@ import torch
 
 from .config import IMAGE_TOKEN_INDEX
 from .errors import ConfigError, ImageError, PromptError
+from .graphs import GRAPH_DECODE_FLAG
 
 
 @dataclass
@@ -178,10 +179,6 @@ def use_packed_gqa_attention(language_model, enabled: bool = True) -> bool:
         except (AttributeError, ValueError, KeyError):
             return False
     return enabled
-
-
-# set on a language model (by `FastVLM.optimize_for_inference`) whose batch-1 CUDA decode steps replay a CUDA graph
-GRAPH_DECODE_FLAG = "_fastvlm_graph_decode"
 
 
 def native_decoder(language_model, capacity: int):

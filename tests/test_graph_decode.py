@@ -27,20 +27,21 @@ def _prefill(lm, n=30, seed=0):
 
 
 def _steps_against_transformers(lm, decoder, steps=12, n=30):
-    """(largest |logit difference| over the logits' scale, every greedy token equal) over `steps` steps."""
+    """(largest |logit difference| over the logits' scale, steps whose greedy token differs) over `steps` steps,
+    each fed transformers' token."""
     kw = cache_argument(lm)
     cache, tok = _prefill(lm, n)
     decoder.load_cache(cache, n)
-    worst, same = 0.0, True
+    worst, differ = 0.0, 0
     for i in range(steps):
         ref = lm(input_ids=torch.tensor([[tok]], device=lm.device), position_ids=torch.tensor([[n + i]], device=lm.device),
                  use_cache=True, **{kw: cache}).logits[:, -1].float()
         got = decoder.step(tok, n + i)
         assert got.shape == ref.shape and got.dtype == torch.float32
         worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
-        same &= int(got.argmax()) == int(ref.argmax())
+        differ += int(got.argmax()) != int(ref.argmax())
         tok = int(ref.argmax())
-    return worst, same
+    return worst, differ
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
@@ -49,8 +50,8 @@ def test_lean_step_follows_transformers_steps(dtype, tol):
     with torch.inference_mode():
         decoder = GraphQwen2Decoder.for_model(lm, 64)
         assert decoder is not None and not decoder.graphs  # on the CPU it runs eagerly
-        worst, same = _steps_against_transformers(lm, decoder)
-    assert worst < tol and same, worst
+        worst, differ = _steps_against_transformers(lm, decoder)
+    assert worst < tol and differ == 0, (worst, differ)
 
 
 def test_generate_uses_it_where_the_flag_is_set_and_answers_the_same(monkeypatch):
@@ -119,8 +120,6 @@ def test_it_steps_aside_where_the_step_does_not_apply():
 
 
 def test_a_failed_capture_decodes_eagerly(monkeypatch):
-    import contextlib
-
     lm = _model().language_model
     with torch.inference_mode():
         cache, tok = _prefill(lm, 10)
@@ -128,17 +127,19 @@ def test_a_failed_capture_decodes_eagerly(monkeypatch):
         dec.load_cache(cache, 10)
         eager.load_cache(cache, 10)
         dec.graphs = True  # as on a GPU whose capture then fails
+        setattr(lm, GRAPH_DECODE_FLAG, True)
 
         def fail():
             raise RuntimeError("operation not permitted when stream is capturing")
 
-        monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
         monkeypatch.setattr(dec, "_capture", fail)
         for i in range(EAGER_STEPS):
             assert torch.equal(dec.step(tok, 10 + i), eager.step(tok, 10 + i))
-        with pytest.warns(RuntimeWarning, match="capture failed .*this generation decodes eagerly"):
+        with pytest.warns(RuntimeWarning, match="capture failed .*this generation decodes eagerly and later ones "
+                                                "through transformers' steps"):
             got = dec.step(tok, 10 + EAGER_STEPS)
         assert torch.equal(got, eager.step(tok, 10 + EAGER_STEPS)) and not dec.graphs
+        assert not getattr(lm, GRAPH_DECODE_FLAG)  # the model's later generations do not try again
 
 
 def test_full_decoder_and_bad_tokens_are_refused():
@@ -157,6 +158,7 @@ def test_full_decoder_and_bad_tokens_are_refused():
 
 
 @cuda
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a failed capture warns and decodes eagerly: fail instead
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2), (torch.float16, 1e-2)],
                          ids=["fp32", "bf16", "fp16"])
 def test_cuda_graph_steps_replay_the_eager_step(dtype, tol):
@@ -173,12 +175,16 @@ def test_cuda_graph_steps_replay_the_eager_step(dtype, tol):
             assert torch.equal(a, b) or (a - b).abs().max() <= 1e-3 * b.abs().max(), i
             tok = int(b.argmax())
         assert graphed._graph is not None
-        # and the graph against transformers' steps (TF32 may be on for fp32 matmuls)
-        worst, same = _steps_against_transformers(lm, GraphQwen2Decoder.for_model(lm, 64))
-    assert worst < tol and same, worst
+        # and the graph against transformers' steps (TF32 may be on for fp32 matmuls; in bf16 and fp16 the two
+        # attention kernels differ, so a near-tie may flip one greedy token)
+        decoder = GraphQwen2Decoder.for_model(lm, 64)
+        worst, differ = _steps_against_transformers(lm, decoder)
+        assert decoder._graph is not None
+    assert worst < tol and differ <= (0 if dtype == torch.float32 else 1), (worst, differ)
 
 
 @cuda
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a failed capture warns and decodes eagerly: fail instead
 def test_cuda_fast_mode_generates_as_transformers_loop():
     model = _model(torch.bfloat16, "cuda")
     ids = torch.randint(3, 500, (1, 25), generator=torch.Generator().manual_seed(2)).cuda()

@@ -31,11 +31,13 @@ tests check its arithmetic on the CPU.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..graphs import GRAPH_DECODE_FLAG, capture
 from .decode_model import copy_cache, qwen2_plan
 
 EAGER_STEPS = 2  # steps before the capture: answers of a few tokens never pay for one
@@ -61,6 +63,7 @@ class GraphQwen2Decoder:
 
     def __init__(self, lm, capacity: int, shapes: list[tuple], graphs: bool = True) -> None:
         base = lm.model
+        self._lm = weakref.ref(lm)
         self.embed = base.embed_tokens.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.L = len(shapes)
@@ -138,15 +141,8 @@ class GraphQwen2Decoder:
         return F.linear(_rms(h, self.norm_w, self.norm_eps), self.lm_head).float()
 
     def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # the step being captured, once eagerly: it rewrites the same slot
-            self._compute()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._logits = self._compute()
-        self._graph = graph
+        # the warm-up is the step about to be replayed, run once eagerly: it rewrites the same slot
+        self._graph, self._logits = capture(self._compute, self.device, warmup=1)
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Append `token` at rotary `position`; returns the next token's logits [1, vocab] (fp32)."""
@@ -159,12 +155,15 @@ class GraphQwen2Decoder:
         self.slot.fill_(self.length)
         if self.graphs and self.steps >= EAGER_STEPS and self._graph is None:
             try:
-                with torch.cuda.device(self.device):
-                    self._capture()
-            except RuntimeError as e:  # a driver or build whose capture fails: this generation steps eagerly
+                self._capture()
+            except RuntimeError as e:  # a driver or build whose capture fails: eager steps from now on
                 self.graphs = False
+                lm = self._lm()
+                if lm is not None:  # later generations of this model use transformers' steps
+                    setattr(lm, GRAPH_DECODE_FLAG, False)
                 warnings.warn(f"the decode step's CUDA graph capture failed ({str(e).strip()[:200]}); this "
-                              "generation decodes eagerly", RuntimeWarning, stacklevel=2)
+                              "generation decodes eagerly and later ones through transformers' steps. If CUDA "
+                              "memory errors follow, restart without graph_decode", RuntimeWarning, stacklevel=2)
         if self._graph is not None and self.graphs:
             with torch.cuda.device(self.device):
                 self._graph.replay()

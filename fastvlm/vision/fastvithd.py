@@ -297,14 +297,16 @@ class FastViTHD(nn.Module):
             entry = graphs.pop(gkey, None)
             if entry is None:
                 while len(graphs) >= self.MAX_CUDA_GRAPHS:
-                    graphs.pop(next(iter(graphs)))  # dicts keep insertion order: the least recently used
+                    # dicts keep insertion order: the least recently used; its last replay may still be running
+                    # on another stream, reading the input buffer about to be freed
+                    graphs.pop(next(iter(graphs)))[3].synchronize()
                 try:
                     entry = _capture_cuda_graph(program, x)
                 except RuntimeError as e:  # a GPU, driver or build whose capture fails: run eagerly from now on
                     self._fused_cuda_graphs = False
                     warnings.warn(f"the encoder's CUDA graph capture failed ({str(e).strip()[:200]}); it runs eagerly "
-                                  "from now on (FASTVLM_NO_CUDA_GRAPHS=1 skips the attempt)", RuntimeWarning,
-                                  stacklevel=2)
+                                  "from now on. If CUDA memory errors follow, restart with FASTVLM_NO_CUDA_GRAPHS=1, "
+                                  "which skips the attempt", RuntimeWarning, stacklevel=2)
                     return program(x)
             graphs[gkey] = entry
             graph, static_in, static_out, done = entry
@@ -416,19 +418,13 @@ class FastViTHD(nn.Module):
 
 
 def _capture_cuda_graph(program, x: torch.Tensor):
-    """(graph, input buffer, output buffer, event) for program on x's shape. Two runs on a side stream first, so
-    that cuDNN's algorithm search and lazy initialisations happen outside the capture."""
+    """(graph, input buffer, output buffer, event) for program on x's shape (`fastvlm.graphs.capture`: two
+    runs on a side stream first, so that cuDNN's algorithm search happens outside the capture)."""
+    from ..graphs import capture
+
     with torch.cuda.device(x.device):
         static_in = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                program(static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU
-            static_out = program(static_in)
+        graph, static_out = capture(lambda: program(static_in), x.device, warmup=2)
         done = torch.cuda.Event()
         done.record()
     return graph, static_in, static_out, done
