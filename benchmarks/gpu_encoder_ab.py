@@ -54,19 +54,13 @@ def configure(enc, fused: bool, channels_last: bool, attn: str):
 
 
 def as_graph(fn, x: torch.Tensor):
-    """fn(x) captured once as a CUDA graph; returns a replay function (same input buffer). The capture is the one
-    `fastvlm.vision.fastvithd._capture_cuda_graph` makes (which took this one's place in the package), kept here as
-    the code that made benchmarks/results/gpu-encoder-ab-h200.json."""
+    """fn(x) captured once as a CUDA graph by the package's own capture (`fastvlm.graphs.capture`); returns a
+    replay function (the same input buffer each time). gpu-encoder-ab-h200.json was made with an in-script
+    capture of the same kind (three warm-up runs on a side stream, then `torch.cuda.graph`)."""
+    from fastvlm.graphs import capture
+
     static = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(static)
+    graph, out = capture(lambda: fn(static), x.device, warmup=3)
 
     def replay(_x):
         graph.replay()
@@ -75,9 +69,10 @@ def as_graph(fn, x: torch.Tensor):
 
 
 def timed(fn, x, device: torch.device, warmup: int, repeats: int) -> dict:
+    from fastvlm.bench.core import sync as device_sync
+
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        device_sync(device)
 
     sync()
     t0 = time.perf_counter()
@@ -109,10 +104,6 @@ def timed(fn, x, device: torch.device, warmup: int, repeats: int) -> dict:
             "device_ms_min": round(min(gpu) * 1e3, 3), "out": out}
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="fastvlm-0.5b")
@@ -128,6 +119,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from fastvlm.bench.core import machine_info, strict_fp32
+    from fastvlm.bench.suite import cosine
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -382,7 +382,8 @@ class FastVLM(nn.Module):
         if quantize == "int8":
             self._quantize_int8()
         from . import kernels
-        from .generation import GRAPH_DECODE_FLAG, native_decoding, use_packed_gqa_attention
+        from .generation import native_decoding, use_packed_gqa_attention
+        from .graphs import GRAPH_DECODE_FLAG
 
         setattr(self.language_model, GRAPH_DECODE_FLAG, graph_decode)
 
@@ -406,9 +407,9 @@ class FastVLM(nn.Module):
             "decode_attention": "packed-gqa sdpa" if packed_gqa else "sdpa",
             "decode_layers": "native bf16 steps" if n_lean else "transformers",
             # what generate's batch-1 decode steps run on
-            "decode_loop": ((("CUDA graph of a lean step" if graph_decode else "native whole-model step")
-                             + ", preallocated KV cache (batch 1)")
-                            if native_decoding(self.language_model) else "transformers"),
+            "decode_loop": (f"{'CUDA graph of a lean step' if graph_decode else 'native whole-model step'}, "
+                            "preallocated KV cache (batch 1)" if native_decoding(self.language_model)
+                            else "transformers"),
         }
         return self
 

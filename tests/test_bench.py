@@ -16,6 +16,7 @@ from fastvlm.config import VisionConfig, get_preset
 from fastvlm.errors import ConfigError
 
 PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_parse_resolutions():
@@ -443,8 +444,7 @@ def test_compile_accuracy_is_measured_at_a_timed_resolution_only(tmp_path, monke
 
 
 def test_readme_modes_line_is_not_about_bench():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     perf = readme[readme.index("## Performance"):]
     modes = " ".join(perf[perf.index("\nModes ("):perf.index("\n- `exact`")].split())
@@ -456,9 +456,8 @@ def test_run_cpu_script_refuses_an_unknown_step():
     # an unknown step used to run nothing and exit 0
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run(["bash", os.path.join(root, "benchmarks", "run_cpu.sh"), "mian"], capture_output=True,
-                       text=True, cwd=root, timeout=60)
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_cpu.sh"), "mian"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "unknown step 'mian'" in r.stderr and "main" in r.stderr
 
 
@@ -466,9 +465,8 @@ def _script(name, *args, timeout=240):
     """Run a script of benchmarks/ as the GPU check does (python3 benchmarks/NAME ...), on the CPU."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", name), *args], capture_output=True,
-                       text=True, cwd=root, timeout=timeout, env={**os.environ, "PYTHONPATH": root})
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

@@ -346,12 +346,11 @@ def _run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
                         report["notes"].append(f"{name} {dname}: int8 skipped (not enough memory for its copy)")
                 variants = suite.build_variants(base, modes)
                 for m in modes:
-                    if m not in variants:
-                        why = {"int8": "its dynamic int8 kernels are CPU-only",
-                               "no-graphs": "fast uses CUDA graphs only on CUDA GPUs",
-                               "graph-decode": "CUDA graphs need a CUDA GPU"}.get(m, "not available")
-                        note = f"{m}: not run on {device.type} ({why})"
+                    only = suite.DEVICE_ONLY_MODES.get(m)
+                    if only and only[0] != device.type:
+                        note = f"{m}: not run on {device.type} ({only[1]})"
                         if note not in report["notes"]:
+                            log(f"note: {note}")
                             report["notes"].append(note)
                 kinds = {k: v.model.inference_settings for k, v in variants.items()}
                 log(f"variants: {', '.join(variants)}" + (" + transformers" if hf else ""))

@@ -25,6 +25,10 @@ from . import core
 IMAGE_TOKEN = -200  # fastvlm.config.IMAGE_TOKEN_INDEX
 TEXT_TOKENS = 32  # text around the image in the prompt: 288 tokens at 1024 px, as in targets.md
 OUR_MODES = ("exact", "fast", "compile", "int8", "no-graphs", "graph-decode")
+# modes that run on one kind of device only: (device type, why); build_variants leaves them out elsewhere
+DEVICE_ONLY_MODES = {"int8": ("cpu", "its dynamic int8 kernels are CPU-only"),
+                     "no-graphs": ("cuda", "fast uses CUDA graphs only on CUDA GPUs"),
+                     "graph-decode": ("cuda", "CUDA graphs need a CUDA GPU")}
 
 
 def log(msg: str) -> None:
@@ -80,7 +84,7 @@ class Variant:
 
     def activate(self) -> None:
         from .. import kernels
-        from ..generation import GRAPH_DECODE_FLAG
+        from ..graphs import GRAPH_DECODE_FLAG
 
         # the LLM may be shared with other variants: put its linears and decode loop in this variant's form
         kernels.use_decode_kernels(self.model.language_model, self.decode_kernels)
@@ -122,8 +126,9 @@ class Variant:
         return cache[tokens]
 
 
-def build_variants(base, modes: list[str], log_fn=log) -> dict[str, Variant]:
-    """Our model in each requested mode; `base` (exact form) becomes the exact variant."""
+def build_variants(base, modes: list[str]) -> dict[str, Variant]:
+    """Our model in each requested mode; `base` (exact form) becomes the exact variant. Modes of
+    `DEVICE_ONLY_MODES` are left out on other devices (the runner notes them)."""
     from .. import kernels
 
     device = base.device
@@ -146,29 +151,23 @@ def build_variants(base, modes: list[str], log_fn=log) -> dict[str, Variant]:
             comp.optimize_for_inference("fast", compile=True)
             kernels.use_decode_kernels(base.language_model, False)
             variants["compile"] = Variant("compile", comp, decode_kernels=dk)
-        if "no-graphs" in modes:
-            if device.type != "cuda":
-                log_fn("no-graphs: skipped (fast uses CUDA graphs only on CUDA GPUs, so it is fast itself here)")
-            else:
-                tower = copy.deepcopy(base.vision_tower)
-                eager = _view(base, vision_tower=tower)
-                eager.optimize_for_inference("fast", cuda_graphs=False)
-                kernels.use_decode_kernels(base.language_model, False)
-                variants["no-graphs"] = Variant("no-graphs", eager, decode_kernels=dk)
+        if "no-graphs" in modes and device.type == "cuda":
+            tower = copy.deepcopy(base.vision_tower)
+            eager = _view(base, vision_tower=tower)
+            eager.optimize_for_inference("fast", cuda_graphs=False)
+            kernels.use_decode_kernels(base.language_model, False)
+            variants["no-graphs"] = Variant("no-graphs", eager, decode_kernels=dk)
         if "graph-decode" in modes and device.type == "cuda":
             gd = _view(base, vision_tower=fast_tower)  # the fast encoder, shared
             gd.optimize_for_inference("fast", graph_decode=True)
             kernels.use_decode_kernels(base.language_model, False)
             variants["graph-decode"] = Variant("graph-decode", gd, decode_kernels=dk)
-        if "int8" in modes:
-            if device.type != "cpu":
-                log_fn("int8: skipped (PyTorch's dynamic int8 kernels are CPU-only)")
-            else:
-                lm = copy.deepcopy(base.language_model)
-                kernels.use_decode_kernels(lm, False)
-                q = _view(base, vision_tower=fast_tower, language_model=lm)
-                q.optimize_for_inference("fast", quantize="int8")
-                variants["int8"] = Variant("int8", q, decode_kernels=False)
+        if "int8" in modes and device.type == "cpu":
+            lm = copy.deepcopy(base.language_model)
+            kernels.use_decode_kernels(lm, False)
+            q = _view(base, vision_tower=fast_tower, language_model=lm)
+            q.optimize_for_inference("fast", quantize="int8")
+            variants["int8"] = Variant("int8", q, decode_kernels=False)
     return variants
 
 

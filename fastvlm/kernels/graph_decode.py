@@ -15,10 +15,9 @@ for the whole generation, so that it can be captured as a CUDA graph and replaye
 - the rotary tables come from the model's own rotary module, once for every position the generation can reach,
   and are indexed by the position tensor.
 
-The arithmetic is transformers' Qwen2 modules' (RMSNorm in fp32 and rounded back, rotary in the model's dtype,
-the projections as `nn.Linear` computes them, SiLU-gated MLP); only the attention kernel differs (SDPA over the
-masked capacity, not over the filled slots), so the logits follow the module path's within the dtype's
-rounding (tests/test_graph_decode.py). The first steps of a generation run eagerly (short answers never pay for
+The step calls the model's own modules (embedding, norms, projections, MLP, LM head) and transformers'
+`apply_rotary_pos_emb`; only the attention and its cache are its own (SDPA over the masked capacity, not over the
+filled slots), so the logits follow the module path's within the dtype's rounding (tests/test_graph_decode.py). The first steps of a generation run eagerly (short answers never pay for
 a capture); the graph is captured at the third.
 
 `generation.generate_steps` uses it after a prefill through transformers for batch-1 requests without padding on
@@ -31,27 +30,16 @@ tests check its arithmetic on the CPU.
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from ..graphs import GRAPH_DECODE_FLAG, capture
 from .decode_model import copy_cache, qwen2_plan
 
 EAGER_STEPS = 2  # steps before the capture: answers of a few tokens never pay for one
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class GraphQwen2Decoder:
@@ -62,22 +50,13 @@ class GraphQwen2Decoder:
     """
 
     def __init__(self, lm, capacity: int, shapes: list[tuple], graphs: bool = True) -> None:
+        self.lm = lm
         base = lm.model
-        self._lm = weakref.ref(lm)
-        self.embed = base.embed_tokens.weight
-        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.vocab = base.embed_tokens.num_embeddings
+        self.dtype, self.device = base.embed_tokens.weight.dtype, base.embed_tokens.weight.device
         self.L = len(shapes)
-        self.H, self.I, self.nq, self.nkv, self.D, self.scaling = shapes[0][:6]
+        _, _, self.nq, self.nkv, self.D, self.scaling = shapes[0][:6]
         self.capacity = int(capacity)
-        self.layers = []
-        for layer, shape in zip(base.layers, shapes):
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append((layer.input_layernorm.weight, shape[6], a.q_proj.weight, a.q_proj.bias,
-                                a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, a.o_proj.weight,
-                                layer.post_attention_layernorm.weight, shape[7], m.gate_proj.weight,
-                                m.up_proj.weight, m.down_proj.weight))
-        self.norm_w, self.norm_eps = base.norm.weight, float(base.norm.variance_epsilon)
-        self.lm_head = lm.lm_head.weight
         with torch.no_grad():
             positions = torch.arange(self.capacity, device=self.device).unsqueeze(0)
             cos, sin = base.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions)
@@ -122,23 +101,24 @@ class GraphQwen2Decoder:
     def _compute(self) -> torch.Tensor:
         """One step on the device tensors token, pos and slot: the next token's logits [1, vocab] (fp32)."""
         groups = self.nq // self.nkv
-        h = F.embedding(self.token, self.embed)  # [1, H]
+        base = self.lm.model
+        h = base.embed_tokens(self.token)  # [1, H]
         cos = self.cos.index_select(0, self.pos)  # [1, D]
         sin = self.sin.index_select(0, self.pos)
         mask = (self.slots <= self.slot).view(1, 1, 1, -1)  # the slots filled, this step's included
-        for i, (ln1, eps1, wq, bq, wk, bk, wv, bv, wo, ln2, eps2, wg, wu, wd) in enumerate(self.layers):
-            x = _rms(h, ln1, eps1)
-            q = _rotate(F.linear(x, wq, bq).view(self.nkv, groups, self.D), cos, sin)
-            k = _rotate(F.linear(x, wk, bk).view(self.nkv, 1, self.D), cos, sin)
-            v = F.linear(x, wv, bv).view(self.nkv, 1, self.D)
+        for i, layer in enumerate(base.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            # the single query's heads as [kv heads, their query heads, D]: head h reads KV head h // groups
+            q, k = apply_rotary_pos_emb(a.q_proj(x).view(self.nkv, groups, self.D),
+                                        a.k_proj(x).view(self.nkv, 1, self.D), cos, sin)
             self.keys[i].index_copy_(1, self.slot, k)
-            self.values[i].index_copy_(1, self.slot, v)
-            a = F.scaled_dot_product_attention(q.unsqueeze(0), self.keys[i].unsqueeze(0), self.values[i].unsqueeze(0),
-                                               attn_mask=mask, scale=self.scaling)
-            h = h + F.linear(a.reshape(1, self.nq * self.D), wo)
-            x = _rms(h, ln2, eps2)
-            h = h + F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
-        return F.linear(_rms(h, self.norm_w, self.norm_eps), self.lm_head).float()
+            self.values[i].index_copy_(1, self.slot, a.v_proj(x).view(self.nkv, 1, self.D))
+            out = F.scaled_dot_product_attention(q.unsqueeze(0), self.keys[i].unsqueeze(0),
+                                                 self.values[i].unsqueeze(0), attn_mask=mask, scale=self.scaling)
+            h = h + a.o_proj(out.reshape(1, self.nq * self.D))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.lm.lm_head(base.norm(h)).float()
 
     def _capture(self) -> None:
         # the warm-up is the step about to be replayed, run once eagerly: it rewrites the same slot
@@ -148,8 +128,8 @@ class GraphQwen2Decoder:
         """Append `token` at rotary `position`; returns the next token's logits [1, vocab] (fp32)."""
         if self.length >= self.capacity or not 0 <= position < self.capacity:
             raise ValueError(f"decoder full: {self.length} tokens cached, capacity {self.capacity}, position {position}")
-        if not 0 <= token < self.embed.shape[0]:
-            raise ValueError(f"token id {token} is outside the vocabulary of {self.embed.shape[0]}")
+        if not 0 <= token < self.vocab:
+            raise ValueError(f"token id {token} is outside the vocabulary of {self.vocab}")
         self.token.fill_(token)
         self.pos.fill_(position)
         self.slot.fill_(self.length)
@@ -158,9 +138,7 @@ class GraphQwen2Decoder:
                 self._capture()
             except RuntimeError as e:  # a driver or build whose capture fails: eager steps from now on
                 self.graphs = False
-                lm = self._lm()
-                if lm is not None:  # later generations of this model use transformers' steps
-                    setattr(lm, GRAPH_DECODE_FLAG, False)
+                setattr(self.lm, GRAPH_DECODE_FLAG, False)  # later generations use transformers' steps
                 warnings.warn(f"the decode step's CUDA graph capture failed ({str(e).strip()[:200]}); this "
                               "generation decodes eagerly and later ones through transformers' steps. If CUDA "
                               "memory errors follow, restart without graph_decode", RuntimeWarning, stacklevel=2)

@@ -208,7 +208,7 @@ class FastViTHD(nn.Module):
         self._fused_enabled = enabled
         self._fused_onednn = onednn
         self._fused_compile = None if compile is None else dict(compile)
-        self._fused_cuda_graphs = bool(cuda_graphs)
+        self._fused_cuda_graphs = bool(cuda_graphs) and compile is None  # a compiled program is inductor's
         self._fused_cache.clear()
         return self
 
@@ -395,7 +395,7 @@ class FastViTHD(nn.Module):
         key = self._fused_key()
         if key is not None:
             program = self.fused_program(key)
-            if (self._fused_cuda_graphs and x.is_cuda and self._fused_compile is None and x.shape[0] == 1
+            if (self._fused_cuda_graphs and x.is_cuda and x.shape[0] == 1
                     and x.shape[2] * x.shape[3] <= self.CUDA_GRAPH_MAX_PIXELS
                     and not (x.requires_grad and torch.is_grad_enabled())
                     and not torch.is_autocast_enabled()):  # a graph replays the kernels of its capture's dtypes
