@@ -145,24 +145,26 @@ def build_variants(base, modes: list[str]) -> dict[str, Variant]:
         kernels.use_decode_kernels(base.language_model, False)
         if "fast" in modes:
             variants["fast"] = Variant("fast", fast, decode_kernels=dk)
-        if "compile" in modes:
-            tower = copy.deepcopy(base.vision_tower)
-            comp = _view(base, vision_tower=tower)
-            comp.optimize_for_inference("fast", compile=True)
-            kernels.use_decode_kernels(base.language_model, False)
-            variants["compile"] = Variant("compile", comp, decode_kernels=dk)
-        if "no-graphs" in modes and device.type == "cuda":
-            tower = copy.deepcopy(base.vision_tower)
-            eager = _view(base, vision_tower=tower)
-            eager.optimize_for_inference("fast", cuda_graphs=False)
-            kernels.use_decode_kernels(base.language_model, False)
-            variants["no-graphs"] = Variant("no-graphs", eager, decode_kernels=dk)
-        if "graph-decode" in modes and device.type == "cuda":
-            gd = _view(base, vision_tower=fast_tower)  # the fast encoder, shared
-            gd.optimize_for_inference("fast", graph_decode=True)
-            kernels.use_decode_kernels(base.language_model, False)
-            variants["graph-decode"] = Variant("graph-decode", gd, decode_kernels=dk)
-        if "int8" in modes and device.type == "cpu":
+
+        def fast_with(name: str, own_tower: bool, **options) -> None:
+            """The fast mode with other options, on its own encoder copy or the fast one."""
+            tower = copy.deepcopy(base.vision_tower) if own_tower else fast_tower
+            v = _view(base, vision_tower=tower)
+            v.optimize_for_inference("fast", **options)
+            kernels.use_decode_kernels(base.language_model, False)  # the shared LLM's form is set per run
+            variants[name] = Variant(name, v, decode_kernels=dk)
+
+        def runs_here(mode: str) -> bool:
+            only = DEVICE_ONLY_MODES.get(mode)
+            return mode in modes and (only is None or only[0] == device.type)
+
+        if runs_here("compile"):
+            fast_with("compile", True, compile=True)
+        if runs_here("no-graphs"):
+            fast_with("no-graphs", True, cuda_graphs=False)
+        if runs_here("graph-decode"):
+            fast_with("graph-decode", False, graph_decode=True)
+        if runs_here("int8"):
             lm = copy.deepcopy(base.language_model)
             kernels.use_decode_kernels(lm, False)
             q = _view(base, vision_tower=fast_tower, language_model=lm)
